@@ -1,0 +1,1 @@
+"""The on-device agent: inference backends, the local API, telemetry and updates."""

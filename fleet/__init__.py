@@ -1,0 +1,1 @@
+"""The fleet side: model tools, device registry, cohorts, rollouts and the console."""

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv, starts the services, runs the whole suite.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k ladder).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/bootstrap.sh"
+bash "$ROOT/scripts/services.sh"
+cd "$ROOT"
+exec python -m pytest "$@"

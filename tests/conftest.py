@@ -1,0 +1,50 @@
+"""Shared fixtures: the real model ladder is built once per test session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from quantfleet.agent.backends import Backend, LoadOptions, load_backend
+from quantfleet.models.build import build_ladder
+from quantfleet.models.catalog import Catalog
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the user's real state directories."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    monkeypatch.setenv("QUANTFLEET_MODELS_DIR", str(tmp_path / "models-unset"))
+
+
+@pytest.fixture(scope="session")
+def ladder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model's full precision ladder, built for real with llama.cpp."""
+    models = tmp_path_factory.mktemp("ladder")
+    build_ladder(models)
+    return models
+
+
+@pytest.fixture(scope="session")
+def catalog(ladder_dir: Path) -> Catalog:
+    return Catalog(ladder_dir)
+
+
+@pytest.fixture(scope="session")
+def loaded(catalog: Catalog) -> Iterator[dict[str, Backend]]:
+    """Backends by precision label, loaded on first use and shared by the session."""
+
+    class _Lazy(dict[str, Backend]):
+        def __missing__(self, label: str) -> Backend:
+            entry = catalog.resolve(label)
+            backend = load_backend(entry.backend, entry.path(catalog.dir), LoadOptions(n_ctx=1024))
+            self[label] = backend
+            return backend
+
+    cache = _Lazy()
+    yield cache
+    for backend in cache.values():
+        backend.close()
