@@ -108,6 +108,8 @@ def _stderr_to(path: Path) -> Iterator[None]:
 
 def quantize(src: Path, dst: Path, ftype: str, *, allow_requantize: bool, log_file: Path) -> None:
     """Run llama_model_quantize; raise CatalogError if llama.cpp reports failure."""
+    import ctypes
+
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -116,7 +118,7 @@ def quantize(src: Path, dst: Path, ftype: str, *, allow_requantize: bool, log_fi
     params.allow_requantize = allow_requantize
     with _stderr_to(log_file):
         rc = llama_cpp.llama_model_quantize(
-            str(src).encode(), str(dst).encode(), llama_cpp.byref(params)
+            str(src).encode(), str(dst).encode(), ctypes.byref(params)
         )
     if rc != 0:
         raise CatalogError(f"llama_model_quantize {src.name} -> {ftype} failed (code {rc}); "

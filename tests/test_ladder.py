@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from quantfleet.fleet.cli import cli
 from quantfleet.models.build import build_ladder, load_ladder
 from quantfleet.models.catalog import Catalog, sha256_file
@@ -132,3 +131,21 @@ def test_packaged_ladder_parses() -> None:
     ladder = load_ladder()
     assert ladder.rungs[0].label == ladder.reference == "F16"
     assert [r.label for r in ladder.rungs] == LADDER
+
+
+def test_a_damaged_catalog_is_a_clear_error(tmp_path: Path) -> None:
+    import pytest
+
+    from quantfleet.models.catalog import CatalogError
+
+    path = tmp_path / "catalog.json"
+    for text, expected in [
+        ("{oops", "not readable JSON"),
+        ('{"version": 7}', "catalog version 7 is not supported"),
+        ('{"version": 1, "variants": {"x": {"name": "x"}}}', "variants.x.source: Field required"),
+        ('{"version": 1, "surprise": 1}', "surprise: Extra inputs are not permitted"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(CatalogError) as info:
+            Catalog(tmp_path)
+        assert expected in str(info.value) and str(path) in str(info.value)

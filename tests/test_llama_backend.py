@@ -7,7 +7,6 @@ import json
 import jsonschema
 import numpy as np
 import pytest
-
 from quantfleet.agent.backends import Backend, GenerationRequest
 from quantfleet.agent.backends.base import log_softmax
 from quantfleet.agent.chat import ChatTemplate
@@ -30,11 +29,11 @@ def chat(backend: Backend, user: str, system: str | None = None) -> str:
 @pytest.mark.parametrize("label", LABELS)
 def test_every_variant_answers_a_chat_prompt(loaded: dict[str, Backend], label: str) -> None:
     backend = loaded[label]
-    result = backend.generate(GenerationRequest(
-        prompt=chat(backend, "What is the capital of France?"), max_tokens=24))
+    prompt = chat(backend, "What is the capital of France?")
+    result = backend.generate(GenerationRequest(prompt=prompt, max_tokens=24))
     assert result.completion_tokens > 0 and result.text.strip()
     assert result.finish_reason in ("stop", "length")
-    assert result.prompt_tokens == len(backend.tokenize(chat(backend, "What is the capital of France?")))
+    assert result.prompt_tokens == len(backend.tokenize(prompt))
     assert result.time_to_first_token_s is not None and result.total_time_s > 0
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
-
 from quantfleet.agent.backends.stops import StopScanner
 
 alphabet = st.sampled_from(list("ab,.\n<|>"))
@@ -14,7 +15,7 @@ stops_st = st.lists(st.text(alphabet, min_size=1, max_size=4), max_size=3)
 
 def _split(text: str, cuts: list[int]) -> list[str]:
     points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    return [text[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [text[a:b] for a, b in itertools.pairwise(points)]
 
 
 @given(text=texts, stops=stops_st, cuts=st.lists(st.integers(0, 100), max_size=20))

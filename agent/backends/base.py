@@ -183,7 +183,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-probabilities, computed in float64 for stable small differences."""
     x = logits.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    out: np.ndarray = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return out
 
 
 class Stopwatch:

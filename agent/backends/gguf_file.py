@@ -150,10 +150,12 @@ class _Reader:
         return struct.unpack(fmt, self.read(struct.calcsize(fmt), what))[0]
 
     def u32(self, what: str) -> int:
-        return int(self.unpack("<I", what))  # type: ignore[call-overload]
+        value: int = struct.unpack("<I", self.read(4, what))[0]
+        return value
 
     def u64(self, what: str) -> int:
-        return int(self.unpack("<Q", what))  # type: ignore[call-overload]
+        value: int = struct.unpack("<Q", self.read(8, what))[0]
+        return value
 
     def string(self, what: str) -> str:
         n = self.u64(f"length of {what}")
@@ -163,7 +165,9 @@ class _Reader:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ModelFileError(self.path, f"corrupt: {what} is not UTF-8 ({exc.reason})") from None
+            raise ModelFileError(
+                self.path, f"corrupt: {what} is not UTF-8 ({exc.reason})"
+            ) from None
 
     def value(self, vtype: int, what: str) -> object:
         if vtype in _SCALARS:

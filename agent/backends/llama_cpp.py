@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +27,8 @@ from .base import (
     GenerationRequest,
     GenerationResult,
     LoadOptions,
-    StreamHandle,
     Stopwatch,
+    StreamHandle,
 )
 from .gguf_file import ModelFileError, read_gguf
 from .stops import StopScanner
@@ -35,7 +36,7 @@ from .stops import StopScanner
 log = logging.getLogger(__name__)
 
 
-def _import_llama_cpp():  # type: ignore[no-untyped-def]
+def _import_llama_cpp() -> Any:
     try:
         import llama_cpp
     except ImportError as exc:  # the device extra was not installed
@@ -56,7 +57,7 @@ class LlamaCppBackend(Backend):
         self._llama_cpp = llama_cpp
         self._threads = options.n_threads or max(1, os.cpu_count() or 1)
         try:
-            self._llm = llama_cpp.Llama(
+            self._llm: Any = llama_cpp.Llama(
                 model_path=str(self.path),
                 n_ctx=options.n_ctx,
                 n_batch=options.n_batch,
@@ -67,10 +68,10 @@ class LlamaCppBackend(Backend):
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelFileError(self.path, f"llama.cpp could not load it ({exc})") from None
-        self._scorer = None
+        self._scorer: Any = None
         self._eog = self._end_of_generation_ids()
-        meta = self._llm.metadata
-        self._template = meta.get("tokenizer.chat_template")
+        meta: dict[str, str] = self._llm.metadata
+        self._template: str | None = meta.get("tokenizer.chat_template")
         self._specials = {
             "bos_token": self._token_text(self._llm.token_bos()),
             "eos_token": self._token_text(self._llm.token_eos()),
@@ -98,7 +99,8 @@ class LlamaCppBackend(Backend):
     def _token_text(self, token: int) -> str:
         if token < 0:
             return ""
-        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        raw: bytes = self._llm.detokenize([token], special=True)
+        return raw.decode("utf-8", errors="replace")
 
     def _end_of_generation_ids(self) -> frozenset[int]:
         ids = {int(self._llm.token_eos())}
@@ -113,7 +115,8 @@ class LlamaCppBackend(Backend):
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._llm.detokenize(list(tokens)).decode("utf-8", errors="replace")
+        raw: bytes = self._llm.detokenize(list(tokens))
+        return raw.decode("utf-8", errors="replace")
 
     # -- generation -----------------------------------------------------
     def _grammar(self, request: GenerationRequest) -> tuple[object | None, ConstraintMode]:

@@ -1,0 +1,63 @@
+"""The project's own shape: packaging lists every subpackage, every command has help."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from quantfleet.agent.cli import cli as agent_cli
+from quantfleet.fleet.cli import cli as fleet_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = {"quantfleet": "quantfleet", "agent": "quantfleet.agent", "fleet": "quantfleet.fleet",
+          "models": "quantfleet.models"}
+
+
+def test_every_subpackage_is_listed_for_installation() -> None:
+    """A subpackage missing from pyproject works in the editable checkout but not installed."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for top, dotted in PREFIX.items():
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / top)
+            found.add(".".join([dotted, *rel.parts]))
+    assert found - listed == set(), "add these to [tool.setuptools] packages"
+    assert listed - found == set(), "these are listed but do not exist"
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append((*prefix, name))
+        if isinstance(cmd, click.Group):
+            out.extend(_commands(cmd, (*prefix, name)))
+    return out
+
+
+@pytest.mark.parametrize("cli", [agent_cli, fleet_cli], ids=["quantfleet-agent", "quantfleet"])
+def test_every_command_has_help(cli: click.Group) -> None:
+    runner = CliRunner()
+    for path in _commands(cli):
+        cmd: click.Command = cli
+        for part in path:
+            assert isinstance(cmd, click.Group)
+            cmd = cmd.commands[part]
+        assert cmd.help and cmd.help.strip(), f"{' '.join(path)} has no help text"
+        result = runner.invoke(cli, [*path, "--help"])
+        assert result.exit_code == 0, result.output
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```sh", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    assert commands == ["./scripts/demo.sh", "./scripts/test.sh"]
+    for command in commands:
+        assert (ROOT / command).stat().st_mode & 0o111
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "scripts/test.sh" in ci
