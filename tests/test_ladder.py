@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from click.testing import CliRunner
+
 from quantfleet.fleet.cli import cli
 from quantfleet.models.build import build_ladder, load_ladder
 from quantfleet.models.catalog import Catalog, sha256_file

@@ -7,6 +7,7 @@ import json
 import jsonschema
 import numpy as np
 import pytest
+
 from quantfleet.agent.backends import Backend, GenerationRequest
 from quantfleet.agent.backends.base import log_softmax
 from quantfleet.agent.chat import ChatTemplate

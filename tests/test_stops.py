@@ -6,6 +6,7 @@ import itertools
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from quantfleet.agent.backends.stops import StopScanner
 
 alphabet = st.sampled_from(list("ab,.\n<|>"))
