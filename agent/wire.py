@@ -8,9 +8,9 @@ refuse what it does not understand instead of misreading it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 WIRE_VERSION = 1
 TOPIC_ROOT = "quantfleet/v1"
@@ -73,3 +73,222 @@ class RequestEvent(WirePayload):
     attempt_tokens: int = Field(
         0, description="Tokens of every attempt (retries and fallbacks included), for cost."
     )
+
+
+# ---------------------------------------------------------------------------
+# Telemetry and liveness (owner: the telemetry path, agent/telemetry/).
+#
+# Every event the device keeps gets the triple (device_id, boot_epoch, seq):
+# ``seq`` is one per-device counter persisted in the outbox across restarts
+# (so the committed events of a device form one contiguous range), and
+# ``boot_epoch`` grows with every start. The fleet deduplicates on the triple
+# and finds gaps in ``seq``; losses the device knows about (eviction of a full
+# outbox, a quarantined database) arrive as ``GapRecord`` events.
+# ---------------------------------------------------------------------------
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TOPIC_LEAVES = ("status", "telemetry", "state", "desired")
+
+EventKind = Literal["request", "aggregate", "health", "device_status", "gap"]
+
+#: Eviction order of a full outbox: the lowest priority goes first. Gap records
+#: are never evicted (they are the account of what was), nor is the newest
+#: device status.
+EVENT_PRIORITY: dict[str, int] = {
+    "request": 0, "aggregate": 1, "health": 1, "device_status": 2, "gap": 3,
+}
+
+#: Upper bounds (seconds) of the fixed latency histogram buckets; one more
+#: bucket counts everything above the last bound.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+)
+
+
+def parse_device_topic(topic: str, root: str = TOPIC_ROOT) -> tuple[str, str]:
+    """``(device_id, leaf)`` of a device topic; ValueError naming the topic otherwise."""
+    prefix = f"{root}/devices/"
+    if not topic.startswith(prefix):
+        raise ValueError(f"topic {topic!r}: not under {prefix!r}")
+    parts = topic[len(prefix):].split("/")
+    if len(parts) != 2 or parts[1] not in TOPIC_LEAVES or not parts[0]:
+        raise ValueError(f"topic {topic!r}: expected {prefix}<device>/<{'|'.join(TOPIC_LEAVES)}>")
+    return parts[0], parts[1]
+
+
+class Histogram(BaseModel):
+    """Counts of observations in the fixed buckets of ``LATENCY_BUCKETS_S``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bounds: list[float] = Field(
+        default_factory=lambda: list(LATENCY_BUCKETS_S),
+        description="Upper bounds of the buckets in seconds, ascending.",
+    )
+    counts: list[int] = Field(
+        default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1),
+        description="Observations per bucket; one more entry than bounds (the overflow).",
+    )
+    total: float = Field(0.0, description="Sum of the observed values (seconds).")
+
+    @model_validator(mode="after")
+    def _shape(self) -> Histogram:
+        if len(self.counts) != len(self.bounds) + 1:
+            raise ValueError("counts must have one entry more than bounds")
+        if any(c < 0 for c in self.counts):
+            raise ValueError("counts must not be negative")
+        return self
+
+
+class AggregatePayload(WirePayload):
+    """Per-variant, per-minute summary of the requests served, kept when raw events are not."""
+
+    type: Literal["aggregate"] = "aggregate"
+    variant: str = Field(description="The variant that answered.")
+    minute: int = Field(description="Unix time (seconds) of the start of the minute.")
+    requests: int = Field(0, ge=0, description="Requests in the minute.")
+    errors: int = Field(0, ge=0, description="Requests answered with a status >= 400.")
+    statuses: dict[str, int] = Field(default_factory=dict, description="Count per HTTP status.")
+    validation_failures: dict[str, int] = Field(
+        default_factory=dict, description="Failed output validations per kind."
+    )
+    tool_calls_ok: int = Field(0, ge=0, description="Tool-call validations that passed.")
+    tool_calls_failed: int = Field(0, ge=0, description="Tool-call validations that failed.")
+    refusals: int = Field(0, ge=0, description="Requests whose refusal check failed.")
+    fallbacks: int = Field(0, ge=0, description="Requests answered after a fallback.")
+    prompt_tokens: int = Field(0, ge=0, description="Prompt tokens of the requests.")
+    completion_tokens: int = Field(0, ge=0, description="Completion tokens returned.")
+    attempt_tokens: int = Field(0, ge=0, description="Tokens of every attempt, for cost.")
+    latency: Histogram = Field(
+        default_factory=lambda: Histogram.model_validate({}), description="Arrival to last byte."
+    )
+    time_to_first_token: Histogram = Field(
+        default_factory=lambda: Histogram.model_validate({}),
+        description="Arrival to first token (streams and not).",
+    )
+
+
+class HealthPayload(WirePayload):
+    """Host health sampled by the agent (psutil)."""
+
+    type: Literal["health"] = "health"
+    cpu_percent: float = Field(description="Host CPU use over the sampling interval, 0-100×cores.")
+    load_1m: float = Field(description="1-minute load average.")
+    load_5m: float = Field(description="5-minute load average.")
+    load_15m: float = Field(description="15-minute load average.")
+    memory_total_bytes: int = Field(ge=0, description="Physical memory.")
+    memory_available_bytes: int = Field(ge=0, description="Memory available to new processes.")
+    disk_path: str = Field(description="The filesystem measured (the outbox's).")
+    disk_total_bytes: int = Field(ge=0, description="Size of that filesystem.")
+    disk_free_bytes: int = Field(ge=0, description="Free bytes on that filesystem.")
+    temperatures_c: dict[str, float] = Field(
+        default_factory=dict, description="Sensor name to °C, where the platform reports them."
+    )
+    agent_rss_bytes: int = Field(ge=0, description="Resident memory of the agent process.")
+    agent_cpu_percent: float = Field(description="CPU use of the agent process.")
+
+
+class DeviceStatusPayload(WirePayload):
+    """The agent's own view of its telemetry path, queued like any event."""
+
+    type: Literal["device_status"] = "device_status"
+    outbox_rows: int = Field(ge=0, description="Events waiting in the outbox.")
+    outbox_bytes: int = Field(ge=0, description="Bytes the outbox accounts for.")
+    evicted_total: int = Field(ge=0, description="Events evicted since the outbox was created.")
+    published_batches: int = Field(ge=0, description="Batches acknowledged this boot.")
+    failed_pubacks: dict[str, int] = Field(
+        default_factory=dict, description="Failing PUBACK reason codes (hex) and their counts."
+    )
+    variant: str | None = Field(None, description="The variant the agent serves, if any.")
+
+
+class GapRecord(WirePayload):
+    """Events the device lost on purpose (eviction) or by accident (a quarantined database)."""
+
+    type: Literal["gap"] = "gap"
+    reason: Literal["evicted", "quarantined"] = Field(description="Why the events are gone.")
+    events: int = Field(ge=0, description="How many events are gone (0 when unknown).")
+    counts: dict[str, int] = Field(default_factory=dict, description="Events gone per kind.")
+    ranges: list[tuple[int, int]] = Field(
+        default_factory=list, description="Inclusive seq ranges of the events gone."
+    )
+    detail: str = Field("", description="What happened, e.g. the quarantined file's name.")
+
+    @model_validator(mode="after")
+    def _ranges_add_up(self) -> GapRecord:
+        if any(a > b or a < 1 for a, b in self.ranges):
+            raise ValueError("each range must be (first, last) with 1 <= first <= last")
+        if self.ranges and sum(b - a + 1 for a, b in self.ranges) != self.events:
+            raise ValueError("events must equal the number of seqs in ranges")
+        return self
+
+
+EventBody = Annotated[
+    RequestEvent | AggregatePayload | HealthPayload | DeviceStatusPayload | GapRecord,
+    Field(discriminator="type"),
+]
+
+
+class TelemetryEvent(BaseModel):
+    """One event in a batch, with the triple that makes it unique."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    boot_epoch: int = Field(ge=0, description="The agent start this event was recorded in.")
+    seq: int = Field(ge=1, description="The device's persisted event counter.")
+    kind: EventKind = Field(description="The body's type (eviction priority follows it).")
+    ts: float = Field(description="Unix time the event was recorded.")
+    body: EventBody = Field(description="The event itself.")
+
+    @model_validator(mode="after")
+    def _kind_matches_body(self) -> TelemetryEvent:
+        if self.body.type != self.kind:
+            raise ValueError(f"kind {self.kind!r} does not match body type {self.body.type!r}")
+        return self
+
+
+class TelemetryBatch(WirePayload):
+    """What a device publishes on ``…/telemetry`` (QoS 1, at most 64 KiB)."""
+
+    type: Literal["batch"] = "batch"
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="The sending device.")
+    sent_at: float = Field(description="Unix time the batch was (last) sent.")
+    historical: bool = Field(
+        False, description="True for backlog drained after an outage (oldest first)."
+    )
+    events: list[TelemetryEvent] = Field(min_length=1, description="Events, ascending seq.")
+
+
+class StatusPayload(WirePayload):
+    """Retained liveness on ``…/status``: birth on connect, Will on loss, offline on stop.
+
+    A consumer keeps the message with the highest ``boot_epoch``; a Will that
+    arrives late from an older start never overrides a newer birth.
+    """
+
+    type: Literal["status"] = "status"
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="The device.")
+    state: Literal["online", "offline"] = Field(description="Whether the agent is connected.")
+    boot_epoch: int = Field(ge=0, description="The agent start this status belongs to.")
+    reason: Literal["birth", "will", "shutdown"] = Field(
+        description="birth on connect, will when the broker lost us, shutdown on a clean stop."
+    )
+    ts: float = Field(description="Unix time the message was made (for a Will: at connect).")
+    agent_version: str = Field("", description="quantfleet version of the agent.")
+
+
+#: The payloads whose JSON Schemas are published in docs/schemas/.
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {
+    "telemetry-batch": TelemetryBatch,
+    "status": StatusPayload,
+    "request-event": RequestEvent,
+    "aggregate": AggregatePayload,
+    "health": HealthPayload,
+    "device-status": DeviceStatusPayload,
+    "gap-record": GapRecord,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of every published payload, by file stem."""
+    return {name: model.model_json_schema() for name, model in SCHEMA_MODELS.items()}
