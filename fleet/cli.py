@@ -13,7 +13,8 @@ from rich.table import Table
 from quantfleet.agent.backends import ModelFileError
 from quantfleet.models.catalog import Catalog, CatalogError, default_models_dir
 
-console = Console()
+# Pipes and CI logs get 120 columns rather than rich's 80, so tables stay readable.
+console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 models_dir_option = click.option(
