@@ -1,0 +1,392 @@
+"""Forward the outbox to the broker: QoS 1 batches, deleted only on a successful PUBACK.
+
+One thread owns the MQTT session (paho-mqtt 2.x, ``CallbackAPIVersion.VERSION2``);
+paho's network thread only turns packets into callbacks, which are queued back
+to it. The outbox is the backlog: paho never holds more than the in-flight
+window, and every session is a fresh client, so nothing in paho's memory
+outlives a connection — batches not acknowledged when a connection dies go
+back to pending and are sent again (the consumer deduplicates).
+
+Two lanes after a (re)connect: the *live* lane sends what was recorded in the
+last ``live_window_s`` and everything new; the *backfill* lane drains the older
+backlog oldest-first, rate-limited, with ``historical: true``.
+
+A failing PUBACK reason code (>= 0x80; paho reports the message as published
+anyway) keeps the rows: the publisher lets the window drain, backs off with
+jitter, and sends them again — forever, counting each reason code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig, parse_broker_url
+from quantfleet.agent.telemetry.outbox import Outbox
+from quantfleet.agent.wire import WIRE_VERSION, StatusPayload, device_topic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    token: int
+    rows: int
+    nbytes: int
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("quantfleet")
+    except Exception:  # pragma: no cover - not installed
+        return ""
+
+
+def make_client(mqtt_cfg: MqttConfig, client_id: str) -> mqtt.Client:
+    """A paho client configured for protocol, TLS and credentials (not connected)."""
+    v5 = mqtt_cfg.protocol == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else True,
+    )
+    if mqtt_cfg.tls:
+        client.tls_set(
+            ca_certs=str(mqtt_cfg.ca_file) if mqtt_cfg.ca_file else None,
+            certfile=str(mqtt_cfg.cert_file) if mqtt_cfg.cert_file else None,
+            keyfile=str(mqtt_cfg.key_file) if mqtt_cfg.key_file else None,
+        )
+    if mqtt_cfg.username:
+        client.username_pw_set(mqtt_cfg.username, mqtt_cfg.password())
+    return client
+
+
+class Publisher:
+    """Drains an ``Outbox`` to ``…/devices/{device}/telemetry``; birth/Will on ``…/status``."""
+
+    def __init__(self, outbox: Outbox, mqtt_cfg: MqttConfig, cfg: PublisherConfig, *,
+                 rng: random.Random | None = None) -> None:
+        self.outbox = outbox
+        self.mqtt_cfg = mqtt_cfg
+        self.cfg = cfg
+        self.device_id = outbox.device_id
+        self.client_id = mqtt_cfg.client_id or f"qf-{self.device_id}"
+        self.topic = device_topic(self.device_id, "telemetry", mqtt_cfg.topic_root)
+        self.status_topic = device_topic(self.device_id, "status", mqtt_cfg.topic_root)
+        self._tls, self._host, self._port = parse_broker_url(mqtt_cfg.broker)
+        self._rng = rng or random.Random()
+        self._stopping = threading.Event()
+        self._kick = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connected = threading.Event()
+        self._stop_deadline = 0.0
+        self.stopped_cleanly = False
+        # figures
+        self.published_batches = 0
+        self.published_events = 0
+        self.failed_pubacks: Counter[int] = Counter()
+        self.connects = 0
+        self.births = 0
+        outbox.add_listener(self._kick.set)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> Publisher:
+        self._thread = threading.Thread(target=self._run, name="telemetry-publisher",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Wait (up to ``timeout``) for the window to drain, publish offline, disconnect."""
+        self._stop_deadline = time.monotonic() + timeout
+        self._stopping.set()
+        self._kick.set()
+        if self._thread is not None:
+            self._thread.join(timeout + 5)
+
+    def stats(self) -> dict[str, Any]:
+        return {"published_batches": self.published_batches,
+                "published_events": self.published_events,
+                "failed_pubacks": {f"0x{k:02x}": v for k, v in sorted(self.failed_pubacks.items())},
+                "connects": self.connects, "connected": self.connected.is_set()}
+
+    def _run(self) -> None:
+        delay = self.cfg.backoff_initial_s
+        while not self._stopping.is_set():
+            try:
+                was_up = self._session()
+            except Exception as exc:
+                was_up = False
+                log.warning("telemetry session to %s:%d failed: %s", self._host, self._port, exc)
+            if self._stopping.is_set():
+                break
+            if was_up:
+                delay = self.cfg.backoff_initial_s
+            # Equal jitter: a fleet that lost the same broker does not come back in step.
+            self._stopping.wait(delay / 2 + self._rng.uniform(0, delay / 2))
+            delay = min(delay * 2, self.cfg.backoff_max_s)
+
+    # -- one connection -----------------------------------------------------
+
+    def _status(self, state: str, reason: str) -> bytes:
+        status = StatusPayload.model_validate({
+            "device_id": self.device_id, "state": state, "boot_epoch": self.outbox.boot_epoch,
+            "reason": reason, "ts": time.time(), "agent_version": _version(),
+        })
+        return bytes(status.model_dump_json(), "utf-8")
+
+    def _session(self) -> bool:
+        v5 = self.mqtt_cfg.protocol == "5"
+        events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        client = make_client(self.mqtt_cfg, self.client_id)
+        window = self.cfg.max_inflight
+        client.max_inflight_messages_set(window)
+        client.max_queued_messages_set(window + 8)
+        will_props = None
+        connect_props = None
+        if v5:
+            will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+            will_props.WillDelayInterval = self.cfg.will_delay_s
+            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            # A Will Delay only matters if the session outlives the connection that long.
+            connect_props.SessionExpiryInterval = self.cfg.will_delay_s
+        client.will_set(self.status_topic, self._status("offline", "will"), qos=1, retain=True,
+                        properties=will_props)
+
+        def on_connect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+            events.put(("connect", rc, props))
+            self._kick.set()
+
+        def on_disconnect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+            events.put(("disconnect", rc))
+            self._kick.set()
+
+        def on_publish(c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
+            events.put(("puback", mid, rc))
+            self._kick.set()
+
+        def on_message(c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
+            events.put(("message", msg.payload))
+            self._kick.set()
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        client.on_publish = on_publish
+        client.on_message = on_message
+        kwargs: dict[str, Any] = {"keepalive": self.mqtt_cfg.keepalive_s}
+        if v5:
+            kwargs.update(clean_start=True, properties=connect_props)
+        client.connect(self._host, self._port, **kwargs)
+        client.loop_start()
+        inflight: dict[int, _InFlight] = {}
+        try:
+            deadline = time.monotonic() + self.cfg.connect_timeout_s
+            while True:
+                try:
+                    event = events.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise TimeoutError("no CONNACK") from None
+                if event[0] == "connect":
+                    break
+                if event[0] == "disconnect":
+                    raise ConnectionError(f"disconnected before CONNACK ({event[1]})")
+            _, rc, props = event
+            if rc.is_failure:
+                # Refused: do nothing else on this connection (no birth, no publish).
+                log.error("broker %s:%d refused the connection: %s", self._host, self._port, rc)
+                return False
+            if v5 and props is not None and getattr(props, "ReceiveMaximum", None):
+                window = min(window, int(props.ReceiveMaximum))
+            self.connects += 1
+            self.connected.set()
+            client.publish(self.status_topic, self._status("online", "birth"), qos=1, retain=True)
+            self.births += 1
+            client.subscribe(self.status_topic, qos=1)
+            log.info("telemetry connected to %s:%d (epoch %d)", self._host, self._port,
+                     self.outbox.boot_epoch)
+            self._pump(client, events, inflight, window)
+            return True
+        finally:
+            self.connected.clear()
+            for f in inflight.values():
+                self.outbox.release(f.token)
+            client.loop_stop()
+            with contextlib.suppress(Exception):  # already gone
+                client.disconnect()
+
+    def _pump(self, client: mqtt.Client, events: queue.SimpleQueue[tuple[Any, ...]],
+              inflight: dict[int, _InFlight], window: int) -> None:
+        """Keep the window full until the connection drops or a clean stop completes."""
+        # Acknowledged deletes from the last session must be committed before the
+        # cursors restart, or their rows would be read again.
+        self.outbox.flush()
+        lanes = _Lanes(self.outbox, self.cfg)
+        v5 = self.mqtt_cfg.protocol == "5"
+        retry_delay = self.cfg.backoff_initial_s
+        retry_at = 0.0
+        failing = False
+        while True:
+            self._kick.clear()
+            while True:
+                try:
+                    event = events.get_nowait()
+                except queue.Empty:
+                    break
+                kind = event[0]
+                if kind == "disconnect":
+                    log.warning("telemetry disconnected: %s", event[1])
+                    return
+                if kind == "puback":
+                    f = inflight.pop(event[1], None)
+                    if f is None:
+                        continue  # birth/offline status
+                    rc = event[2]
+                    if rc.is_failure:
+                        self.failed_pubacks[rc.value] += 1
+                        log.warning("PUBACK 0x%02x (%s) for %d events: kept, will retry",
+                                    rc.value, rc, f.rows)
+                        self.outbox.release(f.token)
+                        failing = True
+                    else:
+                        self.outbox.ack(f.token, f.rows, f.nbytes)
+                        retry_delay = self.cfg.backoff_initial_s
+                        self.published_batches += 1
+                        self.published_events += f.rows
+                elif kind == "message":
+                    self._maybe_rebirth(client, event[1])
+            now = time.monotonic()
+            if failing and not inflight:
+                # The window drained after a failure: restart the lanes after a jittered wait.
+                failing = False
+                retry_at = now + retry_delay / 2 + self._rng.uniform(0, retry_delay / 2)
+                retry_delay = min(retry_delay * 2, self.cfg.backoff_max_s)
+                self.outbox.flush()
+                lanes = _Lanes(self.outbox, self.cfg)
+            if self._stopping.is_set() and not failing:
+                if not inflight or time.monotonic() > self._stop_deadline:
+                    info = client.publish(self.status_topic, self._status("offline", "shutdown"),
+                                          qos=1, retain=True)
+                    info.wait_for_publish(timeout=max(0.5, self._stop_deadline - now))
+                    client.disconnect()
+                    self.stopped_cleanly = True
+                    self.outbox.flush()
+                    return
+            elif not failing and now >= retry_at:
+                while len(inflight) < window:
+                    batch = lanes.next()
+                    if batch is None:
+                        break
+                    payload, first, last, rows, nbytes = batch
+                    token = self.outbox.claim(first, last)
+                    props = None
+                    if v5:
+                        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                        props.ContentType = "application/json"
+                        props.UserProperty = [("schema", f"batch/{WIRE_VERSION}"),
+                                              ("count", str(rows)),
+                                              ("seq", f"{first}-{last}")]
+                    info = client.publish(self.topic, payload, qos=1, properties=props)
+                    if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                        self.outbox.release(token)
+                        lanes.rewind(first)
+                        break
+                    inflight[info.mid] = _InFlight(token, rows, nbytes)
+            wait = 0.5
+            if retry_at > now:
+                wait = min(wait, retry_at - now)
+            elif lanes.throttled():
+                wait = min(wait, 1.0 / self.cfg.backfill_batches_per_s)
+            self._kick.wait(max(0.005, wait))
+
+    def _maybe_rebirth(self, client: mqtt.Client, payload: bytes) -> None:
+        """A late Will of an older start replaced our retained birth: publish the birth again."""
+        try:
+            status = StatusPayload.model_validate_json(payload)
+        except ValueError:
+            return
+        if status.state == "offline" and status.boot_epoch < self.outbox.boot_epoch:
+            log.info("stale Will (epoch %d) on %s; re-publishing birth",
+                     status.boot_epoch, self.status_topic)
+            client.publish(self.status_topic, self._status("online", "birth"), qos=1, retain=True)
+            self.births += 1
+
+
+class _Lanes:
+    """The live lane (recent and new events) and the rate-limited backfill lane."""
+
+    def __init__(self, outbox: Outbox, cfg: PublisherConfig) -> None:
+        self.outbox = outbox
+        self.cfg = cfg
+        start = outbox.seq_at(time.time() - cfg.live_window_s)
+        committed = outbox.stats()["committed_seq"]
+        # Everything from `mark` on is live; below it is backlog.
+        self.mark = start if start is not None else committed + 1
+        self.live_cursor = self.mark - 1
+        self.backfill_cursor = 0
+        self.backfill_done = self.mark <= 1
+        self.tokens = 1.0
+        self.refilled = time.monotonic()
+        self.prefix_live = self._prefix(False)
+        self.prefix_hist = self._prefix(True)
+
+    def _prefix(self, historical: bool) -> str:
+        return (f'{{"schema_version":{WIRE_VERSION},"type":"batch",'
+                f'"device_id":"{self.outbox.device_id}","sent_at":%s,'
+                f'"historical":{"true" if historical else "false"},"events":[')
+
+    def rewind(self, first: int) -> None:
+        if first >= self.mark:
+            self.live_cursor = min(self.live_cursor, first - 1)
+        else:
+            self.backfill_cursor = min(self.backfill_cursor, first - 1)
+            self.backfill_done = False
+
+    def _budget(self) -> int:
+        return int(self.cfg.batch_max_bytes) - len(self.prefix_hist) - 32
+
+    def throttled(self) -> bool:
+        """Backlog is waiting only for the rate limit."""
+        return not self.backfill_done and self.cfg.backfill_batches_per_s > 0 and self.tokens < 1
+
+    def next(self) -> tuple[bytes, int, int, int, int] | None:
+        rows = self.outbox.read(self.live_cursor, None, self._budget())
+        historical = False
+        if rows:
+            self.live_cursor = rows[-1].seq
+        elif not self.backfill_done and self._may_backfill():
+            rows = self.outbox.read(self.backfill_cursor, self.mark, self._budget())
+            if not rows:
+                self.backfill_done = True
+                return None
+            self.backfill_cursor = rows[-1].seq
+            historical = True
+            self.tokens -= 1
+        if not rows:
+            return None
+        prefix = self.prefix_hist if historical else self.prefix_live
+        body = (prefix % repr(time.time())) + ",".join(r.item for r in rows) + "]}"
+        return body.encode(), rows[0].seq, rows[-1].seq, len(rows), sum(r.size for r in rows)
+
+    def _may_backfill(self) -> bool:
+        rate = self.cfg.backfill_batches_per_s
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        self.tokens = min(max(1.0, rate), self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        return self.tokens >= 1.0
