@@ -1,0 +1,39 @@
+"""Building blocks for telemetry tests: an agent-side pipeline and synthetic events."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig
+from quantfleet.agent.telemetry.outbox import Outbox
+from quantfleet.agent.telemetry.publisher import Publisher
+from quantfleet.agent.wire import RequestEvent
+
+
+def request_event(i: int, variant: str = "Q8_0", **kw: Any) -> RequestEvent:
+    fields: dict[str, Any] = {"request_id": f"req-{i}", "ts": time.time(), "variant": variant,
+                              "latency_s": 0.1 + (i % 7) * 0.05, "prompt_tokens": 20 + i % 5,
+                              "completion_tokens": 30 + i % 11}
+    fields.update(kw)
+    return RequestEvent.model_validate(fields)
+
+
+def pipeline(tmp_path: Path, device: str, port: int, root: str, *, protocol: str = "5",
+             start: bool = True, outbox_kw: dict[str, Any] | None = None,
+             **publisher_kw: Any) -> tuple[Outbox, Publisher]:
+    outbox = Outbox(tmp_path / f"{device}.db", device, commit_interval_s=0.05,
+                    **(outbox_kw or {})).start()
+    defaults: dict[str, Any] = {"backoff_initial_s": 0.1, "backoff_max_s": 0.5,
+                                "backfill_batches_per_s": 0}
+    defaults.update(publisher_kw)
+    publisher = Publisher(
+        outbox,
+        MqttConfig(broker=f"mqtt://127.0.0.1:{port}", protocol=protocol,  # type: ignore[arg-type]
+                   topic_root=root, client_id=f"qf-{device}-{root}"),
+        PublisherConfig.model_validate(defaults),
+    )
+    if start:
+        publisher.start()
+    return outbox, publisher
