@@ -1,0 +1,239 @@
+"""The fleet store: devices, telemetry, desired state and the audit log.
+
+SQLite by default (one file, no server), PostgreSQL by configuration — the
+same SQLAlchemy Core schema and the same tests on both. Ingest is idempotent:
+an event is identified by ``(device_id, boot_epoch, seq)`` and a duplicate
+(the at-least-once redelivery QoS 1 allows) is counted and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from quantfleet.agent.wire import RequestEvent, StatusPayload, TelemetryBatch, TelemetryEvent
+
+from . import schema
+from .migrations import migrate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestResult:
+    inserted: int = 0
+    duplicates: int = 0
+
+
+@dataclass(frozen=True)
+class SeqGap:
+    device_id: str
+    first: int
+    last: int
+
+    @property
+    def events(self) -> int:
+        return self.last - self.first + 1
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+def _request_columns(body: RequestEvent) -> dict[str, Any]:
+    tool = [v.passed for v in body.validations if v.kind == "tool_call"]
+    refusal = [v.passed for v in body.validations if v.kind == "refusal"]
+    return {
+        "variant": body.variant,
+        "status": body.status,
+        "latency_s": body.latency_s,
+        "ttft_s": body.time_to_first_token_s,
+        "prompt_tokens": body.prompt_tokens,
+        "completion_tokens": body.completion_tokens,
+        "attempt_tokens": body.attempt_tokens or body.prompt_tokens + body.completion_tokens,
+        "validation_failed": any(not v.passed for v in body.validations),
+        "tool_call_ok": all(tool) if tool else None,
+        "refusal_ok": all(refusal) if refusal else None,
+        "fallback": body.fallback_from is not None,
+        "truncated": body.truncated_messages,
+    }
+
+
+_EMPTY_SIGNALS = dict.fromkeys(
+    ("variant", "status", "latency_s", "ttft_s", "prompt_tokens", "completion_tokens",
+     "attempt_tokens", "validation_failed", "tool_call_ok", "refusal_ok", "fallback",
+     "truncated"))
+
+
+def event_row(device_id: str, ev: TelemetryEvent, received_at: float,
+              historical: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "device_id": device_id, "boot_epoch": ev.boot_epoch, "seq": ev.seq, "kind": ev.kind,
+        "ts": ev.ts, "received_at": received_at, "historical": historical,
+        "body": ev.body.model_dump(mode="json"),
+    }
+    if isinstance(ev.body, RequestEvent):
+        row.update(_request_columns(ev.body))
+    else:
+        row.update(_EMPTY_SIGNALS)
+        variant = getattr(ev.body, "variant", None)
+        row["variant"] = variant if isinstance(variant, str) else None
+    return row
+
+
+class Store:
+    def __init__(self, url: str = "sqlite:///fleet.db", *, echo: bool = False) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(url, echo=echo, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        elif self.engine.dialect.name != "postgresql":
+            raise ValueError(f"store {url!r}: only sqlite and postgresql are supported")
+        self.applied = migrate(self.engine)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def _insert(self, table: Any) -> Any:
+        # ON CONFLICT DO NOTHING is spelled by each dialect's own insert().
+        ins = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        return ins(table)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- ingest ---------------------------------------------------------
+    def ingest_batch(self, batch: TelemetryBatch, received_at: float | None = None) -> IngestResult:
+        return self.ingest_batches([batch], received_at)
+
+    def ingest_batches(self, batches: Sequence[TelemetryBatch],
+                       received_at: float | None = None) -> IngestResult:
+        """Insert the events of several batches in one transaction; duplicates are dropped."""
+        now = received_at if received_at is not None else time.time()
+        rows = [event_row(b.device_id, ev, now, b.historical) for b in batches for ev in b.events]
+        if not rows:
+            return IngestResult()
+        stmt = self._insert(schema.events).on_conflict_do_nothing(
+            index_elements=["device_id", "boot_epoch", "seq"])
+        with self.engine.begin() as conn:
+            before = conn.execute(select(func.count()).select_from(schema.events)).scalar_one()
+            conn.execute(stmt, rows)
+            after = conn.execute(select(func.count()).select_from(schema.events)).scalar_one()
+            for device_id in {b.device_id for b in batches}:
+                self._touch(conn, device_id, now)
+        inserted = after - before
+        return IngestResult(inserted=inserted, duplicates=len(rows) - inserted)
+
+    def _touch(self, conn: Any, device_id: str, now: float) -> None:
+        stmt = self._insert(schema.devices).values(
+            device_id=device_id, labels={}, hardware={}, online=False, boot_epoch=0,
+            status_reason="", agent_version="", first_seen=now, last_seen=now,
+        )
+        conn.execute(stmt.on_conflict_do_update(
+            index_elements=["device_id"], set_={"last_seen": now}))
+
+    def apply_status(self, status: StatusPayload, received_at: float | None = None) -> bool:
+        """Apply a birth/Will/shutdown; a message older than the device's boot epoch is ignored.
+
+        Returns whether it changed the device's liveness.
+        """
+        now = received_at if received_at is not None else time.time()
+        online = status.state == "online"
+        with self.engine.begin() as conn:
+            self._touch(conn, status.device_id, now)
+            current = conn.execute(
+                select(schema.devices.c.boot_epoch, schema.devices.c.status_reason)
+                .where(schema.devices.c.device_id == status.device_id)
+            ).one()
+            # A Will from an earlier start can arrive after the newer birth: never let it win.
+            if status.boot_epoch < current.boot_epoch:
+                return False
+            if (status.boot_epoch == current.boot_epoch and current.status_reason == "shutdown"
+                    and status.reason == "will"):
+                return False
+            conn.execute(update(schema.devices)
+                         .where(schema.devices.c.device_id == status.device_id)
+                         .values(online=online, boot_epoch=status.boot_epoch,
+                                 status_reason=status.reason,
+                                 agent_version=status.agent_version))
+        return True
+
+    def record_rejection(self, topic: str, reason: str, ts: float | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(schema.rejections.insert().values(
+                ts=ts if ts is not None else time.time(), topic=topic[:1024],
+                reason=reason[:2000]))
+
+    def rejection_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(schema.rejections.c.reason, func.count())
+                                .group_by(schema.rejections.c.reason)).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+    # -- registry -------------------------------------------------------
+    def set_labels(self, device_id: str, labels: dict[str, str]) -> None:
+        now = time.time()
+        with self.engine.begin() as conn:
+            self._touch(conn, device_id, now)
+            conn.execute(update(schema.devices)
+                         .where(schema.devices.c.device_id == device_id)
+                         .values(labels=dict(labels)))
+
+    def devices(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(schema.devices).order_by(schema.devices.c.device_id))
+            return [dict(r._mapping) for r in rows]
+
+    def event_count(self, kind: str | None = None) -> int:
+        q = select(func.count()).select_from(schema.events)
+        if kind:
+            q = q.where(schema.events.c.kind == kind)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def seq_gaps(self, device_ids: Iterable[str] | None = None) -> list[SeqGap]:
+        """Holes in each device's seq, less what the device's own gap records account for."""
+        e = schema.events
+        prev = func.lag(e.c.seq).over(partition_by=e.c.device_id, order_by=e.c.seq)
+        inner = select(e.c.device_id, e.c.seq, prev.label("prev"))
+        if device_ids is not None:
+            inner = inner.where(e.c.device_id.in_(list(device_ids)))
+        sub = inner.subquery()
+        q = select(sub.c.device_id, sub.c.prev, sub.c.seq).where(sub.c.seq > sub.c.prev + 1)
+        with self.engine.connect() as conn:
+            holes = [SeqGap(r.device_id, int(r.prev) + 1, int(r.seq) - 1)
+                     for r in conn.execute(q)]
+            reported = conn.execute(
+                select(e.c.device_id, e.c.body).where(e.c.kind == "gap")).all()
+        covered: dict[str, set[int]] = {}
+        for device_id, body in reported:
+            seqs = covered.setdefault(device_id, set())
+            for a, b in body.get("ranges", []):
+                seqs.update(range(int(a), int(b) + 1))
+        out = []
+        for gap in holes:
+            missing = [s for s in range(gap.first, gap.last + 1)
+                       if s not in covered.get(gap.device_id, ())]
+            # Split what is left into contiguous runs.
+            start = None
+            for i, s in enumerate(missing):
+                if start is None:
+                    start = s
+                if i + 1 == len(missing) or missing[i + 1] != s + 1:
+                    out.append(SeqGap(gap.device_id, start, s))
+                    start = None
+        return out
+
+
+__all__ = ["IngestResult", "SeqGap", "Store", "event_row"]

@@ -1,0 +1,107 @@
+"""The fleet store's tables, one schema for SQLite and PostgreSQL (SQLAlchemy Core).
+
+Events are kept twice over on purpose: the decisive signals (variant, status,
+latency, tokens, validation and fallback outcomes) as typed columns the
+gates and dashboards query, and the whole body as JSON for audit and
+re-judging. Uniqueness on ``(device_id, boot_epoch, seq)`` is what makes
+ingest idempotent.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+migrations = Table(
+    "quantfleet_migrations", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("applied_at", Float, nullable=False),
+)
+
+devices = Table(
+    "devices", metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("labels", JSON, nullable=False, default=dict),
+    Column("hardware", JSON, nullable=False, default=dict),
+    Column("online", Boolean, nullable=False, default=False),
+    Column("boot_epoch", BigInteger, nullable=False, default=0),
+    Column("status_reason", String(16), nullable=False, default=""),
+    Column("agent_version", String(64), nullable=False, default=""),
+    Column("variant", String(128), nullable=True),
+    Column("update_state", String(32), nullable=True),
+    Column("first_seen", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+events = Table(
+    "events", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("device_id", String(64), nullable=False),
+    Column("boot_epoch", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("ts", Float, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("historical", Boolean, nullable=False, default=False),
+    # request signals (NULL for other kinds)
+    Column("variant", String(128), nullable=True),
+    Column("status", Integer, nullable=True),
+    Column("latency_s", Float, nullable=True),
+    Column("ttft_s", Float, nullable=True),
+    Column("prompt_tokens", Integer, nullable=True),
+    Column("completion_tokens", Integer, nullable=True),
+    Column("attempt_tokens", Integer, nullable=True),
+    Column("validation_failed", Boolean, nullable=True),
+    Column("tool_call_ok", Boolean, nullable=True),
+    Column("refusal_ok", Boolean, nullable=True),
+    Column("fallback", Boolean, nullable=True),
+    Column("truncated", Integer, nullable=True),
+    Column("body", JSON, nullable=False),
+    UniqueConstraint("device_id", "boot_epoch", "seq", name="uq_events_triple"),
+)
+Index("ix_events_kind_variant_ts", events.c.kind, events.c.variant, events.c.ts)
+Index("ix_events_device_seq", events.c.device_id, events.c.seq)
+
+rejections = Table(
+    "ingest_rejections", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+desired = Table(
+    "desired", metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("variant", String(128), nullable=False),
+    Column("payload", JSON, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+audit = Table(
+    "audit", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("subject", String(256), nullable=False),
+    Column("evidence", JSON, nullable=False),
+)
+Index("ix_audit_subject_ts", audit.c.subject, audit.c.ts)

@@ -1,0 +1,169 @@
+"""The fleet store on both engines: idempotent ingest, liveness by epoch, seq gaps."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import create_engine, inspect, text
+
+from quantfleet.agent.wire import (
+    GapRecord,
+    RequestEvent,
+    StatusPayload,
+    TelemetryBatch,
+    TelemetryEvent,
+    ValidationOutcome,
+)
+from quantfleet.fleet.store import Store
+from quantfleet.fleet.store.migrations import MIGRATIONS, applied
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _pg_available() -> bool:
+    try:
+        with create_engine(PG_ADMIN).connect() as conn:
+            conn.execute(text("select 1"))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_ok() -> bool:
+    return _pg_available()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, pg_ok: bool) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+        return
+    if not pg_ok:
+        pytest.skip("PostgreSQL is not answering on 127.0.0.1:5432")
+    name = f"qf_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    s = Store(store_url)
+    yield s
+    s.close()
+
+
+def request_event(seq: int, *, variant: str = "smollm2-135m-Q4_K_M", ok: bool = True,
+                  boot: int = 1, device: str = "dev-1") -> TelemetryEvent:
+    body = RequestEvent(
+        request_id=f"{device}-{seq}", ts=1000.0 + seq, variant=variant, latency_s=0.5,
+        prompt_tokens=30, completion_tokens=20,
+        validations=[ValidationOutcome(kind="json_schema", passed=ok),
+                     ValidationOutcome(kind="tool_call", passed=ok)],
+        fallback_from="smollm2-135m-Q2_K" if not ok else None,
+    )
+    return TelemetryEvent(boot_epoch=boot, seq=seq, kind="request", ts=body.ts, body=body)
+
+
+def batch(device: str, events: list[TelemetryEvent]) -> TelemetryBatch:
+    return TelemetryBatch(device_id=device, sent_at=2000.0, events=events)
+
+
+def test_migrations_from_blank_to_latest(store_url: str) -> None:
+    s = Store(store_url)
+    assert s.applied == [name for name, _ in MIGRATIONS]
+    tables = set(inspect(s.engine).get_table_names())
+    assert {"devices", "events", "ingest_rejections", "desired", "audit"} <= tables
+    s.close()
+    again = Store(store_url)  # reopening applies nothing twice
+    assert again.applied == [] and applied(again.engine) == [n for n, _ in MIGRATIONS]
+    again.close()
+
+
+def test_ingest_is_idempotent(store: Store) -> None:
+    events = [request_event(i) for i in range(1, 51)]
+    first = store.ingest_batch(batch("dev-1", events))
+    assert (first.inserted, first.duplicates) == (50, 0)
+    redelivered = store.ingest_batches([batch("dev-1", events[10:30]),
+                                        batch("dev-1", [request_event(51)])])
+    assert (redelivered.inserted, redelivered.duplicates) == (1, 20)
+    assert store.event_count("request") == 51
+    # The same seq from another boot or another device is a different event.
+    other = store.ingest_batch(batch("dev-1", [request_event(1, boot=2)]))
+    assert other.inserted == 1
+    assert store.ingest_batch(batch("dev-2", [request_event(1, device="dev-2")])).inserted == 1
+    assert [d["device_id"] for d in store.devices()] == ["dev-1", "dev-2"]
+
+
+def test_request_signals_become_columns(store: Store) -> None:
+    store.ingest_batch(batch("dev-1", [request_event(1), request_event(2, ok=False)]))
+    with store.engine.connect() as conn:
+        rows = conn.execute(text(
+            "select seq, validation_failed, tool_call_ok, fallback, attempt_tokens "
+            "from events order by seq")).all()
+    assert [tuple(r) for r in rows] == [(1, False, True, False, 50), (2, True, False, True, 50)]
+
+
+def test_a_late_will_never_overrides_a_newer_birth(store: Store) -> None:
+    def status(state: str, epoch: int, reason: str) -> StatusPayload:
+        return StatusPayload(device_id="dev-1", state=state, boot_epoch=epoch,  # type: ignore[arg-type]
+                             reason=reason, ts=float(epoch))  # type: ignore[arg-type]
+
+    assert store.apply_status(status("online", 5, "birth"))
+    assert not store.apply_status(status("offline", 4, "will"))  # the old start's Will
+    device = store.devices()[0]
+    assert device["online"] is True and device["boot_epoch"] == 5
+    assert store.apply_status(status("offline", 5, "shutdown"))
+    assert not store.apply_status(status("offline", 5, "will"))
+    assert store.devices()[0]["status_reason"] == "shutdown"
+    assert store.apply_status(status("online", 6, "birth"))
+    assert store.devices()[0]["online"] is True
+
+
+def test_seq_gaps_less_what_the_device_reported(store: Store) -> None:
+    have = [s for s in range(1, 31) if not (5 <= s <= 9 or 20 <= s <= 22)]
+    events = [request_event(s) for s in have]
+    gap = GapRecord(reason="evicted", events=3, counts={"request": 3}, ranges=[(20, 22)])
+    events.append(TelemetryEvent(boot_epoch=1, seq=31, kind="gap", ts=2000.0, body=gap))
+    store.ingest_batch(batch("dev-1", events))
+    gaps = store.seq_gaps()
+    assert [(g.device_id, g.first, g.last) for g in gaps] == [("dev-1", 5, 9)]
+    assert gaps[0].events == 5
+
+
+def test_rejections_are_counted(store: Store) -> None:
+    store.record_rejection("quantfleet/v1/devices/x/telemetry", "not JSON")
+    store.record_rejection("quantfleet/v1/devices/x/telemetry", "not JSON")
+    store.record_rejection("quantfleet/v1/devices/y/telemetry", "schema: events: too short")
+    assert store.rejection_counts() == {"not JSON": 2, "schema: events: too short": 1}
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(deliveries=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=15),
+                           min_size=1, max_size=6))
+def test_any_redelivery_pattern_stores_each_event_once(
+    tmp_path: Path, deliveries: list[list[int]]
+) -> None:
+    s = Store(f"sqlite:///{tmp_path / f'p{uuid.uuid4().hex}.db'}")
+    try:
+        total_new = 0
+        for seqs in deliveries:
+            result = s.ingest_batch(batch("dev-1", [request_event(q) for q in sorted(set(seqs))]))
+            total_new += result.inserted
+        distinct = {q for seqs in deliveries for q in seqs}
+        assert total_new == len(distinct) == s.event_count()
+    finally:
+        s.close()
