@@ -101,6 +101,13 @@ def generate_cmd(models_dir: Path, variant: str, system: str | None, max_tokens:
     )
 
 
+# --- telemetry (owner: agent/telemetry/) ------------------------------------
+from .telemetry.cli import telemetry_group  # noqa: E402 - kept next to its block
+
+cli.add_command(telemetry_group)
+# --- end telemetry -----------------------------------------------------------
+
+
 def main() -> None:
     cli(prog_name="quantfleet-agent")
 

@@ -264,8 +264,11 @@ class Outbox:
         return seq
 
     def record(self, event: RequestEvent) -> None:
-        """The serving layer's Recorder: keep one raw request event."""
-        self.append(event, ts=event.ts)
+        """The serving layer's Recorder: keep one raw request event (never raises)."""
+        try:
+            self.append(event, ts=event.ts)
+        except Exception:  # the request path must not fail because telemetry did
+            log.exception("outbox %s: could not record request %s", self.path, event.request_id)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until everything appended and acknowledged so far is committed."""
