@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -106,6 +107,95 @@ from .telemetry.cli import telemetry_group  # noqa: E402 - kept next to its bloc
 
 cli.add_command(telemetry_group)
 # --- end telemetry -----------------------------------------------------------
+
+
+# -- serving: `serve` and `config check` (agent/serving/, agent/config.py) ----------------
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    envvar="QUANTFLEET_AGENT_CONFIG", default="/etc/quantfleet/agent.toml",
+    show_default=True, help="The agent's TOML configuration ($QUANTFLEET_AGENT_CONFIG).")
+
+
+def _load_agent_config(path: Path) -> Any:
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command(name="serve")
+@config_option
+@click.option("--host", default=None, help="Override listen.host.")
+@click.option("--port", default=None, type=click.IntRange(0, 65535), help="Override listen.port.")
+@click.option("--variant", "-v", default=None, help="Override models.active.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve_cmd(config_path: Path, host: str | None, port: int | None, variant: str | None,
+              log_level: str) -> None:
+    """Serve the local OpenAI-compatible API until SIGTERM.
+
+    \b
+    Example:
+      quantfleet-agent serve --config packaging/agent.example.toml --port 8088
+    """
+    import logging
+
+    from .config import ConfigError, parse_config
+    from .serving.server import serve
+
+    config = _load_agent_config(config_path)
+    data = config.model_dump(mode="json", exclude_none=True)
+    if host is not None:
+        data["listen"]["host"] = host
+    if port is not None:
+        data["listen"]["port"] = port
+    if variant is not None:
+        data["models"]["active"] = variant
+    try:
+        config = parse_config(data, "command line")
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        Catalog(config.models.dir).resolve(config.models.active)
+    except CatalogError as exc:
+        raise click.ClickException(f"models.active: {exc}") from None
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(serve(config, log_level=log_level))
+
+
+@cli.group(name="config")
+def config_group() -> None:
+    """Check the agent's configuration file."""
+
+
+@config_group.command(name="check")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the effective config as JSON.")
+def config_check(config_path: Path, as_json: bool) -> None:
+    """Validate a config file and the variants it names; exit 1 with the first error.
+
+    \b
+    Example:
+      quantfleet-agent config check --config /etc/quantfleet/agent.toml
+    """
+    config = _load_agent_config(config_path)
+    try:
+        catalog = Catalog(config.models.dir)
+        for name in config.variant_names():
+            entry = catalog.resolve(name)
+            if not entry.path(catalog.dir).exists():
+                raise CatalogError(f"{name}: {entry.path(catalog.dir)} is missing")
+        config.api_keys()
+    except (CatalogError, ValueError) as exc:
+        raise click.ClickException(f"{config_path}: {exc}") from None
+    if as_json:
+        click.echo(config.model_dump_json(indent=2))
+    else:
+        click.echo(f"{config_path}: ok (device {config.device.id}, active "
+                   f"{config.models.active}, fallback {config.models.fallback or 'none'})")
 
 
 def main() -> None:

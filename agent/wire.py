@@ -70,6 +70,11 @@ class RequestEvent(WirePayload):
     fallback_from: str | None = Field(
         None, description="The variant whose answer failed validation, when a fallback ran."
     )
+    fallback_validations: list[ValidationOutcome] = Field(
+        default_factory=list,
+        description="When a fallback ran: the outcomes of the first attempt (the evidence); "
+        "`validations` are then the fallback answer's.",
+    )
     attempt_tokens: int = Field(
         0, description="Tokens of every attempt (retries and fallbacks included), for cost."
     )

@@ -1,0 +1,249 @@
+"""The agent's configuration file (TOML), validated by pydantic.
+
+``AgentConfig`` is the one owner of what ``agent.toml`` may contain; every
+field's ``description`` is its documentation (docs/config.md is generated
+from it and a test fails when they drift). Unknown keys are refused, so a
+misspelt option is an error naming it, not a silently ignored line.
+
+``load_config(path)`` reads and validates a file and raises ``ConfigError``
+with one line naming the option and the problem. Secrets (the bearer token)
+are read from the environment or systemd's ``$CREDENTIALS_DIRECTORY`` when
+the file is loaded, never stored in the file itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from quantfleet.models.catalog import default_models_dir
+
+from .serving.validation import DEFAULT_CITATION_PATTERN, DEFAULT_REFUSAL_PATTERNS
+
+CONFIG_ENV = "QUANTFLEET_AGENT_CONFIG"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the option."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceConfig(_Section):
+    id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128,
+                    pattern=r"^[A-Za-z0-9._-]+$",
+                    description="This device's id in the fleet (MQTT topic segment); "
+                                "defaults to the host name.")
+    labels: dict[str, str] = Field(default_factory=dict,
+                                   description="Labels cohorts select on, e.g. {site = \"lab\"}.")
+
+
+class ModelsConfig(_Section):
+    dir: Path = Field(default_factory=default_models_dir,
+                      description="Directory with the variant files and catalog.json.")
+    active: str = Field("Q4_K_M", min_length=1,
+                        description="The variant served by default (name or precision label).")
+    fallback: str | None = Field("Q8_0", description="Variant retried once when an answer "
+                                 "fails validation; empty or absent disables fallback.")
+    fallback_load: Literal["eager", "on_demand"] = Field(
+        "eager", description="eager: keep the fallback loaded beside the active variant; "
+        "on_demand: load it for a fallback and unload it after (slower, less memory). eager "
+        "turns into on_demand at start when available memory cannot hold both.")
+    n_ctx: int = Field(2048, ge=128, le=131072, description="Context window in tokens.")
+    threads: int | None = Field(None, ge=1, le=512,
+                                description="CPU threads per generation (default: all cores).")
+    workers_per_model: int = Field(1, ge=1, le=16, description="Generations run at the same "
+                                   "time per loaded variant (each one is a separate context).")
+
+
+class ListenConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address to listen on (loopback by default).")
+    port: int = Field(8088, ge=0, le=65535, description="TCP port (0: any free port).")
+    unix_socket: Path | None = Field(None, description="Listen on this Unix socket instead "
+                                     "of host/port.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=64_000_000,
+                                description="Largest request body accepted (413 above).")
+
+
+class AuthConfig(_Section):
+    token_env: str = Field("QUANTFLEET_AGENT_TOKEN", description="Environment variable "
+                           "holding the bearer token; unset or empty means no token required.")
+    token_credential: str = Field("agent-token", description="File name in systemd's "
+                                  "$CREDENTIALS_DIRECTORY holding the token (LoadCredential=).")
+    client_header: str = Field("X-Client-Id", description="Header naming the client for "
+                               "quotas when no API key identifies it.")
+    api_keys_env: str = Field("QUANTFLEET_AGENT_API_KEYS", description="Environment "
+                              "variable with per-client keys, 'name=key,name2=key2': a "
+                              "request bearing one is that client.")
+
+
+class BudgetConfig(_Section):
+    max_prompt_tokens: int = Field(1536, ge=16, description="Prompt budget: older turns "
+                                   "are dropped to fit (the system message and the newest "
+                                   "turn always stay).")
+    max_tokens_ceiling: int = Field(512, ge=1, description="max_tokens above this is "
+                                    "clamped to it (and the clamp recorded).")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when the request "
+                                    "gives none.")
+    tokens_per_minute: int = Field(0, ge=0, description="Per-client tokens (prompt + "
+                                   "completion) per rolling minute; 0 is unlimited.")
+    tokens_per_day: int = Field(0, ge=0, description="Per-client tokens per rolling day; "
+                                "0 is unlimited.")
+
+    @model_validator(mode="after")
+    def _defaults_fit(self) -> BudgetConfig:
+        if self.default_max_tokens > self.max_tokens_ceiling:
+            raise ValueError("default_max_tokens must not exceed max_tokens_ceiling")
+        return self
+
+
+class ValidationConfig(_Section):
+    refusal_patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSAL_PATTERNS),
+                                        description="Regular expressions (case-insensitive) "
+                                        "that mark an answer as a refusal.")
+    citation_pattern: str = Field(DEFAULT_CITATION_PATTERN,
+                                  description="Regular expression a citation matches.")
+    require_citation: bool = Field(False, description="Policy: every prose answer must cite.")
+    fallback_on: list[Literal["json_parse", "json_schema", "tool_call", "refusal", "citation",
+                              "length", "finish_reason"]] = Field(
+        default_factory=lambda: ["json_parse", "json_schema", "tool_call"],
+        description="Validation failures that trigger the retry on the fallback variant.")
+    max_completion_chars: int | None = Field(None, ge=1, description="Answers longer than "
+                                             "this fail the length check.")
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> ValidationConfig:
+        import re
+
+        for i, p in enumerate([*self.refusal_patterns, self.citation_pattern]):
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(
+                    f"pattern {i} ({p!r}) is not a regular expression: {exc}") from None
+        return self
+
+
+class RoutingConfig(_Section):
+    tiers: dict[str, str] = Field(
+        default_factory=lambda: {"default": "active", "high": "fallback"},
+        description="Quality tier -> variant ('active', 'fallback' or a variant name). "
+                    "Unknown tiers are a 400.")
+    tier_header: str = Field("X-Quantfleet-Tier", description="Header naming the tier.")
+
+
+class ConcurrencyConfig(_Section):
+    queue_size: int = Field(8, ge=0, le=10_000, description="Requests waiting per variant "
+                            "beyond those running; more get 429 with Retry-After.")
+    deadline_s: float = Field(60.0, gt=0, le=3600, description="Per-request deadline from "
+                              "arrival: queued past it is 503, generating past it stops.")
+    priority_header: str = Field("X-Quantfleet-Priority", description="Header with high, "
+                                 "normal or low; higher priorities leave the queue first.")
+    drain_timeout_s: float = Field(10.0, ge=0, le=600, description="On SIGTERM, how long "
+                                   "in-flight requests may finish before they are cancelled.")
+
+
+class TelemetryConfig(_Section):
+    events_file: Path | None = Field(None, description="Append one JSON line per request "
+                                     "event here (until the durable outbox takes over).")
+    memory_events: int = Field(1000, ge=0, description="Recent events kept in memory.")
+
+
+class AgentConfig(_Section):
+    """Everything `quantfleet-agent serve` reads."""
+
+    device: DeviceConfig = Field(default_factory=DeviceConfig, description="Who this is.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig, description="What to serve.")
+    listen: ListenConfig = Field(default_factory=ListenConfig, description="Where to listen.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Who may call.")
+    budgets: BudgetConfig = Field(default_factory=BudgetConfig, description="Token budgets.")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig,
+                                         description="Output checks.")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Tiers.")
+    concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig,
+                                           description="Backpressure.")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig,
+                                       description="Request events.")
+
+    @model_validator(mode="after")
+    def _routes_resolve(self) -> AgentConfig:
+        if self.models.fallback == "":
+            self.models.fallback = None
+        if "default" not in self.routing.tiers:
+            raise ValueError("routing.tiers must define a 'default' tier")
+        for tier, target in self.routing.tiers.items():
+            if target == "fallback" and self.models.fallback is None:
+                raise ValueError(f"routing.tiers.{tier}: 'fallback' but models.fallback is unset")
+        return self
+
+    def variant_names(self) -> list[str]:
+        """Every variant the routes and fallback name (as written, before catalog lookup)."""
+        names = [self.models.active]
+        if self.models.fallback:
+            names.append(self.models.fallback)
+        for target in self.routing.tiers.values():
+            if target not in ("active", "fallback"):
+                names.append(target)
+        return list(dict.fromkeys(names))
+
+    def route(self, tier: str) -> str | None:
+        target = self.routing.tiers.get(tier)
+        if target == "active":
+            return self.models.active
+        if target == "fallback":
+            return self.models.fallback
+        return target
+
+    # -- secrets, read when asked, never stored in the file --------------
+    def bearer_token(self) -> str | None:
+        token = os.environ.get(self.auth.token_env, "")
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not token and creds:
+            path = Path(creds) / self.auth.token_credential
+            if path.is_file():
+                token = path.read_text().strip()
+        return token or None
+
+    def api_keys(self) -> dict[str, str]:
+        """key -> client name."""
+        raw = os.environ.get(self.auth.api_keys_env, "")
+        out: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in raw.split(","))):
+            name, sep, key = item.partition("=")
+            if not sep or not name or not key:
+                raise ConfigError(f"${self.auth.api_keys_env}: expected name=key, got {item!r}")
+            out[key] = name
+        return out
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> AgentConfig:
+    try:
+        return AgentConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown option"
+        raise ConfigError(f"{source}: {_location(first['loc'])}: {msg}") from None
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,168 @@
+"""Which variant answers: tiers, the fallback, and the loaded models behind them.
+
+Routing policy: a request names a quality tier (header or the ``quantfleet``
+field; ``default`` otherwise); ``config.routing.tiers`` maps each tier to
+``active``, ``fallback`` or a variant name. A request may also name a loaded
+variant directly as its ``model``. When an answer fails validation, the
+agent retries once on ``models.fallback`` (unless the answer already came
+from it).
+
+Memory policy: with ``fallback_load = "eager"`` every routed variant is
+loaded at start. When the available memory (psutil) cannot hold them all
+with headroom, or with ``"on_demand"``, the fallback is loaded for a
+fallback and unloaded when it is idle again: slower fallbacks, one model's
+memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from quantfleet.agent.backends import Backend, LoadOptions, load_backend
+from quantfleet.agent.config import AgentConfig
+from quantfleet.models.catalog import Catalog
+
+from .admission import Lane, Rejected
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[str], Backend]  # canonical variant name -> a loaded backend
+MEMORY_HEADROOM = 1.5  # a model needs its file mmapped plus KV cache and scratch
+
+
+class UnknownTier(ValueError):
+    pass
+
+
+class ModelSet:
+    def __init__(self, config: AgentConfig, canonical: Mapping[str, str],
+                 loader: Loader | None = None, on_demand: Sequence[str] = ()) -> None:
+        self.config = config
+        self.canonical = dict(canonical)  # configured name or alias -> canonical name
+        self.lanes: dict[str, Lane] = {}
+        self.loader = loader
+        self.on_demand = set(on_demand)
+        self._load_lock = asyncio.Lock()
+
+    # -- construction -------------------------------------------------
+    @classmethod
+    def from_backends(cls, config: AgentConfig,
+                      backends: Mapping[str, Backend | Sequence[Backend]]) -> ModelSet:
+        """Already loaded backends, keyed by the names the config uses (tests, benches)."""
+        models = cls(config, {name: name for name in backends})
+        for name, b in backends.items():
+            instances = [b] if isinstance(b, Backend) else list(b)
+            models.lanes[name] = Lane(name, instances, config.concurrency.queue_size)
+        return models
+
+    @classmethod
+    def load(cls, config: AgentConfig, catalog: Catalog | None = None) -> ModelSet:
+        catalog = catalog or Catalog(config.models.dir)
+        canonical: dict[str, str] = {}
+        paths: dict[str, tuple[str, Path, int]] = {}
+        for name in config.variant_names():
+            entry = catalog.resolve(name)  # CatalogError names the missing variant
+            canonical[name] = entry.name
+            canonical[entry.name] = entry.name
+            paths[entry.name] = (entry.backend, entry.path(catalog.dir), entry.size_bytes)
+        options = LoadOptions(n_ctx=config.models.n_ctx, n_threads=config.models.threads)
+
+        def loader(variant: str) -> Backend:
+            kind, path, _ = paths[variant]
+            return load_backend(kind, path, options)
+
+        active = canonical[config.models.active]
+        fallback = canonical.get(config.models.fallback or "")
+        on_demand: list[str] = []
+        if fallback and fallback != active and (
+                config.models.fallback_load == "on_demand"
+                or not _memory_allows([paths[v][2] for v in set(canonical.values())])):
+            on_demand.append(fallback)
+            log.warning("fallback %s will be loaded on demand (policy or memory)", fallback)
+        models = cls(config, canonical, loader, on_demand)
+        for variant in dict.fromkeys(canonical.values()):
+            if variant in on_demand:
+                continue
+            models._load_sync(variant)
+        return models
+
+    def _load_sync(self, variant: str) -> Lane:
+        assert self.loader is not None
+        instances = [self.loader(variant) for _ in range(self.config.models.workers_per_model)]
+        lane = Lane(variant, instances, self.config.concurrency.queue_size)
+        self.lanes[variant] = lane
+        log.info("loaded %s (%d worker(s))", variant, len(instances))
+        return lane
+
+    # -- routing --------------------------------------------------------
+    def name(self, configured: str | None) -> str | None:
+        if configured is None:
+            return None
+        return self.canonical.get(configured, configured)
+
+    @property
+    def active(self) -> str:
+        return self.name(self.config.models.active) or self.config.models.active
+
+    @property
+    def fallback(self) -> str | None:
+        return self.name(self.config.models.fallback)
+
+    def for_tier(self, tier: str) -> str:
+        if tier not in self.config.routing.tiers:
+            known = ", ".join(sorted(self.config.routing.tiers))
+            raise UnknownTier(f"unknown quality tier {tier!r} (known: {known})")
+        target = self.config.route(tier)
+        return self.name(target) or self.active
+
+    def for_model(self, model: str) -> str | None:
+        """A request's ``model`` naming a served variant, else None (route by tier)."""
+        if model in self.canonical:
+            return self.canonical[model]
+        return None
+
+    def served(self) -> list[str]:
+        return list(dict.fromkeys(self.canonical.values()))
+
+    @property
+    def ready(self) -> bool:
+        return self.active in self.lanes
+
+    async def lane(self, variant: str) -> Lane:
+        lane = self.lanes.get(variant)
+        if lane is not None:
+            return lane
+        if variant not in self.on_demand or self.loader is None:
+            raise Rejected(503, "not_loaded", f"variant {variant} is not loaded", 5)
+        async with self._load_lock:
+            lane = self.lanes.get(variant)
+            if lane is None:
+                lane = await asyncio.to_thread(self._load_sync, variant)
+            return lane
+
+    async def done_with(self, variant: str) -> None:
+        """Unload an on-demand variant once nothing uses it."""
+        lane = self.lanes.get(variant)
+        if variant in self.on_demand and lane is not None and lane.in_flight == 0 \
+                and lane.queue_depth == 0:
+            del self.lanes[variant]
+            for b in lane.instances:
+                await asyncio.to_thread(b.close)
+            log.info("unloaded on-demand variant %s", variant)
+
+    def close(self) -> None:
+        for lane in self.lanes.values():
+            for b in lane.instances:
+                b.close()
+        self.lanes.clear()
+
+
+def _memory_allows(sizes: Sequence[int]) -> bool:
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is in the agent extra
+        return True
+    return bool(psutil.virtual_memory().available > MEMORY_HEADROOM * sum(sizes))

@@ -1,0 +1,85 @@
+"""Running the API under uvicorn as a long-lived service (``quantfleet-agent serve``).
+
+``serve(config)`` loads the models in the background, signals systemd when
+they are ready, pets the watchdog, and on SIGTERM/SIGINT stops admitting
+(new requests get 503), lets in-flight requests finish for up to
+``concurrency.drain_timeout_s``, cancels what is still running, flushes the
+recorder and returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from quantfleet.agent.config import AgentConfig
+
+from .api import AgentService, create_app
+from .recorder import JsonlRecorder, MemoryRecorder, Recorder, TeeRecorder
+from .routing import ModelSet
+from .systemd import Notifier
+
+log = logging.getLogger(__name__)
+
+
+def build_recorder(config: AgentConfig) -> Recorder:
+    memory = MemoryRecorder(config.telemetry.memory_events)
+    if config.telemetry.events_file is None:
+        return memory
+    return TeeRecorder(memory, JsonlRecorder(config.telemetry.events_file))
+
+
+class _DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, service: AgentService, notifier: Notifier
+                 ) -> None:
+        super().__init__(config)
+        self.service = service
+        self.notifier = notifier
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+        self.notifier.start_watchdog()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.notifier.stopping()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.service.begin_drain)
+        super().handle_exit(sig, frame)
+
+
+def serve(config: AgentConfig, models: Callable[[], ModelSet] | None = None,
+          log_level: str = "info") -> int:
+    app = create_app(config, models or (lambda: ModelSet.load(config)), build_recorder(config))
+    service: AgentService = app.state.service
+    notifier = Notifier()
+
+    def ready() -> None:
+        assert service.models is not None
+        notifier.ready(f"serving {service.models.active}")
+
+    service.on_ready.append(ready)
+    listen = config.listen
+    uv = uvicorn.Config(
+        app,
+        host=listen.host,
+        port=listen.port,
+        uds=str(listen.unix_socket) if listen.unix_socket else None,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(max(1, config.concurrency.drain_timeout_s)),
+    )
+    server = _DrainingServer(uv, service, notifier)
+    server.run()
+    notifier.stop_watchdog()
+    if service.load_error:
+        log.error("exiting: models did not load (%s)", service.load_error)
+        return 1
+    return 0
