@@ -66,7 +66,8 @@ def main() -> None:
     print(f"{args.events} request events in {len(batches)} batches, {args.group} per transaction")
     with tempfile.TemporaryDirectory() as tmp:
         fresh, dup = run(f"sqlite:///{Path(tmp) / 'fleet.db'}", batches, args.group)
-        print(f"sqlite      ingest {fresh:>10,.0f} events/s   re-ingest (duplicates) {dup:>10,.0f}/s"
+        print(f"sqlite      ingest {fresh:>10,.0f} events/s   "
+              f"re-ingest (duplicates) {dup:>10,.0f}/s"
               f"   target >= 50,000: {'met' if fresh >= 50_000 else 'NOT met'}")
     if not args.no_postgres:
         name = f"qf_bench_{uuid.uuid4().hex[:8]}"

@@ -8,6 +8,7 @@ an event is identified by ``(device_id, boot_epoch, seq)`` and a duplicate
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -80,7 +81,7 @@ def event_row(device_id: str, ev: TelemetryEvent, received_at: float,
     row: dict[str, Any] = {
         "device_id": device_id, "boot_epoch": ev.boot_epoch, "seq": ev.seq, "kind": ev.kind,
         "ts": ev.ts, "received_at": received_at, "historical": historical,
-        "body": ev.body.model_dump(mode="json"),
+        "body": ev.body.model_dump_json(),
     }
     if isinstance(ev.body, RequestEvent):
         row.update(_request_columns(ev.body))
@@ -219,7 +220,7 @@ class Store:
         covered: dict[str, set[int]] = {}
         for device_id, body in reported:
             seqs = covered.setdefault(device_id, set())
-            for a, b in body.get("ranges", []):
+            for a, b in json.loads(body).get("ranges", []):
                 seqs.update(range(int(a), int(b) + 1))
         out = []
         for gap in holes:
