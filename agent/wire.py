@@ -282,6 +282,66 @@ class StatusPayload(WirePayload):
     agent_version: str = Field("", description="quantfleet version of the agent.")
 
 
+# ---------------------------------------------------------------------------
+# The update path: what the fleet wants a device to run (``…/desired``,
+# retained, fleet → device) and where the device's update stands (``…/state``,
+# retained, device → fleet).
+# ---------------------------------------------------------------------------
+
+UpdateState = Literal[
+    "idle", "downloading", "verifying", "preflight", "activating", "soaking", "healthy",
+    "failed", "rolled_back", "refused",
+]
+#: States a device passes through on the way to ``healthy``; the others are ends.
+UPDATE_IN_PROGRESS: tuple[str, ...] = (
+    "downloading", "verifying", "preflight", "activating", "soaking",
+)
+
+
+class DesiredPayload(WirePayload):
+    """The variant the fleet wants a device to run, signed so the device can check it.
+
+    ``revision`` increases with every change for a device; a device ignores a
+    revision lower than the last one it acted on (a stale retained message).
+    """
+
+    type: Literal["desired"] = "desired"
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="The device addressed.")
+    revision: int = Field(ge=1, description="Increases with every change for this device.")
+    variant: str = Field(min_length=1, max_length=128, description="Catalog variant name.")
+    backend: Literal["llama.cpp", "onnxruntime"] = Field(description="Runtime of the variant.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Of the artifact file.")
+    size_bytes: int = Field(ge=1, description="Of the artifact file.")
+    url: str = Field(pattern=r"^https?://", max_length=2048, description="Where to fetch it.")
+    signature: str = Field(
+        min_length=1, max_length=256,
+        description="ed25519 over variant, backend, sha256, size_bytes (agent/signing.py).",
+    )
+    rollout_id: str | None = Field(None, description="The rollout that set it, if any.")
+    issued_at: float = Field(description="Unix time the fleet made this message.")
+
+
+class DeviceStatePayload(WirePayload):
+    """Retained on ``…/state``: what the device runs and where its update stands.
+
+    "installed" is never "healthy": a device reports ``healthy`` only after the
+    new variant passed its soak.
+    """
+
+    type: Literal["state"] = "state"
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="The device.")
+    boot_epoch: int = Field(ge=0, description="The agent start this state belongs to.")
+    variant: str | None = Field(None, description="The variant serving requests now.")
+    known_good: str | None = Field(None, description="The variant it would roll back to.")
+    target: str | None = Field(None, description="The variant being applied, if any.")
+    desired_revision: int | None = Field(None, description="The desired revision acted on.")
+    update_state: UpdateState = Field(description="Where the update stands.")
+    reason: str = Field("", max_length=1000, description="Why it failed, was refused or "
+                        "rolled back.")
+    progress: float | None = Field(None, ge=0, le=1, description="Download progress.")
+    ts: float = Field(description="Unix time of this state.")
+
+
 #: The payloads whose JSON Schemas are published in docs/schemas/.
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "telemetry-batch": TelemetryBatch,
@@ -291,6 +351,8 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "health": HealthPayload,
     "device-status": DeviceStatusPayload,
     "gap-record": GapRecord,
+    "desired": DesiredPayload,
+    "device-state": DeviceStatePayload,
 }
 
 
