@@ -103,6 +103,10 @@ class TelemetryStore:
                 batch = TelemetryBatch.model_validate_json(payload)
             except ValidationError as exc:
                 return self._reject(self._classify(payload), topic, str(exc.errors()[:1]))
+            if batch.schema_version != WIRE_VERSION or any(
+                    e.body.schema_version != WIRE_VERSION for e in batch.events):
+                return self._reject("unsupported_version", topic,
+                                    f"this consumer reads schema_version {WIRE_VERSION}")
             if batch.device_id != device:
                 return self._reject("topic_mismatch", topic, f"payload says {batch.device_id}")
             inserted, dups = self.store_batch(batch)
@@ -114,6 +118,9 @@ class TelemetryStore:
                 status = StatusPayload.model_validate_json(payload)
             except ValidationError as exc:
                 return self._reject(self._classify(payload), topic, str(exc.errors()[:1]))
+            if status.schema_version != WIRE_VERSION:
+                return self._reject("unsupported_version", topic,
+                                    f"this consumer reads schema_version {WIRE_VERSION}")
             if status.device_id != device:
                 return self._reject("topic_mismatch", topic, f"payload says {status.device_id}")
             self.store_status(status)
@@ -271,7 +278,7 @@ class Consumer:
         )
         if username:
             self.client.username_pw_set(username, password)
-        self.client.reconnect_delay_set(0.2, 5)
+        self.client.reconnect_delay_set(1, 5)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -315,6 +322,6 @@ class Consumer:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.received += 1
         try:
-            self.store.ingest(msg.topic, msg.payload, self.root)
+            self.store.ingest(msg.topic, bytes(msg.payload), self.root)
         except Exception:  # a store failure must not kill paho's thread
             log.exception("consumer: storing a message from %s failed", msg.topic)

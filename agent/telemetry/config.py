@@ -37,9 +37,12 @@ def parse_broker_url(url: str) -> tuple[bool, str, int]:
         raise ValueError(f"broker {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
     try:
         parts = urlsplit(url)
-        port = parts.port
     except ValueError as exc:
-        raise ValueError(f"broker {url!r}: {exc}") from None
+        raise ValueError(f"broker {url!r}: not a URL ({exc})") from None
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"broker {url!r}: port must be a number 1-65535") from None
     scheme = parts.scheme.lower()
     if scheme not in ("mqtt", "mqtts"):
         raise ValueError(f"broker {url!r}: scheme must be mqtt or mqtts, not {parts.scheme!r}")
