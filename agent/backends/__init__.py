@@ -12,6 +12,7 @@ from .gguf_file import ModelFileError
 # only runs GGUF never imports onnxruntime and vice versa.
 BACKENDS: dict[str, str] = {
     "llama.cpp": "quantfleet.agent.backends.llama_cpp:LlamaCppBackend",
+    "onnxruntime": "quantfleet.agent.backends.onnx:OnnxBackend",
 }
 
 
