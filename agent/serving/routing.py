@@ -45,6 +45,7 @@ class ModelSet:
         self.lanes: dict[str, Lane] = {}
         self.loader = loader
         self.on_demand = set(on_demand)
+        self.owned = True  # close() frees the backends only when this set loaded them
         self._load_lock = asyncio.Lock()
 
     # -- construction -------------------------------------------------
@@ -53,6 +54,7 @@ class ModelSet:
                       backends: Mapping[str, Backend | Sequence[Backend]]) -> ModelSet:
         """Already loaded backends, keyed by the names the config uses (tests, benches)."""
         models = cls(config, {name: name for name in backends})
+        models.owned = False
         for name, b in backends.items():
             instances = [b] if isinstance(b, Backend) else list(b)
             models.lanes[name] = Lane(name, instances, config.concurrency.queue_size)
@@ -154,9 +156,10 @@ class ModelSet:
             log.info("unloaded on-demand variant %s", variant)
 
     def close(self) -> None:
-        for lane in self.lanes.values():
-            for b in lane.instances:
-                b.close()
+        if self.owned:
+            for lane in self.lanes.values():
+                for b in lane.instances:
+                    b.close()
         self.lanes.clear()
 
 
