@@ -29,17 +29,37 @@ from .sources import file_type_of, source_entry
 log = logging.getLogger(__name__)
 
 
+ONNX_METHODS = ("export", "int8_dynamic", "int4_matmulnbits")
+_GGUF_KEYS = {"label", "ftype", "why", "format"}
+_ONNX_KEYS = {"label", "format", "method", "why", "block_size", "keep_float", "accuracy_level"}
+
+
 @dataclass(frozen=True)
 class Rung:
     label: str
-    ftype: str
+    ftype: str = ""
     why: str = ""
+    format: str = "gguf"  # "gguf" (llama.cpp quantizer) or "onnx" (exporter / ORT quantizers)
+    method: str = ""  # ONNX only: one of ONNX_METHODS
+    block_size: int = 32  # int4 only: weights per scale
+    keep_float: tuple[str, ...] = ()  # int8 only: weight-name parts left in float
+    accuracy_level: int | None = None  # int4 only: MatMulNBits compute type (None: float)
 
 
 @dataclass(frozen=True)
 class Ladder:
     reference: str
     rungs: tuple[Rung, ...]
+
+    @property
+    def gguf_rungs(self) -> tuple[Rung, ...]:
+        return tuple(r for r in self.rungs if r.format == "gguf")
+
+    @property
+    def onnx_rungs(self) -> tuple[Rung, ...]:
+        """The ONNX rungs, the export (their parent) first."""
+        rungs = [r for r in self.rungs if r.format == "onnx"]
+        return tuple(sorted(rungs, key=lambda r: r.method != "export"))
 
 
 @dataclass
@@ -61,22 +81,54 @@ def load_ladder(path: Path | None = None) -> Ladder:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CatalogError(f"{where}: {exc}") from None
-    rungs = []
-    for i, r in enumerate(raw.get("rung", [])):
-        if not isinstance(r, dict) or not isinstance(r.get("label"), str):
-            raise CatalogError(f"{where}: rung #{i + 1} needs a string 'label'")
-        if not isinstance(r.get("ftype"), str):
-            raise CatalogError(f"{where}: rung {r['label']!r} needs a string 'ftype'")
-        unknown = set(r) - {"label", "ftype", "why"}
-        if unknown:
-            raise CatalogError(f"{where}: rung {r['label']!r} has unknown keys {sorted(unknown)}")
-        rungs.append(Rung(r["label"], r["ftype"], r.get("why", "")))
+    rungs = [_rung(r, i, where) for i, r in enumerate(raw.get("rung", []))]
+    labels = [r.label for r in rungs]
+    dupes = sorted({x for x in labels if labels.count(x) > 1})
+    if dupes:
+        raise CatalogError(f"{where}: rung labels {dupes} appear more than once")
+    onnx_rungs = [r for r in rungs if r.format == "onnx"]
+    exports = [r for r in onnx_rungs if r.method == "export"]
+    if onnx_rungs and len(exports) != 1:
+        raise CatalogError(f"{where}: ONNX rungs need exactly one rung with method 'export' "
+                           f"(found {len(exports)})")
     reference = raw.get("reference")
-    if reference not in {r.label for r in rungs}:
+    if reference not in {r.label for r in rungs if r.format == "gguf"}:
         raise CatalogError(f"{where}: reference {reference!r} is not one of the rungs")
     # The reference is built first: the others are quantized from it.
     rungs.sort(key=lambda r: r.label != reference)
     return Ladder(reference, tuple(rungs))
+
+
+def _rung(r: object, i: int, where: str) -> Rung:
+    """One ``[[rung]]`` table, validated."""
+    if not isinstance(r, dict) or not isinstance(r.get("label"), str):
+        raise CatalogError(f"{where}: rung #{i + 1} needs a string 'label'")
+    label = r["label"]
+    fmt = r.get("format", "gguf")
+    if fmt not in ("gguf", "onnx"):
+        raise CatalogError(f"{where}: rung {label!r} has format {fmt!r} (use 'gguf' or 'onnx')")
+    allowed = _GGUF_KEYS if fmt == "gguf" else _ONNX_KEYS
+    unknown = set(r) - allowed
+    if unknown:
+        raise CatalogError(f"{where}: rung {label!r} has unknown keys {sorted(unknown)}")
+    why = r.get("why", "")
+    if fmt == "gguf":
+        if not isinstance(r.get("ftype"), str):
+            raise CatalogError(f"{where}: rung {label!r} needs a string 'ftype'")
+        return Rung(label, r["ftype"], why)
+    method = r.get("method")
+    if method not in ONNX_METHODS:
+        raise CatalogError(f"{where}: rung {label!r} needs 'method', one of {list(ONNX_METHODS)}")
+    block = r.get("block_size", 32)
+    if not isinstance(block, int) or block < 16 or block & (block - 1):
+        raise CatalogError(f"{where}: rung {label!r} block_size must be a power of two >= 16")
+    keep = r.get("keep_float", [])
+    if not isinstance(keep, list) or not all(isinstance(k, str) and k for k in keep):
+        raise CatalogError(f"{where}: rung {label!r} keep_float must be a list of names")
+    level = r.get("accuracy_level")
+    if level is not None and level not in (0, 1, 2, 3, 4):
+        raise CatalogError(f"{where}: rung {label!r} accuracy_level must be 0-4")
+    return Rung(label, "", why, "onnx", method, block, tuple(keep), level)
 
 
 def ftype_id(name: str) -> int:
@@ -171,7 +223,7 @@ def build_ladder(
     say = progress or (lambda _msg: None)
     outcomes: list[BuildOutcome] = []
     reference: VariantEntry | None = None
-    for rung in ladder.rungs:
+    for rung in ladder.gguf_rungs:
         is_ref = rung.label == ladder.reference
         if only and not is_ref and rung.label not in only:
             continue
@@ -223,8 +275,24 @@ def build_ladder(
         outcomes.append(BuildOutcome(entry, "built", time.perf_counter() - started))
         if is_ref:
             reference = entry
+    if reference is not None:
+        from .onnx_build import build_onnx_rungs  # build.py's dataclasses are imported there
+
+        outcomes.extend(build_onnx_rungs(models_dir, catalog, source, reference,
+                                         _wanted_onnx(ladder, only), say))
     return outcomes
 
 
-__all__ = ["BuildOutcome", "Ladder", "Rung", "build_ladder", "describe_gguf", "file_type_of",
-           "load_ladder", "quantize"]
+def _wanted_onnx(ladder: Ladder, only: set[str] | None) -> list[Rung]:
+    rungs = list(ladder.onnx_rungs)
+    if only is None:
+        return rungs
+    picked = [r for r in rungs if r.label in only]
+    if not picked:
+        return []
+    # the export is the parent of the quantized ONNX rungs: always built with them
+    return [r for r in rungs if r.method == "export" or r in picked]
+
+
+__all__ = ["ONNX_METHODS", "BuildOutcome", "Ladder", "Rung", "build_ladder", "describe_gguf",
+           "file_type_of", "load_ladder", "quantize"]

@@ -363,17 +363,29 @@ def export(gguf_path: Path | str, out_path: Path | str, *, source_sha256: str = 
     return out
 
 
-def quantize_int8(src: Path | str, dst: Path | str, *, per_channel: bool = True) -> Path:
-    """Dynamic int8 quantization of every weight MatMul (activations quantized per call)."""
+def quantize_int8(src: Path | str, dst: Path | str, *,
+                  keep_float: tuple[str, ...] | list[str] = ()) -> Path:
+    """Dynamic int8 quantization of the weight MatMuls (activations quantized per call).
+
+    ``keep_float`` lists parts of weight names left in float32: SmolLM's
+    ``ffn_down`` input has activation outliers that per-tensor activation
+    quantization cannot represent (measured: mean KLD 0.31 quantized, 0.05 kept).
+    """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    meta = metadata_of(onnx.load_model(str(src), load_external_data=False))
+    model = onnx.load_model(str(src), load_external_data=False)
+    meta = metadata_of(model)
+    exclude = [n.name for n in model.graph.node
+               if n.op_type == "MatMul" and len(n.input) > 1
+               and any(k in n.input[1] for k in keep_float)]
+    del model
     quantize_dynamic(
         str(src), str(dst),
         op_types_to_quantize=["MatMul"],
-        per_channel=per_channel,
+        per_channel=True,
         weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude,
         # attention's activation x activation MatMuls stay in float
         extra_options={"MatMulConstBOnly": True},
     )
