@@ -176,6 +176,9 @@ class AgentConfig(_Section):
     def _routes_resolve(self) -> AgentConfig:
         if self.models.fallback == "":
             self.models.fallback = None
+        if self.models.fallback is None and "tiers" not in self.routing.model_fields_set:
+            # The default tiers route "high" to the fallback; without one, only "default".
+            self.routing.tiers = {"default": "active"}
         if "default" not in self.routing.tiers:
             raise ValueError("routing.tiers must define a 'default' tier")
         for tier, target in self.routing.tiers.items():
