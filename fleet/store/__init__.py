@@ -18,7 +18,15 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from quantfleet.agent.wire import RequestEvent, StatusPayload, TelemetryBatch, TelemetryEvent
+from quantfleet.agent.wire import (
+    DesiredPayload,
+    DeviceStatePayload,
+    HealthPayload,
+    RequestEvent,
+    StatusPayload,
+    TelemetryBatch,
+    TelemetryEvent,
+)
 
 from . import schema
 from .migrations import migrate
@@ -128,12 +136,15 @@ class Store:
         stmt = self._insert(schema.events).on_conflict_do_nothing(
             index_elements=["device_id", "boot_epoch", "seq"])
         with self.engine.begin() as conn:
-            before = conn.execute(select(func.count()).select_from(schema.events)).scalar_one()
-            conn.execute(stmt, rows)
-            after = conn.execute(select(func.count()).select_from(schema.events)).scalar_one()
+            # rowcount counts only the rows the conflict clause let through, and
+            # unlike a count(*) before and after it is right with concurrent writers.
+            inserted = int(conn.execute(stmt, rows).rowcount)
             for device_id in {b.device_id for b in batches}:
                 self._touch(conn, device_id, now)
-        inserted = after - before
+            for b in batches:
+                health = [ev.body for ev in b.events if isinstance(ev.body, HealthPayload)]
+                if health:
+                    self._set_hardware(conn, b.device_id, health[-1])
         return IngestResult(inserted=inserted, duplicates=len(rows) - inserted)
 
     def _touch(self, conn: Any, device_id: str, now: float) -> None:
@@ -143,6 +154,67 @@ class Store:
         )
         conn.execute(stmt.on_conflict_do_update(
             index_elements=["device_id"], set_={"last_seen": now}))
+
+    def _set_hardware(self, conn: Any, device_id: str, h: HealthPayload) -> None:
+        conn.execute(update(schema.devices).where(schema.devices.c.device_id == device_id)
+                     .values(hardware={
+                         "memory_total_bytes": h.memory_total_bytes,
+                         "disk_total_bytes": h.disk_total_bytes,
+                         "disk_free_bytes": h.disk_free_bytes,
+                         "sensors": sorted(h.temperatures_c),
+                     }))
+
+    def apply_state(self, state: DeviceStatePayload, received_at: float | None = None) -> bool:
+        """Record where a device's update stands; an older state than the stored one is ignored."""
+        now = received_at if received_at is not None else time.time()
+        with self.engine.begin() as conn:
+            self._touch(conn, state.device_id, now)
+            current = conn.execute(select(schema.devices.c.state_ts)
+                                   .where(schema.devices.c.device_id == state.device_id)
+                                   ).scalar_one()
+            if current is not None and state.ts < current:
+                return False
+            conn.execute(update(schema.devices)
+                         .where(schema.devices.c.device_id == state.device_id)
+                         .values(variant=state.variant, update_state=state.update_state,
+                                 state=state.model_dump(mode="json"), state_ts=state.ts))
+        return True
+
+    # -- desired state --------------------------------------------------
+    def put_desired(self, device_id: str, make: Any) -> DesiredPayload:
+        """Store the next desired revision for a device: ``make(revision)`` builds the payload."""
+        with self.engine.begin() as conn:
+            current = conn.execute(select(schema.desired.c.revision)
+                                   .where(schema.desired.c.device_id == device_id)
+                                   ).scalar_one_or_none()
+            payload: DesiredPayload = make((current or 0) + 1)
+            row = {"device_id": device_id, "revision": payload.revision,
+                   "variant": payload.variant, "payload": payload.model_dump(mode="json"),
+                   "updated_at": payload.issued_at}
+            stmt = self._insert(schema.desired).values(**row)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["device_id"],
+                set_={k: v for k, v in row.items() if k != "device_id"}))
+        return payload
+
+    def desired(self, device_ids: Iterable[str] | None = None) -> list[DesiredPayload]:
+        q = select(schema.desired.c.payload).order_by(schema.desired.c.device_id)
+        if device_ids is not None:
+            q = q.where(schema.desired.c.device_id.in_(list(device_ids)))
+        with self.engine.connect() as conn:
+            return [DesiredPayload.model_validate(r[0]) for r in conn.execute(q)]
+
+    def audit(self, actor: str, action: str, subject: str, evidence: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(schema.audit.insert().values(ts=time.time(), actor=actor, action=action,
+                                                      subject=subject, evidence=evidence))
+
+    def audit_log(self, subject: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        q = select(schema.audit).order_by(schema.audit.c.id.desc()).limit(limit)
+        if subject is not None:
+            q = q.where(schema.audit.c.subject == subject)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
 
     def apply_status(self, status: StatusPayload, received_at: float | None = None) -> bool:
         """Apply a birth/Will/shutdown; a message older than the device's boot epoch is ignored.

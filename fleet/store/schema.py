@@ -43,6 +43,8 @@ devices = Table(
     Column("agent_version", String(64), nullable=False, default=""),
     Column("variant", String(128), nullable=True),
     Column("update_state", String(32), nullable=True),
+    Column("state", JSON, nullable=True),  # the last DeviceStatePayload, whole
+    Column("state_ts", Float, nullable=True),
     Column("first_seen", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
 )
@@ -91,6 +93,7 @@ rejections = Table(
 desired = Table(
     "desired", metadata,
     Column("device_id", String(64), primary_key=True),
+    Column("revision", BigInteger, nullable=False),
     Column("variant", String(128), nullable=False),
     Column("payload", JSON, nullable=False),
     Column("updated_at", Float, nullable=False),

@@ -1,0 +1,185 @@
+"""The fleet's ingest: device messages from the broker into the store, acknowledged late.
+
+Telemetry comes in on a shared subscription (``$share/<group>/…``), so several
+fleet instances split the load. Status and state are retained and few, and a
+broker does not hand retained messages to shared subscriptions, so every
+instance subscribes to them directly (applying them is idempotent).
+
+A QoS 1 message is acknowledged to the broker only after its events are
+committed (paho's manual acks): a fleet killed between receipt and commit
+gets the message again from its persistent session, and the store's
+uniqueness on the event triple drops the copy. One writer thread
+group-commits whatever arrived since its last commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from quantfleet.agent.telemetry.config import MqttConfig
+from quantfleet.agent.telemetry.publisher import make_client
+from quantfleet.agent.wire import DeviceStatePayload, StatusPayload, TelemetryBatch
+
+from .messages import Cleared, Rejected, parse_message
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    events_inserted: int = 0
+    duplicates: int = 0
+    statuses: int = 0
+    states: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    commits: int = 0
+
+
+class FleetIngest:
+    def __init__(self, store: Store, mqtt_cfg: MqttConfig, *, share_group: str = "quantfleet",
+                 client_id: str = "quantfleet-fleet", session_expiry_s: int = 7 * 86400,
+                 max_group: int = 64) -> None:
+        self.store = store
+        self.cfg = mqtt_cfg
+        self.root = mqtt_cfg.topic_root
+        self.share_group = share_group
+        self.max_group = max_group
+        self.stats = IngestStats()
+        self.connected = threading.Event()
+        self._queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(maxsize=10_000)
+        self._stop = threading.Event()
+        self._writer = threading.Thread(target=self._write_loop, name="fleet-ingest",
+                                        daemon=True)
+        self.client = make_client(mqtt_cfg, client_id)
+        self.client.manual_ack_set(True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.client.reconnect_delay_set(1, 30)
+        self._session_expiry_s = session_expiry_s
+
+    # -- lifecycle ------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> FleetIngest:
+        from quantfleet.agent.telemetry.config import parse_broker_url
+
+        _tls, host, port = parse_broker_url(self.cfg.broker)
+        kwargs: dict[str, Any] = {"keepalive": self.cfg.keepalive_s}
+        if self.cfg.protocol == "5":
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self._session_expiry_s
+            kwargs.update(clean_start=False, properties=props)
+        self._writer.start()
+        self.client.connect_async(host, port, **kwargs)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.stop()
+            raise TimeoutError(f"fleet ingest: no connection to {self.cfg.broker}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking messages, commit what was received, then disconnect."""
+        self._stop.set()
+        self._queue.put(None)
+        if self._writer.is_alive():
+            self._writer.join(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- paho callbacks -------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
+                    props: Any) -> None:
+        if rc.is_failure:
+            log.error("fleet ingest: connection refused: %s", rc)
+            return
+        devices = f"{self.root}/devices/+"
+        client.subscribe([
+            (f"$share/{self.share_group}/{devices}/telemetry", 1),
+            (f"{devices}/status", 1),
+            (f"{devices}/state", 1),
+        ])
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                      props: Any) -> None:
+        # Ready only once the broker has the subscriptions: a message published
+        # before the SUBACK would otherwise miss a fresh session.
+        failed = [r for r in reasons if getattr(r, "is_failure", False)]
+        if failed:
+            log.error("fleet ingest: subscriptions refused: %s", failed)
+            return
+        self.connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
+                       props: Any) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("fleet ingest: disconnected (%s); paho reconnects", rc)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # A full queue blocks paho's thread: backpressure to the broker, not loss.
+        self._queue.put(msg)
+
+    # -- the writer -----------------------------------------------------
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                break
+            group = [first]
+            while len(group) < self.max_group:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                group.append(nxt)
+            try:
+                self._commit(group)
+            except Exception:
+                # Unacknowledged: the broker redelivers after our reconnect.
+                log.exception("fleet ingest: committing %d messages failed", len(group))
+                time.sleep(1.0)
+                continue
+            for msg in group:
+                if msg.qos > 0:
+                    self.client.ack(msg.mid, msg.qos)
+        log.info("fleet ingest: writer stopped")
+
+    def _commit(self, group: list[mqtt.MQTTMessage]) -> None:
+        batches: list[TelemetryBatch] = []
+        for msg in group:
+            self.stats.received += 1
+            parsed = parse_message(msg.topic, bytes(msg.payload), self.root)
+            if isinstance(parsed, Rejected):
+                self.stats.rejected[parsed.reason] = self.stats.rejected.get(parsed.reason, 0) + 1
+                log.warning("rejected %s", parsed.detail[:300])
+                self.store.record_rejection(msg.topic, parsed.reason)
+            elif isinstance(parsed, Cleared):
+                continue
+            elif isinstance(parsed, TelemetryBatch):
+                batches.append(parsed)
+            elif isinstance(parsed, StatusPayload):
+                self.store.apply_status(parsed)
+                self.stats.statuses += 1
+            elif isinstance(parsed, DeviceStatePayload):
+                self.store.apply_state(parsed)
+                self.stats.states += 1
+        if batches:
+            result = self.store.ingest_batches(batches)
+            self.stats.events_inserted += result.inserted
+            self.stats.duplicates += result.duplicates
+        self.stats.commits += 1

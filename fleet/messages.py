@@ -1,0 +1,91 @@
+"""Device messages as the fleet receives them: topic + bytes to a validated payload.
+
+One pure function decides, for every message on a device topic, either the
+payload it carries or the counted reason it is rejected. It never raises for
+bad input, so no device can stop ingest by sending garbage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from pydantic import ValidationError
+
+from quantfleet.agent.wire import (
+    TOPIC_ROOT,
+    WIRE_VERSION,
+    DeviceStatePayload,
+    StatusPayload,
+    TelemetryBatch,
+    parse_device_topic,
+)
+
+REJECTION_REASONS = (
+    "not_json", "unsupported_version", "invalid_payload", "topic_mismatch", "unknown_topic",
+)
+
+Payload: TypeAlias = TelemetryBatch | StatusPayload | DeviceStatePayload
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str  # one of REJECTION_REASONS
+    detail: str
+
+
+@dataclass(frozen=True)
+class Cleared:
+    """An empty retained message: the topic was cleared on purpose."""
+
+    device_id: str
+    leaf: str
+
+
+_MODELS: dict[str, type[Payload]] = {
+    "telemetry": TelemetryBatch,
+    "status": StatusPayload,
+    "state": DeviceStatePayload,
+}
+
+
+def _classify(payload: bytes) -> str:
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return "not_json"
+    if isinstance(doc, dict) and isinstance(doc.get("schema_version"), int) \
+            and doc["schema_version"] != WIRE_VERSION:
+        return "unsupported_version"
+    return "invalid_payload"
+
+
+def parse_message(topic: str, payload: bytes,
+                  root: str = TOPIC_ROOT) -> Payload | Rejected | Cleared:
+    try:
+        device, leaf = parse_device_topic(topic, root)
+    except ValueError as exc:
+        return Rejected("unknown_topic", str(exc))
+    model = _MODELS.get(leaf)
+    if model is None:
+        return Rejected("unknown_topic", f"{topic!r}: the fleet does not consume {leaf!r}")
+    if not payload and leaf in ("status", "state"):
+        return Cleared(device, leaf)
+    try:
+        parsed: Payload = model.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        return Rejected(_classify(payload), f"{topic}: {where}: {first['msg']}")
+    versions = {parsed.schema_version}
+    if isinstance(parsed, TelemetryBatch):
+        versions.update(e.body.schema_version for e in parsed.events)
+    if versions != {WIRE_VERSION}:
+        return Rejected("unsupported_version",
+                        f"{topic}: schema_version {sorted(versions)}, the fleet reads "
+                        f"{WIRE_VERSION}")
+    if parsed.device_id != device:
+        return Rejected("topic_mismatch",
+                        f"{topic}: payload is for device {parsed.device_id!r}")
+    return parsed
