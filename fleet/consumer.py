@@ -42,10 +42,14 @@ from quantfleet.agent.wire import (
 log = logging.getLogger(__name__)
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, received_at REAL NOT NULL,
+    payload BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     device_id TEXT NOT NULL, boot_epoch INTEGER NOT NULL, seq INTEGER NOT NULL,
     kind TEXT NOT NULL, ts REAL NOT NULL, historical INTEGER NOT NULL,
-    received_at REAL NOT NULL, body TEXT NOT NULL,
+    batch_id INTEGER NOT NULL, idx INTEGER NOT NULL,
     PRIMARY KEY (device_id, boot_epoch, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS evicted (
@@ -84,16 +88,50 @@ class TelemetryStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(SCHEMA)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._autocommit = True
         self.duplicates = 0
 
     def close(self) -> None:
+        self.commit()
         self._conn.close()
 
     # -- ingest -------------------------------------------------------------
 
-    def ingest(self, topic: str, payload: bytes, root: str = TOPIC_ROOT) -> IngestResult:
-        """Validate one MQTT message and store it; never raises for bad input."""
+    def ingest(self, topic: str, payload: bytes, root: str = TOPIC_ROOT,
+               commit: bool = True) -> IngestResult:
+        """Validate one MQTT message and store it; never raises for bad input.
+
+        With ``commit=False`` the write joins an open group transaction that
+        ``commit()`` ends (the consumer acknowledges messages only after that).
+        """
+        self._autocommit = commit
+        try:
+            return self._ingest(topic, payload, root)
+        finally:
+            self._autocommit = True
+
+    def commit(self) -> None:
+        """End the open group transaction, if any."""
+        with self._lock:
+            if self._conn.in_transaction:
+                self._conn.execute("COMMIT")
+
+    def _begin(self) -> None:
+        # One savepoint per message inside the group transaction: a failing message
+        # rolls back alone.
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN")
+        self._conn.execute("SAVEPOINT msg")
+
+    def _end(self, ok: bool) -> None:
+        self._conn.execute("RELEASE msg" if ok else "ROLLBACK TO msg")
+        if not ok:
+            self._conn.execute("RELEASE msg")
+        if self._autocommit:
+            self._conn.execute("COMMIT")
+
+    def _ingest(self, topic: str, payload: bytes, root: str) -> IngestResult:
         try:
             device, leaf = parse_device_topic(topic, root)
         except ValueError:
@@ -109,7 +147,7 @@ class TelemetryStore:
                                     f"this consumer reads schema_version {WIRE_VERSION}")
             if batch.device_id != device:
                 return self._reject("topic_mismatch", topic, f"payload says {batch.device_id}")
-            inserted, dups = self.store_batch(batch)
+            inserted, dups = self.store_batch(batch, payload)
             return IngestResult(inserted, dups)
         if leaf == "status":
             if not payload:
@@ -142,38 +180,51 @@ class TelemetryStore:
     def _reject(self, reason: str, topic: str, detail: str) -> IngestResult:
         log.warning("rejected message on %s: %s (%s)", topic, reason, detail[:200])
         with self._lock:
+            self._begin()
             self._conn.execute(
                 "INSERT INTO rejections VALUES (?, 1) "
                 "ON CONFLICT(reason) DO UPDATE SET count = count + 1", (reason,))
+            self._end(True)
         return IngestResult(rejected=reason)
 
-    def store_batch(self, batch: TelemetryBatch) -> tuple[int, int]:
-        """Insert a validated batch; returns (inserted, duplicates)."""
+    def store_batch(self, batch: TelemetryBatch, payload: bytes | None = None) -> tuple[int, int]:
+        """Insert a validated batch; returns (inserted, duplicates).
+
+        The payload is kept verbatim (one row per batch, the evidence as received);
+        each event gets a small row keyed on the triple that points into it, so
+        ingest does not re-serialise every event.
+        """
+        raw = payload if payload is not None else batch.model_dump_json().encode()
         now = time.time()
         dev = batch.device_id
         hist = int(batch.historical)
-        rows = [(dev, e.boot_epoch, e.seq, e.kind, e.ts, hist, now, e.body.model_dump_json())
-                for e in batch.events]
         gaps = [(dev, e.boot_epoch, e.seq, i, a, b)
                 for e in batch.events if e.body.type == "gap"
                 for i, (a, b) in enumerate(e.body.ranges)]
         with self._lock:
             conn = self._conn
-            conn.execute("BEGIN")
+            self._begin()
             try:
+                batch_id = conn.execute("INSERT INTO batches (device_id, received_at, payload) "
+                                        "VALUES (?, ?, ?)", (dev, now, raw)).lastrowid
                 before = conn.total_changes
-                conn.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                 rows)
+                conn.executemany(
+                    "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(dev, e.boot_epoch, e.seq, e.kind, e.ts, hist, batch_id, i)
+                     for i, e in enumerate(batch.events)])
                 inserted = conn.total_changes - before
+                if inserted == 0:  # a pure duplicate: keep nothing of it
+                    conn.execute("DELETE FROM batches WHERE id = ?", (batch_id,))
                 if gaps:
                     conn.executemany("INSERT OR IGNORE INTO evicted VALUES (?, ?, ?, ?, ?, ?)",
                                      gaps)
-                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                self._end(False)
                 raise
-            self.duplicates += len(rows) - inserted
-        return inserted, len(rows) - inserted
+            self._end(True)
+            dups = len(batch.events) - inserted
+            self.duplicates += dups
+        return inserted, dups
 
     def store_status(self, status: StatusPayload) -> bool:
         """Keep the status with the highest boot epoch; a late Will of an older start loses."""
@@ -185,10 +236,12 @@ class TelemetryStore:
                 log.info("ignored stale %s status of %s (epoch %d < %d)", status.state,
                          status.device_id, status.boot_epoch, row[0])
                 return False
+            self._begin()
             self._conn.execute(
                 "INSERT OR REPLACE INTO device_status VALUES (?, ?, ?, ?, ?, ?)",
                 (status.device_id, status.state, status.boot_epoch, status.reason, status.ts,
                  time.time()))
+            self._end(True)
             return True
 
     # -- queries ------------------------------------------------------------
@@ -216,14 +269,20 @@ class TelemetryStore:
         return [r[0] for r in rows]
 
     def events(self, device_id: str, kind: str | None = None) -> Iterator[dict[str, Any]]:
-        sql = "SELECT boot_epoch, seq, kind, ts, historical, body FROM events WHERE device_id = ?"
+        """Stored events of a device in seq order, bodies unpacked from their batches."""
+        sql = ("SELECT e.boot_epoch, e.seq, e.kind, e.ts, e.historical, e.batch_id, e.idx "
+               "FROM events e WHERE e.device_id = ?")
         args: tuple[Any, ...] = (device_id,)
         if kind is not None:
-            sql += " AND kind = ?"
+            sql += " AND e.kind = ?"
             args += (kind,)
-        for epoch, seq, k, ts, hist, body in self._query(sql + " ORDER BY seq", args):
+        cache: dict[int, list[Any]] = {}
+        for epoch, seq, k, ts, hist, batch_id, idx in self._query(sql + " ORDER BY seq", args):
+            if batch_id not in cache:
+                raw = self._query("SELECT payload FROM batches WHERE id = ?", (batch_id,))[0][0]
+                cache[batch_id] = json.loads(raw)["events"]
             yield {"boot_epoch": epoch, "seq": seq, "kind": k, "ts": ts,
-                   "historical": bool(hist), "body": json.loads(body)}
+                   "historical": bool(hist), "body": cache[batch_id][idx]["body"]}
 
     def evicted_ranges(self, device_id: str) -> list[tuple[int, int]]:
         return [(a, b) for a, b in self._query(
@@ -258,14 +317,26 @@ class Consumer:
 
     A persistent session (``clean_start=False`` with a session expiry) keeps the
     subscription and queued QoS 1 messages on the broker while the consumer is
-    away; paho reconnects on its own.
+    away; paho reconnects on its own. Messages are acknowledged only after the
+    group transaction holding them is committed (every ``commit_every``
+    messages or ``commit_interval_s``), so a crash of the consumer loses nothing:
+    the broker sends the unacknowledged ones again.
     """
 
     def __init__(self, store: TelemetryStore, host: str = "127.0.0.1", port: int = 1883, *,
                  root: str = TOPIC_ROOT, client_id: str = "qf-consumer",
                  protocol: str = "5", session_expiry_s: int = 86400,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None,
+                 commit_every: int = 16, commit_interval_s: float = 0.02) -> None:
         self.store = store
+        self.commit_every = commit_every
+        self.commit_interval_s = commit_interval_s
+        self._pending: list[tuple[int, int]] = []
+        self._pending_lock = threading.Lock()
+        self._first_pending = 0.0
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="consumer-commit",
+                                         daemon=True)
         self.root = root
         self.host, self.port = host, port
         self.v5 = protocol == "5"
@@ -274,7 +345,7 @@ class Consumer:
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id,
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
-            clean_session=None if self.v5 else False,
+            clean_session=None if self.v5 else False, manual_ack=True,
         )
         if username:
             self.client.username_pw_set(username, password)
@@ -295,14 +366,33 @@ class Consumer:
             kwargs.update(clean_start=False, properties=props)
         self.client.connect(self.host, self.port, **kwargs)
         self.client.loop_start()
+        self._flusher.start()
         if not self.connected.wait(timeout):
             self.stop()
             raise TimeoutError(f"consumer: no connection to {self.host}:{self.port}")
         return self
 
     def stop(self) -> None:
+        self._stop.set()
+        if self._flusher.is_alive():
+            self._flusher.join(5)
+        self.commit_and_ack()
         self.client.disconnect()
         self.client.loop_stop()
+
+    def commit_and_ack(self) -> None:
+        """Commit the group transaction, then acknowledge the messages it holds."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+            self.store.commit()
+        for mid, qos in pending:
+            if qos > 0:
+                self.client.ack(mid, qos)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.commit_interval_s / 2):
+            if self._pending and time.monotonic() - self._first_pending >= self.commit_interval_s:
+                self.commit_and_ack()
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
                     props: Any) -> None:
@@ -321,7 +411,16 @@ class Consumer:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         self.received += 1
-        try:
-            self.store.ingest(msg.topic, bytes(msg.payload), self.root)
-        except Exception:  # a store failure must not kill paho's thread
-            log.exception("consumer: storing a message from %s failed", msg.topic)
+        with self._pending_lock:
+            try:
+                self.store.ingest(msg.topic, bytes(msg.payload), self.root, commit=False)
+            except Exception:  # a store failure must not kill paho's thread
+                # Not acknowledged: the broker delivers it again after a reconnect.
+                log.exception("consumer: storing a message from %s failed", msg.topic)
+                return
+            if not self._pending:
+                self._first_pending = time.monotonic()
+            self._pending.append((msg.mid, msg.qos))
+            full = len(self._pending) >= self.commit_every
+        if full:
+            self.commit_and_ack()

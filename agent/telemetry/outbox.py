@@ -29,7 +29,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import sqlite_utils
@@ -53,13 +52,8 @@ class OutboxError(Exception):
     """The outbox cannot be used (closed, or its file cannot be created)."""
 
 
-@dataclass(frozen=True)
-class Row:
-    """One stored event: its seq, accounted size and its serialized ``TelemetryEvent``."""
-
-    seq: int
-    size: int
-    item: str
+#: One stored event as read for publishing: (seq, accounted size, ``TelemetryEvent`` JSON).
+Row = tuple[int, int, bytes]
 
 
 # -- migrations: named, each in one transaction with its record -------------
@@ -158,7 +152,7 @@ class Outbox:
         self._wake = threading.Condition(self._lock)
         self._committed = threading.Condition(self._lock)
         self._buffer: list[tuple[int, int, str, int, float, int, str]] = []
-        self._deletes: list[tuple[int, int, int, int, int]] = []  # token, first, last, bytes, rows
+        self._deletes: list[tuple[int, int, int]] = []  # claim token, first seq, last seq
         self._claims: dict[int, tuple[int, int]] = {}
         self._next_claim = 0
         self._listeners: list[Callable[[], None]] = []
@@ -168,6 +162,7 @@ class Outbox:
         self._flush_done = 0
         self._writer_error: BaseException | None = None
         self.quarantined: Path | None = None
+        self._mean_item = 512.0
         self._open()
 
     # -- opening, integrity, quarantine ------------------------------------
@@ -342,11 +337,17 @@ class Outbox:
         try:
             if rows:
                 conn.executemany("INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-            if deletes:
-                conn.executemany("DELETE FROM outbox WHERE seq BETWEEN ? AND ?",
-                                 [(d[1], d[2]) for d in deletes])
+            deleted_rows = freed = 0
+            # Acks are mostly contiguous: merged, they are a few range deletes, and
+            # counting what is really there keeps the byte figure exact.
+            for a, b in _merge((d[1], d[2]) for d in deletes):
+                n, size = conn.execute("SELECT count(*), total(size) FROM outbox "
+                                       "WHERE seq BETWEEN ? AND ?", (a, b)).fetchone()
+                if n:
+                    conn.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (a, b))
+                    deleted_rows += n
+                    freed += int(size)
             added = sum(r[5] for r in rows)
-            freed = sum(d[3] for d in deletes)
             new_bytes = self._bytes + added - freed
             extra: list[tuple[int, int, str, int, float, int, str]] = []
             evicted = 0
@@ -362,7 +363,6 @@ class Outbox:
                 self._buffer[:0] = rows
                 self._deletes[:0] = deletes
             raise
-        deleted_rows = sum(d[4] for d in deletes)
         with self._lock:
             self._bytes = new_bytes
             self._rows += len(rows) + len(extra) - deleted_rows - evicted
@@ -430,29 +430,38 @@ class Outbox:
             self._reader.conn = conn
         return conn
 
-    def read(self, after: int, before: int | None, max_bytes: int, max_events: int = 10_000,
-             ) -> list[Row]:
-        """Committed rows with ``after < seq < before``, ascending, up to ``max_bytes`` of items."""
+    def read(self, after: int, before: int | None, max_bytes: int) -> list[Row]:
+        """Committed rows with ``after < seq < before``, ascending, ``max_bytes`` of items at most.
+
+        Items come back as bytes (no UTF-8 decoding: they go straight into a payload);
+        the row count is estimated from the mean item size so one ``fetchall`` does it.
+        """
         hi = before if before is not None else 1 << 62
-        cur = self._read_conn().execute(
-            "SELECT seq, size, item FROM outbox WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
-            (after, hi, max_events))
-        out: list[Row] = []
+        limit = max(1, int(max_bytes / self._mean_item) + 2)
+        rows = self._read_conn().execute(
+            "SELECT seq, size, CAST(item AS BLOB) FROM outbox WHERE seq > ? AND seq < ? "
+            "ORDER BY seq LIMIT ?", (after, hi, limit)).fetchall()
         used = 0
-        for seq, size, item in cur:
-            n = len(item) + 1
-            if out and used + n > max_bytes:
+        for i, row in enumerate(rows):
+            used += len(row[2]) + 1
+            if used > max_bytes and i > 0:
+                rows = rows[:i]
                 break
-            out.append(Row(seq, size, item))
-            used += n
-        cur.close()
-        return out
+        if rows:
+            self._mean_item = 0.8 * self._mean_item + 0.2 * (
+                sum(len(r[2]) for r in rows) / len(rows))
+        return rows
 
     def seq_at(self, ts: float) -> int | None:
         """The lowest committed seq recorded at or after ``ts`` (None: nothing that recent)."""
         row = self._read_conn().execute(
             "SELECT min(seq) FROM outbox WHERE ts >= ?", (ts,)).fetchone()
         return None if row[0] is None else int(row[0])
+
+    @property
+    def committed_seq(self) -> int:
+        """The highest seq written to the database (readers can see it)."""
+        return self._committed_seq
 
     def claim(self, first: int, last: int) -> int:
         """Mark ``first..last`` in flight (not evictable); return the claim's token."""
@@ -466,14 +475,14 @@ class Outbox:
         with self._lock:
             self._claims.pop(token, None)
 
-    def ack(self, token: int, rows: int, nbytes: int) -> None:
+    def ack(self, token: int) -> None:
         """The batch was acknowledged: delete its rows in the next commit."""
         with self._lock:
             span = self._claims.get(token)
             if span is None:
                 return
             # The claim stays until the delete is committed, so eviction skips it.
-            self._deletes.append((token, span[0], span[1], nbytes, rows))
+            self._deletes.append((token, span[0], span[1]))
             if len(self._deletes) >= 512:
                 self._wake.notify_all()
 

@@ -34,7 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig, parse_broker_url
-from quantfleet.agent.telemetry.outbox import Outbox
+from quantfleet.agent.telemetry.outbox import Outbox, Row
 from quantfleet.agent.wire import WIRE_VERSION, StatusPayload, device_topic
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 class _InFlight:
     token: int
     rows: int
-    nbytes: int
 
 
 def _version() -> str:
@@ -235,8 +234,15 @@ class Publisher:
         # Acknowledged deletes from the last session must be committed before the
         # cursors restart, or their rows would be read again.
         self.outbox.flush()
-        lanes = _Lanes(self.outbox, self.cfg)
-        v5 = self.mqtt_cfg.protocol == "5"
+        self._lanes = _Lanes(self.outbox, self.cfg)
+        try:
+            self._pump_lanes(client, events, inflight, window)
+        finally:
+            self._lanes.close()
+
+    def _pump_lanes(self, client: mqtt.Client, events: queue.SimpleQueue[tuple[Any, ...]],
+                    inflight: dict[int, _InFlight], window: int) -> None:
+        lanes = self._lanes
         retry_delay = self.cfg.backoff_initial_s
         retry_at = 0.0
         failing = False
@@ -263,7 +269,7 @@ class Publisher:
                         self.outbox.release(f.token)
                         failing = True
                     else:
-                        self.outbox.ack(f.token, f.rows, f.nbytes)
+                        self.outbox.ack(f.token)
                         retry_delay = self.cfg.backoff_initial_s
                         self.published_batches += 1
                         self.published_events += f.rows
@@ -275,8 +281,9 @@ class Publisher:
                 failing = False
                 retry_at = now + retry_delay / 2 + self._rng.uniform(0, retry_delay / 2)
                 retry_delay = min(retry_delay * 2, self.cfg.backoff_max_s)
+                lanes.close()
                 self.outbox.flush()
-                lanes = _Lanes(self.outbox, self.cfg)
+                lanes = self._lanes = _Lanes(self.outbox, self.cfg)
             if self._stopping.is_set() and not failing:
                 if not inflight or time.monotonic() > self._stop_deadline:
                     info = client.publish(self.status_topic, self._status("offline", "shutdown"),
@@ -291,21 +298,15 @@ class Publisher:
                     batch = lanes.next()
                     if batch is None:
                         break
-                    payload, first, last, rows, nbytes = batch
-                    token = self.outbox.claim(first, last)
-                    props = None
-                    if v5:
-                        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                        props.ContentType = "application/json"
-                        props.UserProperty = [("schema", f"batch/{WIRE_VERSION}"),
-                                              ("count", str(rows)),
-                                              ("seq", f"{first}-{last}")]
-                    info = client.publish(self.topic, payload, qos=1, properties=props)
+                    payload, first, _last, rows, token = batch
+                    # No per-message properties: the payload describes itself, and paho
+                    # packs properties in Python at a cost above the rest of the batch.
+                    info = client.publish(self.topic, payload, qos=1)
                     if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
                         self.outbox.release(token)
                         lanes.rewind(first)
                         break
-                    inflight[info.mid] = _InFlight(token, rows, nbytes)
+                    inflight[info.mid] = _InFlight(token, rows)
             wait = 0.5
             if retry_at > now:
                 wait = min(wait, retry_at - now)
@@ -327,13 +328,20 @@ class Publisher:
 
 
 class _Lanes:
-    """The live lane (recent and new events) and the rate-limited backfill lane."""
+    """The live lane (recent and new events) and the rate-limited backfill lane.
+
+    Rows are read a few batches at a time (one query per ``PREFETCH`` batches)
+    and the prefetched span is claimed so eviction cannot take rows from under
+    a batch about to be sent.
+    """
+
+    PREFETCH = 8
 
     def __init__(self, outbox: Outbox, cfg: PublisherConfig) -> None:
         self.outbox = outbox
         self.cfg = cfg
         start = outbox.seq_at(time.time() - cfg.live_window_s)
-        committed = outbox.stats()["committed_seq"]
+        committed = outbox.committed_seq
         # Everything from `mark` on is live; below it is backlog.
         self.mark = start if start is not None else committed + 1
         self.live_cursor = self.mark - 1
@@ -343,44 +351,93 @@ class _Lanes:
         self.refilled = time.monotonic()
         self.prefix_live = self._prefix(False)
         self.prefix_hist = self._prefix(True)
+        self.budget = int(cfg.batch_max_bytes) - sum(map(len, self.prefix_hist)) - 32
+        self.buf: list[Row] = []
+        self.buf_bytes = 0
+        self.buf_historical = False
+        self.buf_claims: list[int] = []
 
-    def _prefix(self, historical: bool) -> str:
-        return (f'{{"schema_version":{WIRE_VERSION},"type":"batch",'
-                f'"device_id":"{self.outbox.device_id}","sent_at":%s,'
-                f'"historical":{"true" if historical else "false"},"events":[')
+    def _prefix(self, historical: bool) -> tuple[bytes, bytes]:
+        head = (f'{{"schema_version":{WIRE_VERSION},"type":"batch",'
+                f'"device_id":"{self.outbox.device_id}","sent_at":')
+        tail = f',"historical":{"true" if historical else "false"},"events":['
+        return head.encode(), tail.encode()
+
+    def close(self) -> None:
+        """Drop the prefetched rows (they stay pending in the outbox)."""
+        for token in self.buf_claims:
+            self.outbox.release(token)
+        self.buf_claims = []
+        self.buf = []
+        self.buf_bytes = 0
 
     def rewind(self, first: int) -> None:
+        """Send again from ``first`` (a batch paho could not take)."""
+        self.close()
         if first >= self.mark:
             self.live_cursor = min(self.live_cursor, first - 1)
         else:
             self.backfill_cursor = min(self.backfill_cursor, first - 1)
             self.backfill_done = False
 
-    def _budget(self) -> int:
-        return int(self.cfg.batch_max_bytes) - len(self.prefix_hist) - 32
-
     def throttled(self) -> bool:
         """Backlog is waiting only for the rate limit."""
         return not self.backfill_done and self.cfg.backfill_batches_per_s > 0 and self.tokens < 1
 
-    def next(self) -> tuple[bytes, int, int, int, int] | None:
-        rows = self.outbox.read(self.live_cursor, None, self._budget())
-        historical = False
-        if rows:
-            self.live_cursor = rows[-1].seq
-        elif not self.backfill_done and self._may_backfill():
-            rows = self.outbox.read(self.backfill_cursor, self.mark, self._budget())
-            if not rows:
+    def _take(self, rows: list[Row], historical: bool) -> None:
+        self.buf.extend(rows)
+        self.buf_bytes += sum([len(r[2]) + 1 for r in rows])
+        self.buf_historical = historical
+        self.buf_claims.append(self.outbox.claim(rows[0][0], rows[-1][0]))
+
+    def _refill(self) -> bool:
+        """Top the buffer up to ``PREFETCH`` batches from its lane (live first)."""
+        want = self.budget * self.PREFETCH
+        if (not self.buf or not self.buf_historical) \
+                and self.outbox.committed_seq > self.live_cursor:
+            rows = self.outbox.read(self.live_cursor, None, want - self.buf_bytes)
+            if rows:
+                self.live_cursor = rows[-1][0]
+                self._take(rows, False)
+        if (not self.buf or self.buf_historical) and not self.backfill_done:
+            rows = self.outbox.read(self.backfill_cursor, self.mark, want - self.buf_bytes)
+            if rows:
+                self.backfill_cursor = rows[-1][0]
+                self._take(rows, True)
+            elif not self.buf:
                 self.backfill_done = True
-                return None
-            self.backfill_cursor = rows[-1].seq
-            historical = True
-            self.tokens -= 1
-        if not rows:
+        return bool(self.buf)
+
+    def next(self) -> tuple[bytes, int, int, int, int] | None:
+        """The next batch: (payload, first seq, last seq, events, claim), or None for now."""
+        if self.buf and self.buf_historical and self.outbox.committed_seq > self.live_cursor:
+            # Live data arrived: it goes before the rest of the backlog.
+            self.backfill_cursor = self.buf[0][0] - 1
+            self.close()
+        # Only full batches while more rows may follow; a short one only at the end.
+        if self.buf_bytes < self.budget and not self._refill():
             return None
-        prefix = self.prefix_hist if historical else self.prefix_live
-        body = (prefix % repr(time.time())) + ",".join(r.item for r in rows) + "]}"
-        return body.encode(), rows[0].seq, rows[-1].seq, len(rows), sum(r.size for r in rows)
+        if self.buf_historical and not self._may_backfill():
+            return None
+        used = 0
+        n = 0
+        for row in self.buf:
+            used += len(row[2]) + 1
+            if used > self.budget and n:
+                break
+            n += 1
+        rows, self.buf = self.buf[:n], self.buf[n:]
+        self.buf_bytes -= sum([len(r[2]) + 1 for r in rows])
+        # Claim the batch before the prefetch claim goes, so eviction never gets a gap.
+        token = self.outbox.claim(rows[0][0], rows[-1][0])
+        if not self.buf:
+            self.close()
+        if self.buf_historical and self.cfg.backfill_batches_per_s > 0:
+            self.tokens -= 1
+        head, tail = self.prefix_hist if self.buf_historical else self.prefix_live
+        body = b"".join((head, repr(time.time()).encode(), tail,
+                         b",".join([r[2] for r in rows]), b"]}"))
+        return body, rows[0][0], rows[-1][0], len(rows), token
 
     def _may_backfill(self) -> bool:
         rate = self.cfg.backfill_batches_per_s
