@@ -27,8 +27,11 @@ class Mosquitto:
         self.acl_file: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def write_config(self, acl: str | None = None) -> None:
+    def write_config(self, acl: str | None = None, tls_listener: str | None = None) -> None:
+        """The default config; ``acl`` adds an ACL file, ``tls_listener`` a second listener
+        (its lines given whole, with ``per_listener_settings``)."""
         lines = [
+            "per_listener_settings true" if tls_listener else "",
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
             "user root" if os.geteuid() == 0 else "",
@@ -44,6 +47,8 @@ class Mosquitto:
             self.acl_file = self.dir / "acl"
             self.acl_file.write_text(acl)
             lines.append(f"acl_file {self.acl_file}")
+        if tls_listener:
+            lines.append(tls_listener)
         self.conf.write_text("\n".join(x for x in lines if x) + "\n")
 
     def start(self) -> None:

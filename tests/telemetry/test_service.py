@@ -1,0 +1,171 @@
+"""The telemetry service as the serving Recorder; lanes after an outage; TLS with a password."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from quantfleet.agent.serving.recorder import Recorder
+from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig, TelemetryConfig
+from quantfleet.agent.telemetry.outbox import Outbox
+from quantfleet.agent.telemetry.publisher import Publisher
+from quantfleet.agent.telemetry.service import TelemetryService
+from quantfleet.fleet.consumer import Consumer, TelemetryStore
+from tests.support import free_port
+
+from .conftest import Mosquitto, wait_until
+from .helpers import request_event
+
+
+def test_service_is_a_recorder_and_sends_raw_events_aggregates_health_and_status(
+        tmp_path: Path, topic_root: str) -> None:
+    store = TelemetryStore(tmp_path / "fleet.db")
+    consumer = Consumer(store, root=topic_root, client_id=f"c-{topic_root}").start()
+    cfg = TelemetryConfig.model_validate({
+        "device_id": "dev-svc", "aggregate_interval_s": 0.3, "health_interval_s": 0.3,
+        "mqtt": {"broker": "mqtt://127.0.0.1:1883", "topic_root": topic_root},
+        "outbox": {"path": str(tmp_path / "o.db"), "commit_interval_s": 0.05},
+        "publisher": {"backoff_initial_s": 0.1},
+    })
+    service = TelemetryService(cfg, variant=lambda: "Q8_0").start()
+    assert isinstance(service, Recorder) and isinstance(service.outbox, Recorder)
+    past = time.time() - 180  # a finished minute, so the ticker flushes it
+    for i in range(100):
+        service.record(request_event(i, ts=past + i % 50, status=200 if i % 10 else 500))
+    try:
+        wait_until(lambda: any(True for _ in store.events("dev-svc", "aggregate")),
+                   what="an aggregate")
+        wait_until(lambda: any(True for _ in store.events("dev-svc", "health")), what="health")
+    finally:
+        service.close()
+    wait_until(lambda: (store.status("dev-svc") or {}).get("state") == "offline",
+               what="offline")
+    aggs = [e["body"] for e in store.events("dev-svc", "aggregate")]
+    assert sum(a["requests"] for a in aggs) == 100
+    assert sum(a["errors"] for a in aggs) == 10
+    assert {a["variant"] for a in aggs} == {"Q8_0"}
+    assert sum(1 for _ in store.events("dev-svc", "request")) == 100
+    statuses = [e["body"] for e in store.events("dev-svc", "device_status")]
+    assert statuses and statuses[-1]["variant"] == "Q8_0"
+    assert store.gaps("dev-svc") == []
+    consumer.stop()
+
+
+def test_after_an_outage_recent_events_go_first_and_the_backlog_is_historical_and_paced(
+        tmp_path: Path, topic_root: str) -> None:
+    store = TelemetryStore(tmp_path / "fleet.db")
+    consumer = Consumer(store, root=topic_root, client_id=f"c-{topic_root}").start()
+    outbox = Outbox(tmp_path / "dev-l.db", "dev-l", commit_interval_s=0.05).start()
+    old = time.time() - 3600
+    for i in range(3000):  # recorded during a long outage
+        outbox.append(request_event(i, ts=old + i), ts=old + i)
+    for i in range(200):  # the last minute
+        outbox.record(request_event(10_000 + i))
+    outbox.flush()
+    rate = 10.0
+    publisher = Publisher(outbox, MqttConfig(broker="mqtt://127.0.0.1:1883",
+                                             topic_root=topic_root),
+                          PublisherConfig(live_window_s=60, backfill_batches_per_s=rate,
+                                          batch_max_bytes=16 * 1024))
+    started = time.monotonic()
+    publisher.start()
+    try:
+        wait_until(lambda: store.event_count("dev-l") == 3200, timeout=60, what="all events")
+        elapsed = time.monotonic() - started
+    finally:
+        publisher.stop()
+        outbox.close()
+        consumer.stop()
+    rows = store._query("SELECT seq, historical, batch_id FROM events WHERE device_id = ?",
+                        ("dev-l",))
+    live = [r for r in rows if r[0] > 3000]
+    backlog = [r for r in rows if r[0] <= 3000]
+    assert all(not r[1] for r in live) and all(r[1] for r in backlog)
+    # The live lane went before the backlog...
+    assert max(r[2] for r in live) < min(r[2] for r in backlog)
+    # ...and the backlog went oldest-first, no faster than the rate limit allows.
+    by_batch = sorted({(r[2], r[0]) for r in backlog})
+    assert [s for _, s in by_batch] == sorted(s for _, s in by_batch)
+    batches = len({r[2] for r in backlog})
+    assert batches > 12
+    assert elapsed >= (batches - rate) / rate
+
+
+def _certs(d: Path) -> tuple[Path, Path, Path]:
+    now = dt.datetime.now(dt.UTC)
+    day = dt.timedelta(days=1)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qf-test-ca")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(now - day).not_valid_after(now + 2 * day)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+            .not_valid_before(now - day).not_valid_after(now + 2 * day)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = d / "ca.pem", d / "server.pem", d / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+@pytest.mark.parametrize("password", ["s3cret", "wrong"])
+def test_mqtts_with_a_password_from_the_environment(
+        tmp_path: Path, topic_root: str, private_broker: Mosquitto,
+        monkeypatch: pytest.MonkeyPatch, password: str) -> None:
+    ca, cert, key = _certs(tmp_path)
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "pi-01", "s3cret"], check=True)
+    tls_port = free_port()
+    private_broker.stop()
+    private_broker.write_config(tls_listener="\n".join([
+        f"listener {tls_port} 127.0.0.1", f"cafile {ca}", f"certfile {cert}", f"keyfile {key}",
+        "allow_anonymous false", f"password_file {passwd}"]))
+    private_broker.start()
+    store = TelemetryStore(tmp_path / "fleet.db")
+    consumer = Consumer(store, port=private_broker.port, root=topic_root,
+                        client_id=f"c-{topic_root}").start()
+    monkeypatch.setenv("QF_TEST_MQTT_PASSWORD", password)
+    outbox = Outbox(tmp_path / "o.db", "dev-tls", commit_interval_s=0.05).start()
+    publisher = Publisher(outbox, MqttConfig(
+        broker=f"mqtts://127.0.0.1:{tls_port}", topic_root=topic_root, ca_file=ca,
+        username="pi-01", password_env="QF_TEST_MQTT_PASSWORD"),
+        PublisherConfig(backoff_initial_s=0.1, backoff_max_s=0.3)).start()
+    try:
+        for i in range(300):
+            outbox.record(request_event(i))
+        if password == "s3cret":
+            wait_until(lambda: store.event_count("dev-tls") == 300, what="events over TLS")
+            assert store.seqs("dev-tls") == list(range(1, 301))
+        else:
+            time.sleep(2.0)  # several refused attempts
+            outbox.flush()
+            assert publisher.connects == 0 and store.event_count("dev-tls") == 0
+            assert outbox.stats()["rows"] == 300  # kept for when the credentials are fixed
+            assert "not authorised" in private_broker.log().lower()
+    finally:
+        publisher.stop(timeout=1)
+        outbox.close()
+        consumer.stop()
+        private_broker.stop()
+        private_broker.write_config()
+        private_broker.start()
