@@ -40,9 +40,12 @@ WHITESPACE = frozenset(
 DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell",
                              "exaone", "minerva-7b"})
 GPT2_PRE = frozenset({"gpt2", "default", "mpt", "olmo", "jais"}) | DIGIT_SPLIT_PRE
-# Token texts llama.cpp treats as end of generation besides the EOS id.
+# Token texts llama.cpp treats as end of generation besides the EOS id: end-of-turn
+# markers, and the fill-in-the-middle pad / repository / file-separator tokens.
 EOG_TEXTS = frozenset({"<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>",
-                       "<|return|>", "<|call|>", "<|eom_id|>", "<EOT>", "<|end_of_text|>"})
+                       "<|return|>", "<|call|>", "<|eom_id|>", "<EOT>", "<|end_of_text|>",
+                       "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<|repo_name|>", "<fim-repo>",
+                       "<REPO>", "<reponame>", "<|file_sep|>", "<fim-file-sep>", "<FILE_SEP>"})
 
 
 class TokenizerError(ValueError):
