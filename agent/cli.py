@@ -146,7 +146,7 @@ def serve_cmd(config_path: Path, host: str | None, port: int | None, variant: st
     from .serving.server import serve
 
     config = _load_agent_config(config_path)
-    data = config.model_dump(mode="json", exclude_none=True)
+    data = config.model_dump(mode="json")
     if host is not None:
         data["listen"]["host"] = host
     if port is not None:

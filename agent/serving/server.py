@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -52,6 +53,11 @@ class _DrainingServer(uvicorn.Server):
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.service.begin_drain)
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after shutting down, so the process would die
+        # "by SIGTERM"; a drained, flushed agent exits 0 instead (systemd: clean stop).
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list) and sig == signal.SIGTERM:
+            captured[:] = [s for s in captured if s != signal.SIGTERM]
 
 
 def serve(config: AgentConfig, models: Callable[[], ModelSet] | None = None,
