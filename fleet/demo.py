@@ -34,7 +34,8 @@ def run_ladder_demo(models_dir: Path, prompt: str, max_tokens: int, console: Con
                 r = backend.generate(GenerationRequest(prompt=rendered, max_tokens=max_tokens))
             finally:
                 backend.close()
-        table.add_row(v.precision.label, f"{v.size_bytes / 1e6:.0f}", f"{v.precision.bits_per_weight:.2f}",
+        table.add_row(v.precision.label, f"{v.size_bytes / 1e6:.0f}",
+                      f"{v.precision.bits_per_weight:.2f}",
                       f"{(r.time_to_first_token_s or 0) * 1000:.0f}",
                       f"{r.tokens_per_second:.0f}", r.text.strip())
     console.print(table)

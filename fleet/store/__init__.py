@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, event, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from quantfleet.agent.wire import (
@@ -61,7 +61,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def _request_columns(body: RequestEvent) -> dict[str, Any]:
     tool = [v.passed for v in body.validations if v.kind == "tool_call"]
-    refusal = [v.passed for v in body.validations if v.kind == "refusal"]
+    refused = any(v.kind == "refusal" and v.detail == "refused" for v in body.validations)
     return {
         "variant": body.variant,
         "status": body.status,
@@ -72,7 +72,7 @@ def _request_columns(body: RequestEvent) -> dict[str, Any]:
         "attempt_tokens": body.attempt_tokens or body.prompt_tokens + body.completion_tokens,
         "validation_failed": any(not v.passed for v in body.validations),
         "tool_call_ok": all(tool) if tool else None,
-        "refusal_ok": all(refusal) if refusal else None,
+        "refused": refused,
         "fallback": body.fallback_from is not None,
         "truncated": body.truncated_messages,
     }
@@ -80,7 +80,7 @@ def _request_columns(body: RequestEvent) -> dict[str, Any]:
 
 _EMPTY_SIGNALS = dict.fromkeys(
     ("variant", "status", "latency_s", "ttft_s", "prompt_tokens", "completion_tokens",
-     "attempt_tokens", "validation_failed", "tool_call_ok", "refusal_ok", "fallback",
+     "attempt_tokens", "validation_failed", "tool_call_ok", "refused", "fallback",
      "truncated"))
 
 
@@ -100,10 +100,21 @@ def event_row(device_id: str, ev: TelemetryEvent, received_at: float,
     return row
 
 
+_EVENT_COLUMNS = [c.name for c in schema.events.columns if c.name != "id"]
+# Plain SQL that SQLite (3.24+) and PostgreSQL both speak. Executed as text so
+# each driver's executemany reports its true rowcount (SQLAlchemy's insert
+# construct reports -1 for executemany on psycopg).
+_EVENT_INSERT = text(
+    f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in _EVENT_COLUMNS)}) "
+    "ON CONFLICT (device_id, boot_epoch, seq) DO NOTHING"
+)
+
+
 class Store:
     def __init__(self, url: str = "sqlite:///fleet.db", *, echo: bool = False) -> None:
         self.url = url
-        self.engine: Engine = create_engine(url, echo=echo, future=True)
+        self.engine: Engine = create_engine(url, echo=echo)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         elif self.engine.dialect.name != "postgresql":
@@ -133,11 +144,10 @@ class Store:
         rows = [event_row(b.device_id, ev, now, b.historical) for b in batches for ev in b.events]
         if not rows:
             return IngestResult()
-        stmt = self._insert(schema.events).on_conflict_do_nothing(
-            index_elements=["device_id", "boot_epoch", "seq"])
+        stmt = _EVENT_INSERT
         with self.engine.begin() as conn:
-            # rowcount counts only the rows the conflict clause let through, and
-            # unlike a count(*) before and after it is right with concurrent writers.
+            # The statement's own rowcount counts what the conflict clause let
+            # through (a count(*) before and after is wrong with concurrent writers).
             inserted = int(conn.execute(stmt, rows).rowcount)
             for device_id in {b.device_id for b in batches}:
                 self._touch(conn, device_id, now)

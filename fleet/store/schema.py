@@ -70,7 +70,7 @@ events = Table(
     Column("attempt_tokens", Integer, nullable=True),
     Column("validation_failed", Boolean, nullable=True),
     Column("tool_call_ok", Boolean, nullable=True),
-    Column("refusal_ok", Boolean, nullable=True),
+    Column("refused", Boolean, nullable=True),  # the answer was a refusal
     Column("fallback", Boolean, nullable=True),
     Column("truncated", Integer, nullable=True),
     # The body as the JSON text pydantic wrote: serialising once on the way in

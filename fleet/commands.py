@@ -1,0 +1,320 @@
+"""Fleet commands: serve, keys, devices, cohorts, desired state and signals.
+
+Each command reads the fleet config (``--config fleet.toml``) and talks to the
+store directly (SQLite file or PostgreSQL) — the same store a running
+``quantfleet serve`` writes — so an operator's terminal and the service agree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .cohorts import Selector, SelectorError, parse_labels
+from .config import FleetConfig, FleetConfigError, load_fleet_config
+
+console = Console()
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("fleet.toml"), show_default=True, envvar="QUANTFLEET_FLEET_CONFIG",
+    help="The fleet config file (TOML).",
+)
+
+
+def _config(path: Path) -> FleetConfig:
+    try:
+        return load_fleet_config(path)
+    except FleetConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _store(cfg: FleetConfig) -> Any:
+    from .store import Store
+
+    try:
+        return Store(cfg.store.url)
+    except Exception as exc:  # a driver's own errors: connection refused, bad URL
+        raise click.ClickException(f"store {cfg.store.url}: {exc}") from None
+
+
+def _selector(text: str) -> Selector:
+    try:
+        return Selector.parse(text)
+    except SelectorError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _window(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise click.BadParameter(f"{text!r}: use seconds or a number with s, m, h or d") from None
+    if value <= 0:
+        raise click.BadParameter("must be positive")
+    return value
+
+
+@click.command(name="serve")
+@config_option
+def serve_cmd(config_path: Path) -> None:
+    """Run the fleet: ingest from the broker, desired state, artifacts and the read API.
+
+    \b
+    Example:
+      quantfleet serve --config packaging/fleet.example.toml
+    """
+    import uvicorn
+
+    from .service import FleetService
+
+    cfg = _config(config_path)
+    try:
+        service = FleetService(cfg).start()
+    except Exception as exc:
+        raise click.ClickException(f"the fleet could not start: {exc}") from None
+    server = uvicorn.Server(uvicorn.Config(service.app(), host=cfg.http.host, port=cfg.http.port,
+                                           log_level="info", lifespan="off"))
+    try:
+        server.run()
+    finally:
+        service.stop()
+
+
+@click.group(name="keys")
+def keys_group() -> None:
+    """The signing key pair for desired state and artifacts."""
+
+
+@keys_group.command(name="generate")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for signing.key (private, 0600) and signing.pub.")
+def keys_generate(out: Path) -> None:
+    """Make an ed25519 key pair: the fleet keeps signing.key, devices get signing.pub.
+
+    \b
+    Example:
+      quantfleet keys generate --out /etc/quantfleet
+    """
+    from quantfleet.agent.signing import generate_keypair
+
+    if (out / "signing.key").exists():
+        raise click.ClickException(f"{out / 'signing.key'} exists; refusing to replace a key "
+                                   "devices may already trust")
+    private, public = generate_keypair(out)
+    console.print(f"private key: {private}\npublic key:  {public}")
+
+
+@click.group(name="devices")
+def devices_group() -> None:
+    """The device registry: what every device is, runs and reports."""
+
+
+@devices_group.command(name="list")
+@config_option
+@click.option("--selector", default="*", show_default=True, help="Only devices matching.")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+def devices_list(config_path: Path, selector: str, as_json: bool) -> None:
+    """List devices with their labels, liveness, variant and update state.
+
+    \b
+    Example:
+      quantfleet devices list --selector hw=rpi5
+    """
+    sel = _selector(selector)
+    store = _store(_config(config_path))
+    rows = store.devices()
+    keep = set(sel.select(rows))
+    rows = [r for r in rows if r["device_id"] in keep]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title=f"devices ({sel})")
+    for col in ("device", "labels", "online", "variant", "update", "last seen"):
+        table.add_column(col)
+    now = time.time()
+    for r in rows:
+        labels = ",".join(f"{k}={v}" for k, v in sorted((r["labels"] or {}).items()))
+        table.add_row(r["device_id"], labels, "yes" if r["online"] else "no",
+                      r["variant"] or "-", r["update_state"] or "-",
+                      f"{now - r['last_seen']:.0f} s ago")
+    console.print(table)
+
+
+@devices_group.command(name="label")
+@config_option
+@click.argument("device_id")
+@click.argument("labels", nargs=-1, required=True)
+def devices_label(config_path: Path, device_id: str, labels: tuple[str, ...]) -> None:
+    """Set a device's labels (replacing them), e.g. hw=rpi5 region=eu.
+
+    \b
+    Example:
+      quantfleet devices label kiosk-17 hw=rpi5 region=eu
+    """
+    try:
+        parsed = parse_labels(labels)
+    except SelectorError as exc:
+        raise click.ClickException(str(exc)) from None
+    store = _store(_config(config_path))
+    store.set_labels(device_id, parsed)
+    store.audit("operator", "device.label", f"device:{device_id}", {"labels": parsed})
+    console.print(f"{device_id}: {parsed}")
+
+
+@click.group(name="cohorts")
+def cohorts_group() -> None:
+    """Cohorts are label selectors, evaluated live."""
+
+
+@cohorts_group.command(name="show")
+@config_option
+@click.argument("selector")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+def cohorts_show(config_path: Path, selector: str, as_json: bool) -> None:
+    """Show which devices a selector picks now, and what they run.
+
+    \b
+    Example:
+      quantfleet cohorts show 'hw=rpi5,region=eu'
+    """
+    sel = _selector(selector)
+    store = _store(_config(config_path))
+    rows = store.devices()
+    ids = sel.select(rows)
+    by_variant: dict[str, int] = {}
+    for r in rows:
+        if r["device_id"] in ids:
+            by_variant[r["variant"] or "-"] = by_variant.get(r["variant"] or "-", 0) + 1
+    if as_json:
+        click.echo(json.dumps({"selector": str(sel), "devices": ids, "variants": by_variant}))
+        return
+    console.print(f"cohort {sel}: {len(ids)} devices")
+    for variant, n in sorted(by_variant.items()):
+        console.print(f"  {variant}: {n}")
+
+
+@click.group(name="desired")
+def desired_group() -> None:
+    """Desired state: the variant each device should run."""
+
+
+@desired_group.command(name="set")
+@config_option
+@click.option("--cohort", "selector", default=None, help="A label selector.")
+@click.option("--device", "devices", multiple=True, help="A device id (repeatable).")
+@click.option("--variant", required=True, help="Catalog name or precision label.")
+def desired_set(config_path: Path, selector: str | None, devices: tuple[str, ...],
+                variant: str) -> None:
+    """Point devices at a variant: signed, retained, delivered when they come back.
+
+    \b
+    Example:
+      quantfleet desired set --cohort hw=rpi5 --variant Q4_K_M
+    """
+    from quantfleet.agent.signing import SignatureError, load_private_key
+    from quantfleet.agent.telemetry.config import parse_broker_url
+    from quantfleet.agent.telemetry.publisher import make_client
+
+    from .desired import DesiredState, DesiredStateError
+
+    if not selector and not devices:
+        raise click.UsageError("give --cohort SELECTOR or --device ID")
+    cfg = _config(config_path)
+    store = _store(cfg)
+    ids = list(devices)
+    if selector:
+        ids += [d for d in _selector(selector).select(store.devices()) if d not in ids]
+    if not ids:
+        raise click.ClickException(f"no device matches {selector!r}")
+    try:
+        key = load_private_key(cfg.artifacts.signing_key)
+    except SignatureError as exc:
+        raise click.ClickException(str(exc)) from None
+    _tls, host, port = parse_broker_url(cfg.mqtt.broker)
+    client = make_client(cfg.mqtt, f"{cfg.ingest.client_id}-cli-{int(time.time())}")
+    try:
+        client.connect(host, port)
+    except OSError as exc:
+        raise click.ClickException(f"broker {cfg.mqtt.broker}: {exc}") from None
+    client.loop_start()
+    try:
+        done = DesiredState(store, client, key, cfg.artifacts.models_dir,
+                            cfg.artifacts.base_url, topic_root=cfg.mqtt.topic_root
+                            ).set_variant(ids, variant)
+    except DesiredStateError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    for p in done:
+        console.print(f"{p.device_id}: {p.variant} (revision {p.revision})")
+
+
+@click.command(name="signals")
+@config_option
+@click.option("--cohort", "selector", default="*", show_default=True,
+              help="Only devices matching this selector.")
+@click.option("--window", "window_text", default="1h", show_default=True,
+              help="How far back: seconds, or 30m, 1h, 7d.")
+@click.option("--reference", "reference_text", default=None,
+              help="Also compare drift with the window this far before it (e.g. 1d).")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+def signals_cmd(config_path: Path, selector: str, window_text: str,
+                reference_text: str | None, as_json: bool) -> None:
+    """Per-variant quality and cost signals of a cohort over a window (the dashboard).
+
+    \b
+    Example:
+      quantfleet signals --cohort hw=rpi5 --window 1h --reference 1d
+    """
+    from . import signals
+
+    sel = _selector(selector)
+    window = _window(window_text)
+    store = _store(_config(config_path))
+    ids = sel.select(store.devices())
+    end = time.time()
+    rows = signals.by_variant(store, end - window, end, device_ids=ids)
+    drift = None
+    if reference_text:
+        back = _window(reference_text)
+        drift = signals.drift(store, str(sel), (end - window, end),
+                              (end - back - window, end - back), device_ids=ids)
+    if as_json:
+        click.echo(json.dumps({"selector": str(sel), "window_s": window,
+                               "variants": [s.to_json() for s in rows],
+                               "drift": drift.to_json() if drift else None}, indent=2))
+        return
+
+    def rate(r: signals.Rate) -> str:
+        return "-" if r.value is None else f"{r.value:.1%} [{r.low:.1%},{r.high:.1%}]"
+
+    def secs(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1000:.0f}"
+
+    table = Table(title=f"signals of {sel} over {window_text}")
+    for col in ("variant", "requests", "validation fail", "tool-call ok", "refusal",
+                "fallback", "p50 ms", "p95 ms", "p99 ms", "tokens/success"):
+        table.add_column(col)
+    for s in rows:
+        cost = "-" if s.cost_per_success_tokens is None else f"{s.cost_per_success_tokens:.0f}"
+        table.add_row(s.group, str(s.requests), rate(s.validation_failure),
+                      rate(s.tool_call_success), rate(s.refusal), rate(s.fallback),
+                      secs(s.latency_p50_s), secs(s.latency_p95_s), secs(s.latency_p99_s), cost)
+    console.print(table)
+    if drift:
+        console.print(f"drift vs {reference_text} before: prompt tokens KS="
+                      f"{drift.prompt_tokens_ks} (p={drift.prompt_tokens_p_value}), medians "
+                      f"{drift.prompt_tokens_median}, tool usage {drift.tool_usage}, "
+                      f"truncation {drift.truncation}")
+
+
+COMMANDS = [serve_cmd, keys_group, devices_group, cohorts_group, desired_group, signals_cmd]

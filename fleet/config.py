@@ -1,0 +1,106 @@
+"""The fleet service's configuration file (TOML), validated strictly.
+
+Every option has a default or is required, and a description that the
+documentation is written from. Relative paths are resolved against the
+config file's folder, so a config works wherever it is started from.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from quantfleet.agent.telemetry.config import MqttConfig
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreConfig(_Base):
+    url: str = Field("sqlite:///fleet.db", description="SQLAlchemy URL: sqlite:///PATH or "
+                     "postgresql+psycopg://user@host:5432/db. A relative SQLite path is "
+                     "relative to the config file.")
+
+    @field_validator("url")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        if not (v.startswith("sqlite:///") or v.startswith("postgresql")):
+            raise ValueError("must start with sqlite:/// or postgresql")
+        return v
+
+
+class IngestConfig(_Base):
+    share_group: str = Field("quantfleet", pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                             description="Shared-subscription group: fleet instances with the "
+                             "same group split the telemetry between them.")
+    client_id: str = Field("quantfleet-fleet", min_length=1, max_length=64,
+                           description="MQTT client id; unique per fleet instance (the broker "
+                           "keeps this instance's session while it restarts).")
+    session_expiry_s: int = Field(7 * 86400, ge=0, description="How long the broker keeps "
+                                  "the session (and queues telemetry) while the fleet is away.")
+
+
+class ArtifactsConfig(_Base):
+    models_dir: Path = Field(Path("models"), description="The models directory (catalog.json "
+                             "and the variant files) served to devices.")
+    signing_key: Path = Field(Path("signing.key"), description="ed25519 private key (PEM) that "
+                              "signs desired state; `quantfleet keys generate` makes one.")
+    base_url: str = Field("http://127.0.0.1:8600", pattern=r"^https?://",
+                          description="How devices reach this fleet's HTTP server.")
+
+
+class HttpConfig(_Base):
+    host: str = Field("127.0.0.1", description="Address the fleet's HTTP server listens on.")
+    port: int = Field(8600, ge=1, le=65535, description="Its port.")
+
+
+class FleetConfig(_Base):
+    store: StoreConfig = Field(default_factory=lambda: StoreConfig.model_validate({}),
+                               description="Where the fleet keeps its state.")
+    mqtt: MqttConfig = Field(default_factory=lambda: MqttConfig.model_validate({}),
+                             description="The broker the devices publish to.")
+    ingest: IngestConfig = Field(default_factory=lambda: IngestConfig.model_validate({}),
+                                 description="How telemetry is taken from the broker.")
+    artifacts: ArtifactsConfig = Field(
+        default_factory=lambda: ArtifactsConfig.model_validate({}),
+        description="Model artifacts and their signing.")
+    http: HttpConfig = Field(default_factory=lambda: HttpConfig.model_validate({}),
+                             description="The artifact and read API server.")
+
+    def resolve_paths(self, base: Path) -> FleetConfig:
+        a = self.artifacts
+        if not a.models_dir.is_absolute():
+            a.models_dir = base / a.models_dir
+        if not a.signing_key.is_absolute():
+            a.signing_key = base / a.signing_key
+        prefix = "sqlite:///"
+        if self.store.url.startswith(prefix):
+            path = Path(self.store.url[len(prefix):])
+            if not path.is_absolute():
+                self.store.url = prefix + str(base / path)
+        return self
+
+
+class FleetConfigError(ValueError):
+    """The config file is unusable; the message names the file and the option."""
+
+
+def load_fleet_config(path: Path) -> FleetConfig:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise FleetConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise FleetConfigError(f"{path}: not TOML ({exc})") from None
+    try:
+        cfg = FleetConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            lines.append(f"{path}: {where}: {err['msg']}")
+        raise FleetConfigError("; ".join(lines)) from None
+    return cfg.resolve_paths(Path(path).resolve().parent)

@@ -1,0 +1,112 @@
+"""``quantfleet serve``: ingest, desired state, artifacts and the read API in one process.
+
+At start the fleet opens (and migrates) its store, connects its ingest to the
+broker, re-publishes every stored desired state (a broker that lost its
+retained messages converges), then serves HTTP: the artifacts devices fetch
+and a small read API for consoles and scripts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from quantfleet.agent.signing import load_private_key
+from quantfleet.agent.telemetry.publisher import make_client
+
+from . import signals
+from .artifacts import create_artifact_app
+from .cohorts import Selector, SelectorError
+from .config import FleetConfig
+from .desired import DesiredState
+from .ingest import FleetIngest
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _bad(message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "status": status}}, status_code=status)
+
+
+def read_api(store: Store) -> list[Route]:
+    async def devices(request: Request) -> Response:
+        rows = store.devices()
+        sel_text = request.query_params.get("selector")
+        if sel_text:
+            try:
+                keep = set(Selector.parse(sel_text).select(rows))
+            except SelectorError as exc:
+                return _bad(str(exc))
+            rows = [r for r in rows if r["device_id"] in keep]
+        return JSONResponse({"devices": rows})
+
+    async def signal_view(request: Request) -> Response:
+        try:
+            window = float(request.query_params.get("window_s", "3600"))
+        except ValueError:
+            return _bad("window_s must be a number of seconds")
+        if not 0 < window <= 90 * 86400:
+            return _bad("window_s must be in (0, 7776000]")
+        end = time.time()
+        ids = None
+        sel_text = request.query_params.get("selector")
+        if sel_text:
+            try:
+                ids = Selector.parse(sel_text).select(store.devices())
+            except SelectorError as exc:
+                return _bad(str(exc))
+        rows = signals.by_variant(store, end - window, end, device_ids=ids)
+        return JSONResponse({"window_s": window, "selector": sel_text,
+                             "variants": [s.to_json() for s in rows]})
+
+    return [Route("/v1/devices", devices), Route("/v1/signals", signal_view)]
+
+
+class FleetService:
+    def __init__(self, cfg: FleetConfig) -> None:
+        self.cfg = cfg
+        self.store = Store(cfg.store.url)
+        self.key = load_private_key(cfg.artifacts.signing_key)
+        self.ingest = FleetIngest(self.store, cfg.mqtt, share_group=cfg.ingest.share_group,
+                                  client_id=cfg.ingest.client_id,
+                                  session_expiry_s=cfg.ingest.session_expiry_s)
+        self.publisher = make_client(cfg.mqtt, f"{cfg.ingest.client_id}-pub-{uuid.uuid4().hex[:6]}")
+        self.desired = DesiredState(self.store, self.publisher, self.key,
+                                    cfg.artifacts.models_dir, cfg.artifacts.base_url,
+                                    topic_root=cfg.mqtt.topic_root)
+
+    def start(self) -> FleetService:
+        from quantfleet.agent.telemetry.config import parse_broker_url
+
+        _tls, host, port = parse_broker_url(self.cfg.mqtt.broker)
+        self.ingest.start()
+        self.publisher.connect(host, port, keepalive=self.cfg.mqtt.keepalive_s)
+        self.publisher.loop_start()
+        self.desired.republish()
+        return self
+
+    def stop(self) -> None:
+        self.ingest.stop()
+        self.publisher.disconnect()
+        self.publisher.loop_stop()
+        self.store.close()
+
+    def app(self) -> Starlette:
+        artifacts = create_artifact_app(self.cfg.artifacts.models_dir, self.key,
+                                        self.cfg.artifacts.base_url)
+
+        async def health(request: Request) -> Response:
+            ok = self.ingest.connected.is_set()
+            body: dict[str, Any] = {"ingest_connected": ok, "stats": vars(self.ingest.stats)}
+            return JSONResponse(body, status_code=200 if ok else 503)
+
+        return Starlette(routes=[Route("/healthz", health), *read_api(self.store),
+                                 Mount("/", app=artifacts)])

@@ -1,0 +1,195 @@
+"""The device updater against a real artifact server, real signatures and real variants."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from quantfleet.agent.backends import GenerationRequest, LoadOptions, load_backend
+from quantfleet.agent.signing import generate_keypair, load_private_key, load_public_key, sign
+from quantfleet.agent.updater import Check, SoakAnswer, UpdatePolicy, Updater
+from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload
+from quantfleet.fleet.artifacts import create_artifact_app
+from quantfleet.models.catalog import Catalog, VariantEntry
+from tests.support import serve
+
+
+@dataclass
+class DeviceHooks:
+    """Hooks that really load the candidate: pre-flight answers one prompt with it."""
+
+    soak_answers: list[tuple[SoakAnswer, str]] = field(default_factory=list)
+    preflight_ok: bool = True
+    activated: list[str] = field(default_factory=list)
+
+    def preflight(self, entry: VariantEntry, path: Path) -> Check:
+        backend = load_backend(entry.backend, path, LoadOptions(n_ctx=256))
+        try:
+            out = backend.generate(GenerationRequest(
+                prompt="<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n",
+                max_tokens=8))
+        finally:
+            backend.close()
+        if not out.text.strip():
+            return Check(False, "empty answer")
+        return Check(self.preflight_ok, "" if self.preflight_ok else "golden subset regressed")
+
+    def activate(self, entry: VariantEntry) -> None:
+        self.activated.append(entry.name)
+
+    def soak(self, entry: VariantEntry, previous: str | None, elapsed_s: float
+             ) -> tuple[SoakAnswer, str]:
+        return self.soak_answers.pop(0) if self.soak_answers else ("healthy", "")
+
+
+@pytest.fixture(scope="module")
+def fleet(ladder_dir: Path, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[tuple[str, Path, Path]]:
+    keys = tmp_path_factory.mktemp("keys")
+    private, public = generate_keypair(keys)
+    app = create_artifact_app(ladder_dir, load_private_key(private), "http://unused")
+    with serve(app) as url:
+        yield url, private, public
+
+
+def desired(fleet: tuple[str, Path, Path], catalog: Catalog, label: str, revision: int,
+            *, device: str = "dev-1", key: Path | None = None, **override: object) -> bytes:
+    url, private, _ = fleet
+    e = catalog.resolve(label)
+    fields = {"variant": e.name, "backend": e.backend, "sha256": e.sha256,
+              "size_bytes": e.size_bytes}
+    payload = DesiredPayload(device_id=device, revision=revision,
+                             url=f"{url}/v1/artifacts/{e.name}",
+                             signature=sign(load_private_key(key or private), fields),
+                             issued_at=time.time(), **fields)
+    return payload.model_copy(update=override).model_dump_json().encode()
+
+
+@pytest.fixture
+def device(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog
+           ) -> Iterator[tuple[Updater, DeviceHooks, list[DeviceStatePayload]]]:
+    models = tmp_path / "models"
+    models.mkdir()
+    # The device starts with Q8_0 installed and known good.
+    q8 = catalog.resolve("Q8_0")
+    shutil.copy(q8.path(catalog.dir), models / q8.file)
+    local = Catalog(models)
+    local.put_variant(q8)
+    local.save()
+    states: list[DeviceStatePayload] = []
+    hooks = DeviceHooks()
+    updater = Updater("dev-1", models, tmp_path / "updater.json", load_public_key(fleet[2]),
+                      hooks, states.append, boot_epoch=3, current=q8.name,
+                      policy=UpdatePolicy(soak_s=5, soak_poll_s=0.01, min_free_bytes=0))
+    yield updater, hooks, states
+    updater.stop()
+
+
+def walk(states: list[DeviceStatePayload]) -> list[str]:
+    out: list[str] = []
+    for s in states:
+        if not out or out[-1] != s.update_state:
+            out.append(s.update_state)
+    return out
+
+
+def test_a_good_variant_walks_every_state_to_healthy(device, fleet, catalog) -> None:  # type: ignore[no-untyped-def]
+    updater, hooks, states = device
+    assert updater.handle(desired(fleet, catalog, "Q4_K_M", 1)) is not None
+    assert updater.wait(60)
+    assert walk(states) == ["downloading", "verifying", "preflight", "activating", "soaking",
+                            "healthy"]
+    assert hooks.activated == ["smollm2-135m-Q4_K_M"]
+    final = states[-1]
+    assert final.variant == final.known_good == "smollm2-135m-Q4_K_M"
+    assert final.desired_revision == 1 and final.boot_epoch == 3
+    local = Catalog(updater.models_dir)
+    assert local.verify(local.resolve("smollm2-135m-Q4_K_M")) is None
+    # The same revision again (a retained message after reconnect) changes nothing.
+    states.clear()
+    assert updater.handle(desired(fleet, catalog, "Q4_K_M", 1)) is None
+    assert states == []
+
+
+def test_a_tampered_artifact_is_refused_and_deleted(device, fleet, catalog, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    updater, hooks, states = device
+    # The fleet signed the true sha256, but the file it serves was altered since.
+    e = catalog.resolve("Q2_K")
+    raw = desired(fleet, catalog, "Q2_K", 1, sha256="ab" * 32)
+    assert updater.handle(raw) is None  # the signature no longer matches the fields
+    assert states[-1].update_state == "refused" and "signature" in states[-1].reason
+    states.clear()
+    wrong = desired(fleet, catalog, "Q2_K", 2, sha256="ab" * 32,
+                    signature=sign(load_private_key(fleet[1]), {
+                        "variant": e.name, "backend": e.backend, "sha256": "ab" * 32,
+                        "size_bytes": e.size_bytes}))
+    assert updater.handle(wrong) is not None
+    assert updater.wait(60)
+    assert walk(states) == ["downloading", "failed"]
+    assert "does not match the expected" in states[-1].reason
+    assert not list(updater.models_dir.glob("*Q2_K*"))
+    assert hooks.activated == [] and states[-1].variant == "smollm2-135m-Q8_0"
+
+
+def test_bad_messages_are_refused_with_a_reason(device, fleet, catalog, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    updater, hooks, states = device
+    updater.handle(b"{not json")
+    assert states[-1].update_state == "refused" and "malformed desired state" in states[-1].reason
+    updater.handle(desired(fleet, catalog, "Q4_K_M", 1, device="dev-2"))
+    assert "is for dev-2" in states[-1].reason
+    other_key = generate_keypair(tmp_path / "other")[0]
+    updater.handle(desired(fleet, catalog, "Q4_K_M", 1, key=other_key))
+    assert "signature does not match" in states[-1].reason
+    updater.handle(desired(fleet, catalog, "Q4_K_M", 1, url="ftp://x"))
+    assert "url" in states[-1].reason
+    assert hooks.activated == [] and all(s.variant == "smollm2-135m-Q8_0" for s in states)
+
+
+def test_a_failed_preflight_never_activates(device, fleet, catalog) -> None:  # type: ignore[no-untyped-def]
+    updater, hooks, states = device
+    hooks.preflight_ok = False
+    updater.handle(desired(fleet, catalog, "Q2_K", 1))
+    assert updater.wait(60)
+    assert walk(states)[-2:] == ["preflight", "failed"]
+    assert "golden subset regressed" in states[-1].reason
+    assert hooks.activated == [] and states[-1].variant == "smollm2-135m-Q8_0"
+
+
+def test_a_soak_breach_rolls_back_to_known_good(device, fleet, catalog) -> None:  # type: ignore[no-untyped-def]
+    updater, hooks, states = device
+    hooks.soak_answers = [("continue", ""), ("breach", "validation failures 18% vs 2%")]
+    updater.handle(desired(fleet, catalog, "Q2_K", 1))
+    assert updater.wait(60)
+    assert walk(states)[-3:] == ["activating", "soaking", "rolled_back"]
+    assert hooks.activated == ["smollm2-135m-Q2_K", "smollm2-135m-Q8_0"]
+    assert states[-1].variant == states[-1].known_good == "smollm2-135m-Q8_0"
+    assert "validation failures 18% vs 2%" in states[-1].reason
+
+
+def test_a_device_stopped_mid_download_resumes_the_same_revision(device, fleet, catalog,  # type: ignore[no-untyped-def]
+                                                                 tmp_path) -> None:
+    updater, hooks, states = device
+    updater.policy.bandwidth_bps = 40e6  # slow enough to stop it part way
+    updater.handle(desired(fleet, catalog, "Q4_K_M", 1))
+    deadline = time.monotonic() + 30
+    while not any(s.update_state == "downloading" and (s.progress or 0) >= 0.2 for s in states):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    updater.stop()
+    assert updater.wait(30)
+    partial = list(updater.models_dir.glob("*.partial"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0
+    # The agent restarts: same state file, the retained message arrives again.
+    again = Updater("dev-1", updater.models_dir, updater.state_file, updater.public_key, hooks,
+                    states.append, boot_epoch=4, policy=UpdatePolicy(soak_s=1, soak_poll_s=0.01,
+                                                                     min_free_bytes=0))
+    assert again.memory.last_revision == 0
+    assert again.handle(desired(fleet, catalog, "Q4_K_M", 1)) is not None
+    assert again.wait(60)
+    assert states[-1].update_state == "healthy"
+    assert not list(updater.models_dir.glob("*.partial"))

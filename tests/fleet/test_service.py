@@ -1,0 +1,212 @@
+"""`quantfleet serve` as an operator runs it: a real process, the real broker, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import paho.mqtt.client as mqtt
+import pytest
+from click.testing import CliRunner
+from paho.mqtt.enums import CallbackAPIVersion
+
+from quantfleet.agent.signing import generate_keypair, load_public_key, verify
+from quantfleet.agent.wire import (
+    DesiredPayload,
+    RequestEvent,
+    StatusPayload,
+    TelemetryBatch,
+    TelemetryEvent,
+    ValidationOutcome,
+    device_topic,
+)
+from quantfleet.fleet.cli import cli
+from tests.support import free_port
+
+from .test_ingest import _broker_up, publish, wait_for
+
+pytestmark = pytest.mark.skipif(not _broker_up(), reason="Mosquitto is not answering on 1883")
+
+
+class Fleet:
+    def __init__(self, config: Path, port: int) -> None:
+        self.config = config
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "quantfleet.fleet.cli", "serve", "--config", str(self.config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                raise AssertionError(f"fleet exited: {out}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("fleet did not become healthy")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def setup(tmp_path: Path, store_url: str, ladder_dir: Path) -> Iterator[tuple[Fleet, str, Path]]:
+    root = f"qftest/{uuid.uuid4().hex[:10]}/v1"
+    _, pub = generate_keypair(tmp_path / "keys")
+    port = free_port()
+    config = tmp_path / "fleet.toml"
+    config.write_text(f"""
+[store]
+url = "{store_url}"
+[mqtt]
+broker = "mqtt://127.0.0.1:1883"
+topic_root = "{root}"
+[ingest]
+client_id = "fleet-{uuid.uuid4().hex[:8]}"
+share_group = "g{uuid.uuid4().hex[:8]}"
+[artifacts]
+models_dir = "{ladder_dir}"
+signing_key = "keys/signing.key"
+base_url = "http://127.0.0.1:{port}"
+[http]
+port = {port}
+""")
+    fleet = Fleet(config, port)
+    fleet.start()
+    yield fleet, root, pub
+    fleet.stop()
+
+
+def device(name: str) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{name}-{uuid.uuid4().hex[:6]}",
+                    protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", 1883)
+    c.loop_start()
+    return c
+
+
+def requests(device_id: str, variant: str, n: int, failing: int) -> TelemetryBatch:
+    now = time.time()
+    events = []
+    for i in range(n):
+        body = RequestEvent(
+            request_id=f"{device_id}-{i}", ts=now - 60 + i * 0.01, variant=variant,
+            latency_s=0.1 * (i % 10 + 1), prompt_tokens=30, completion_tokens=20,
+            validations=[ValidationOutcome(kind="json_schema", passed=i >= failing)])
+        events.append(TelemetryEvent(boot_epoch=1, seq=i + 1, kind="request", ts=body.ts,
+                                     body=body))
+    return TelemetryBatch(device_id=device_id, sent_at=now, events=events)
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_an_operator_sees_groups_and_points_the_fleet(setup: tuple[Fleet, str, Path]) -> None:
+    fleet, root, pub = setup
+    cfg = str(fleet.config)
+    dev = device("devices")
+    try:
+        for i, variant in [(1, "smollm2-135m-Q8_0"), (2, "smollm2-135m-Q8_0"),
+                           (3, "smollm2-135m-Q4_K_M")]:
+            name = f"dev-{i}"
+            publish(dev, device_topic(name, "status", root), StatusPayload(
+                device_id=name, state="online", boot_epoch=1, reason="birth",
+                ts=time.time()).model_dump_json(), retain=True)
+            publish(dev, device_topic(name, "telemetry", root),
+                    requests(name, variant, 50, failing=5 * i).model_dump_json())
+
+        def listed() -> list[dict]:  # type: ignore[type-arg]
+            return json.loads(run("devices", "list", "--config", cfg, "--json"))
+
+        wait_for(lambda: len(listed()) == 3 and all(d["online"] for d in listed()), 15)
+        run("devices", "label", "--config", cfg, "dev-1", "hw=rpi5", "region=eu")
+        run("devices", "label", "--config", cfg, "dev-2", "hw=rpi5", "region=us")
+        run("devices", "label", "--config", cfg, "dev-3", "hw=jetson", "region=eu")
+        cohort = json.loads(run("cohorts", "show", "--config", cfg, "hw=rpi5", "--json"))
+        assert cohort["devices"] == ["dev-1", "dev-2"]
+
+        sig = json.loads(run("signals", "--config", cfg, "--window", "1h", "--json"))
+        by = {s["group"]: s for s in sig["variants"]}
+        assert by["smollm2-135m-Q8_0"]["requests"] == 100
+        assert by["smollm2-135m-Q8_0"]["validation_failure"]["k"] == 5 + 10
+        assert by["smollm2-135m-Q4_K_M"]["validation_failure"]["value"] == pytest.approx(0.3)
+        assert by["smollm2-135m-Q4_K_M"]["latency_p50_s"] == pytest.approx(0.55)
+        # cost per successful request: 50 tokens per attempt over the successes
+        assert by["smollm2-135m-Q4_K_M"]["cost_per_success_tokens"] == pytest.approx(
+            50 * 50 / 35)
+        eu = json.loads(run("signals", "--config", cfg, "--cohort", "region=eu", "--json"))
+        assert {s["group"]: s["requests"] for s in eu["variants"]} == {
+            "smollm2-135m-Q8_0": 50, "smollm2-135m-Q4_K_M": 50}
+
+        http = httpx.get(f"{fleet.url}/v1/devices", params={"selector": "hw=rpi5"}).json()
+        assert [d["device_id"] for d in http["devices"]] == ["dev-1", "dev-2"]
+        assert httpx.get(f"{fleet.url}/v1/devices",
+                         params={"selector": "hw=="}).status_code == 400
+
+        out = run("desired", "set", "--config", cfg, "--cohort", "hw=rpi5", "--variant",
+                  "Q4_K_M")
+        assert "dev-1: smollm2-135m-Q4_K_M (revision 1)" in out
+
+        # The fleet restarts after the broker lost the retained messages: it re-publishes.
+        fleet.stop()
+        for name in ("dev-1", "dev-2"):
+            publish(dev, device_topic(name, "desired", root), b"", retain=True)
+        fleet.start()
+        got: dict[str, DesiredPayload] = {}
+        seen = threading.Event()
+
+        def on_message(c, u, msg):  # type: ignore[no-untyped-def]
+            if msg.payload:
+                p = DesiredPayload.model_validate_json(msg.payload)
+                got[p.device_id] = p
+                if len(got) == 2:
+                    seen.set()
+
+        dev.on_message = on_message
+        dev.subscribe(f"{root}/devices/+/desired", qos=1)
+        assert seen.wait(10)
+        for p in got.values():
+            assert p.variant == "smollm2-135m-Q4_K_M" and p.revision == 1
+            verify(load_public_key(pub), p.model_dump(), p.signature)
+        manifest = httpx.get(got["dev-1"].url + "/manifest").json()
+        assert manifest["sha256"] == got["dev-1"].sha256
+    finally:
+        for name in ("dev-1", "dev-2", "dev-3"):
+            for leaf in ("status", "desired"):
+                publish(dev, device_topic(name, leaf, root), b"", retain=True)
+        dev.disconnect()
+        dev.loop_stop()
+
+
+def test_bad_config_is_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "fleet.toml"
+    bad.write_text('[store]\nurl = "mysql://x"\n[http]\nport = 99999\nsurprise = 1\n')
+    result = CliRunner().invoke(cli, ["devices", "list", "--config", str(bad)])
+    assert result.exit_code == 1
+    assert "store.url: Value error, must start with sqlite:/// or postgresql" in result.output
+    assert "http.port" in result.output and "http.surprise" in result.output
