@@ -1,0 +1,1 @@
+"""Staged precision rollouts: the spec, the gate statistics, the engine."""
