@@ -14,7 +14,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from quantfleet.agent.serving.validation import ValidationSpec, parse_json, validate_response
+from quantfleet.agent.serving.validation import (
+    ValidationSpec,
+    parse_json,
+    tool_function,
+    validate_response,
+)
 from quantfleet.agent.wire import ValidationOutcome
 
 from .golden import GoldenItem
@@ -76,8 +81,7 @@ def _equal(actual: Any, expected: Any) -> bool:
 
 
 def _call_arguments(call: Mapping[str, Any]) -> dict[str, Any] | None:
-    fn = call.get("function") if isinstance(call.get("function"), Mapping) else call
-    args = fn.get("arguments", {})
+    args = tool_function(call).get("arguments", {})
     if isinstance(args, str):
         args, why = parse_json(args)
         if why is not None:
@@ -86,8 +90,7 @@ def _call_arguments(call: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _call_name(call: Mapping[str, Any]) -> Any:
-    fn = call.get("function") if isinstance(call.get("function"), Mapping) else call
-    return fn.get("name")
+    return tool_function(call).get("name")
 
 
 def content_outcomes(item: GoldenItem, text: str,

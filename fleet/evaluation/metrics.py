@@ -116,7 +116,7 @@ def completion_logits(backend: Backend, prompt_ids: Sequence[int],
                       completion_ids: Sequence[int]) -> np.ndarray:
     """Logits at the positions that predict each completion token."""
     seq = list(prompt_ids) + list(completion_ids)
-    out = backend.logits(seq)
+    out: np.ndarray = backend.logits(seq)
     start = len(prompt_ids) - 1
     return out[start: start + len(completion_ids)]
 

@@ -31,7 +31,7 @@ class Answer:
 
     @property
     def text(self) -> str:
-        return self.result.text
+        return str(self.result.text)
 
 
 def answer(backend: Backend, item: GoldenItem, seed: int = 0,

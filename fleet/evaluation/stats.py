@@ -44,7 +44,7 @@ def binom_cdf(k: int, n: int, p: float = 0.5) -> float:
     if k >= n:
         return 1.0
     if p == 0.5:  # exact integer arithmetic for the case McNemar needs
-        return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+        return sum(math.comb(n, i) for i in range(k + 1)) / (1 << n)
     return math.fsum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
 
 

@@ -150,11 +150,12 @@ def judge(comparison: Comparison, policy: VerdictPolicy | None = None) -> Verdic
                             limit=p.alpha,
                             detail=f"one-sided exact p={c.mcnemar_p_worse:.3g} "
                             f"({c.worse} worse, {c.better} better)"))
-    for which, limit in (("all", p.max_kld_p99), ("structured", p.max_kld_p99_structured),
-                         ("prose", p.max_kld_p99_prose)):
-        if limit is not None:
-            checks.append(_kld_check(f"kld_p99:{which}", which, c.logits, c.noise_floor, limit,
-                                     p.min_tokens))
+    kld_limits = (("all", p.max_kld_p99), ("structured", p.max_kld_p99_structured),
+                  ("prose", p.max_kld_p99_prose))
+    for which, kld_limit in kld_limits:
+        if kld_limit is not None:
+            checks.append(_kld_check(f"kld_p99:{which}", which, c.logits, c.noise_floor,
+                                     kld_limit, p.min_tokens))
     statuses = {ch.status for ch in checks}
     decision: Status = ("fail" if "fail" in statuses
                         else "insufficient" if "insufficient" in statuses else "pass")
