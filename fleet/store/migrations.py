@@ -35,6 +35,12 @@ def m001_initial(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=tables)
 
 
+@migration
+def m002_rollouts(conn: Connection) -> None:
+    schema.metadata.create_all(conn, tables=[schema.rollouts, schema.rollout_devices,
+                                             schema.pins])
+
+
 def applied(engine: Engine) -> list[str]:
     if not inspect(engine).has_table(schema.migrations.name):
         return []

@@ -110,3 +110,40 @@ audit = Table(
     Column("evidence", JSON, nullable=False),
 )
 Index("ix_audit_subject_ts", audit.c.subject, audit.c.ts)
+
+# -- m002: rollouts --------------------------------------------------------
+
+rollouts = Table(
+    "rollouts", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("spec", JSON, nullable=False),
+    Column("state", String(24), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("phase", String(16), nullable=False),
+    Column("phase_started_at", Float, nullable=False),
+    Column("bake_extensions", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+rollout_devices = Table(
+    "rollout_devices", metadata,
+    Column("rollout_id", String(64), primary_key=True),
+    Column("device_id", String(64), primary_key=True),
+    Column("role", String(8), nullable=False),  # canary | control
+    Column("step", Integer, nullable=False),
+    Column("stratum", String(64), nullable=False),
+    Column("assigned_at", Float, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+pins = Table(
+    "pins", metadata,
+    Column("cohort", String(512), primary_key=True),
+    Column("variant", String(128), primary_key=True),
+    Column("rollout_id", String(64), nullable=False),
+    Column("pinned_at", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+)
