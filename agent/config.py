@@ -27,6 +27,10 @@ from .serving.validation import DEFAULT_CITATION_PATTERN, DEFAULT_REFUSAL_PATTER
 
 CONFIG_ENV = "QUANTFLEET_AGENT_CONFIG"
 
+FallbackKind = Literal["json_parse", "json_schema", "tool_call", "refusal", "citation", "length",
+                       "finish_reason"]
+_DEFAULT_FALLBACK: tuple[FallbackKind, ...] = ("json_parse", "json_schema", "tool_call")
+
 
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the option."""
@@ -111,9 +115,8 @@ class ValidationConfig(_Section):
     citation_pattern: str = Field(DEFAULT_CITATION_PATTERN,
                                   description="Regular expression a citation matches.")
     require_citation: bool = Field(False, description="Policy: every prose answer must cite.")
-    fallback_on: list[Literal["json_parse", "json_schema", "tool_call", "refusal", "citation",
-                              "length", "finish_reason"]] = Field(
-        default_factory=lambda: ["json_parse", "json_schema", "tool_call"],
+    fallback_on: list[FallbackKind] = Field(
+        default_factory=lambda: list(_DEFAULT_FALLBACK),
         description="Validation failures that trigger the retry on the fallback variant.")
     max_completion_chars: int | None = Field(None, ge=1, description="Answers longer than "
                                              "this fail the length check.")

@@ -120,6 +120,7 @@ def overhead(models_dir: Path, variant: str, rounds: int, max_tokens: int) -> No
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     llm.create_completion("hi", max_tokens=4, temperature=0.0)
     ratios = []
+    totals = [0.0, 0, 0.0, 0]
     print(f"\n== overhead: {len(PROMPTS)} prompts x {rounds} rounds, max_tokens={max_tokens}, "
           f"greedy, same Llama object, prompt evaluated from scratch both ways ==")
     print(f"{'round':>5} {'api s':>8} {'api tok':>8} {'direct s':>9} {'direct tok':>10} "
@@ -158,6 +159,8 @@ def overhead(models_dir: Path, variant: str, rounds: int, max_tokens: int) -> No
                     direct_s, direct_tok = direct_s + dt, direct_tok + n
         a, d = api_s / max(1, api_tok), direct_s / max(1, direct_tok)
         ratios.append(a / d)
+        totals = [totals[0] + api_s, totals[1] + api_tok, totals[2] + direct_s,
+                  totals[3] + direct_tok]
         print(f"{r + 1:>5} {api_s:8.2f} {api_tok:8d} {direct_s:9.2f} {direct_tok:10d} "
               f"{a:10.4f} {d:12.4f} {a / d:6.3f}")
     server.should_exit = True
@@ -165,6 +168,8 @@ def overhead(models_dir: Path, variant: str, rounds: int, max_tokens: int) -> No
     backend.close()
     print(f"overhead ratio (API / direct, seconds per generated token, median of {rounds}): "
           f"{statistics.median(ratios):.3f}  (target <= 1.03)")
+    pooled = (totals[0] / max(1, totals[1])) / (totals[2] / max(1, totals[3]))
+    print(f"pooled over all rounds: {pooled:.3f}")
 
 
 def pct(values: list[float], p: float) -> float:

@@ -153,7 +153,7 @@ class AgentService:
         header = request.headers.get("authorization", "")
         bearer = header[7:].strip() if header.lower().startswith("bearer ") else ""
         if bearer and bearer in self.api_keys:
-            return self.api_keys[bearer]
+            return str(self.api_keys[bearer])
         if self.token is not None or self.api_keys:
             if not bearer:
                 raise ApiError(401, "missing bearer token (Authorization: Bearer ...)",

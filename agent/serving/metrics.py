@@ -53,13 +53,13 @@ class Metrics:
         self._help[name] = ("gauge", help_)
         self._gauges[name] = read
 
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+    def inc(self, name: str, value: float = 1.0, /, **labels: str) -> None:
         key = _labels(labels)
         with self._lock:
             series = self._counters[name]
             series[key] = series.get(key, 0.0) + value
 
-    def observe(self, name: str, value: float, **labels: str) -> None:
+    def observe(self, name: str, value: float, /, **labels: str) -> None:
         key = _labels(labels)
         buckets = self._buckets[name]
         with self._lock:

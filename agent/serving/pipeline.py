@@ -127,7 +127,7 @@ def prepare(request: ChatRequest | Mapping[str, Any], backend: Backend,
     template = template_for(backend)
 
     def render(msgs: list[dict[str, Any]]) -> str:
-        return template.render(messages_for_template(msgs, tools, tool_choice))
+        return str(template.render(messages_for_template(msgs, tools, tool_choice)))
 
     def count(msgs: list[dict[str, Any]]) -> int:
         return len(backend.tokenize(render(msgs), add_bos=False, special=True))

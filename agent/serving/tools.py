@@ -107,7 +107,7 @@ def _auto_grammar(schema: Mapping[str, Any]) -> str | None:
         return None
     # The converter names its start rule "root"; keep it as one alternative and
     # let prose be the other: anything that does not open with "{" or blank.
-    call = call.replace("root ::=", "toolcall ::=", 1)
+    call = str(call).replace("root ::=", "toolcall ::=", 1)
     return call + "\nroot ::= toolcall | prose\nprose ::= [^{ \\t\\n] [^\\x00]*\n"
 
 

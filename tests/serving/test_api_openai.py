@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from quantfleet.agent.backends import Backend
 from quantfleet.agent.serving.pipeline import complete
 
-from .conftest import Running, ServeFactory
+from .conftest import Running
 
 PERSON = {
     "type": "object",
@@ -45,8 +45,9 @@ ADD = {
 
 @pytest.fixture(scope="module")
 def agent(ladder_dir: Any, loaded: dict[str, Backend]) -> Any:
-    from .conftest import make_config, start_app
     from quantfleet.agent.serving.routing import ModelSet
+
+    from .conftest import make_config, start_app
 
     config = make_config(ladder_dir)
     running = start_app(config, ModelSet.from_backends(

@@ -20,7 +20,8 @@ GOOD = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "ma
 
 
 @pytest.fixture(scope="module")
-def target(ladder_dir: Any, loaded: dict[str, Backend]) -> Iterator[tuple[Running, ScriptedBackend]]:
+def target(ladder_dir: Any,
+           loaded: dict[str, Backend]) -> Iterator[tuple[Running, ScriptedBackend]]:
     from quantfleet.agent.serving.routing import ModelSet
 
     backend = ScriptedBackend(loaded["Q4_K_M"], ["ok"])
