@@ -170,6 +170,27 @@ def demo_cmd(models_dir: Path, prompt: str, max_tokens: int) -> None:
         raise _fail(exc) from None
 
 
+# -- fleet operations (fleet/commands.py) ------------------------------------
+def _add_fleet_commands() -> None:
+    from .commands import COMMANDS
+
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_add_fleet_commands()
+
+
+# -- quality evaluation (fleet/evaluation/cli.py) ---------------------------------
+def _add_eval_command() -> None:
+    from .evaluation.cli import eval_cmd
+
+    cli.add_command(eval_cmd)
+
+
+_add_eval_command()
+
+
 def main() -> None:
     cli(prog_name="quantfleet")
 

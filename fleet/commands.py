@@ -10,46 +10,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from .cohorts import Selector, SelectorError, parse_labels
-from .config import FleetConfig, FleetConfigError, load_fleet_config
+from .cli_options import _config, _selector, _store, config_option
+from .cohorts import SelectorError, parse_labels
 
 console = Console()
-
-config_option = click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("fleet.toml"), show_default=True, envvar="QUANTFLEET_FLEET_CONFIG",
-    help="The fleet config file (TOML).",
-)
-
-
-def _config(path: Path) -> FleetConfig:
-    try:
-        return load_fleet_config(path)
-    except FleetConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _store(cfg: FleetConfig) -> Any:
-    from .store import Store
-
-    try:
-        return Store(cfg.store.url)
-    except Exception as exc:  # a driver's own errors: connection refused, bad URL
-        raise click.ClickException(f"store {cfg.store.url}: {exc}") from None
-
-
-def _selector(text: str) -> Selector:
-    try:
-        return Selector.parse(text)
-    except SelectorError as exc:
-        raise click.ClickException(str(exc)) from None
-
 
 def _window(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -317,4 +286,11 @@ def signals_cmd(config_path: Path, selector: str, window_text: str,
                       f"truncation {drift.truncation}")
 
 
-COMMANDS = [serve_cmd, keys_group, devices_group, cohorts_group, desired_group, signals_cmd]
+def _rollout_group() -> click.Group:
+    from .rollouts.cli import rollout_group
+
+    return rollout_group
+
+
+COMMANDS = [serve_cmd, keys_group, devices_group, cohorts_group, desired_group, signals_cmd,
+            _rollout_group()]

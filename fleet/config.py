@@ -57,6 +57,11 @@ class HttpConfig(_Base):
     port: int = Field(8600, ge=1, le=65535, description="Its port.")
 
 
+class RolloutsConfig(_Base):
+    tick_s: float = Field(10.0, gt=0, le=3600, description="How often running rollouts are "
+                          "advanced (assign, check device states, judge a finished bake).")
+
+
 class FleetConfig(_Base):
     store: StoreConfig = Field(default_factory=lambda: StoreConfig.model_validate({}),
                                description="Where the fleet keeps its state.")
@@ -69,6 +74,8 @@ class FleetConfig(_Base):
         description="Model artifacts and their signing.")
     http: HttpConfig = Field(default_factory=lambda: HttpConfig.model_validate({}),
                              description="The artifact and read API server.")
+    rollouts: RolloutsConfig = Field(default_factory=lambda: RolloutsConfig.model_validate({}),
+                                     description="The rollout engine.")
 
     def resolve_paths(self, base: Path) -> FleetConfig:
         a = self.artifacts

@@ -9,6 +9,7 @@ and a small read API for consoles and scripts.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -20,6 +21,7 @@ from starlette.routing import Mount, Route
 
 from quantfleet.agent.signing import load_private_key
 from quantfleet.agent.telemetry.publisher import make_client
+from quantfleet.models.catalog import Catalog
 
 from . import signals
 from .artifacts import create_artifact_app
@@ -27,6 +29,7 @@ from .cohorts import Selector, SelectorError
 from .config import FleetConfig
 from .desired import DesiredState
 from .ingest import FleetIngest
+from .rollouts.engine import RolloutEngine
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,22 @@ class FleetService:
                                     cfg.artifacts.models_dir, cfg.artifacts.base_url,
                                     topic_root=cfg.mqtt.topic_root)
 
+        def assign(ids: Any, variant: str, rollout_id: str) -> None:
+            self.desired.set_variant(ids, variant, rollout_id=rollout_id, actor="rollout")
+
+        def resolve(label: str) -> str:
+            name: str = Catalog(cfg.artifacts.models_dir).resolve(label).name
+            return name
+
+        self.rollouts = RolloutEngine(self.store, assign, resolve)
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_loop, name="rollouts", daemon=True)
+
+    def _tick_loop(self) -> None:
+        # Interruptible: stop() wakes it at once rather than after a full interval.
+        while not self._stop.wait(self.cfg.rollouts.tick_s):
+            self.rollouts.tick()
+
     def start(self) -> FleetService:
         from quantfleet.agent.telemetry.config import parse_broker_url
 
@@ -91,9 +110,13 @@ class FleetService:
         self.publisher.connect(host, port, keepalive=self.cfg.mqtt.keepalive_s)
         self.publisher.loop_start()
         self.desired.republish()
+        self._ticker.start()
         return self
 
     def stop(self) -> None:
+        self._stop.set()
+        if self._ticker.is_alive():
+            self._ticker.join(30)
         self.ingest.stop()
         self.publisher.disconnect()
         self.publisher.loop_stop()

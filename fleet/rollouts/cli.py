@@ -1,0 +1,250 @@
+"""``quantfleet rollout …``: create, watch, steer and explain staged rollouts."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from quantfleet.fleet.cli_options import _config, _store, config_option
+
+from .engine import RolloutEngine, RolloutError
+from .spec import SpecError, load_spec
+
+console = Console()
+
+
+def _engine(config_path: Path, *, assign: bool = False) -> tuple[RolloutEngine, Any]:
+    cfg = _config(config_path)
+    store = _store(cfg)
+
+    def resolve(label: str) -> str:
+        from quantfleet.models.catalog import Catalog, CatalogError
+
+        try:
+            name: str = Catalog(cfg.artifacts.models_dir).resolve(label).name
+            return name
+        except CatalogError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    client = None
+    if assign:
+        from quantfleet.agent.signing import SignatureError, load_private_key
+        from quantfleet.agent.telemetry.config import parse_broker_url
+        from quantfleet.agent.telemetry.publisher import make_client
+        from quantfleet.fleet.desired import DesiredState
+
+        try:
+            key = load_private_key(cfg.artifacts.signing_key)
+        except SignatureError as exc:
+            raise click.ClickException(str(exc)) from None
+        _tls, host, port = parse_broker_url(cfg.mqtt.broker)
+        client = make_client(cfg.mqtt, f"{cfg.ingest.client_id}-rollout-{int(time.time())}")
+        try:
+            client.connect(host, port)
+        except OSError as exc:
+            raise click.ClickException(f"broker {cfg.mqtt.broker}: {exc}") from None
+        client.loop_start()
+        desired = DesiredState(store, client, key, cfg.artifacts.models_dir,
+                               cfg.artifacts.base_url, topic_root=cfg.mqtt.topic_root)
+
+        def do_assign(ids: Any, variant: str, rollout_id: str) -> None:
+            desired.set_variant(ids, variant, rollout_id=rollout_id, actor="rollout")
+    else:
+        def do_assign(ids: Any, variant: str, rollout_id: str) -> None:
+            raise click.ClickException("internal: this command does not assign devices")
+    return RolloutEngine(store, do_assign, resolve), client
+
+
+def _close(client: Any) -> None:
+    if client is not None:
+        client.disconnect()
+        client.loop_stop()
+
+
+@click.group(name="rollout")
+def rollout_group() -> None:
+    """Staged precision rollouts with statistical gates and automatic rollback."""
+
+
+@rollout_group.command(name="create")
+@config_option
+@click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--unpin", is_flag=True, help="Allow a candidate that an earlier rollback "
+              "pinned off this cohort.")
+def rollout_create(config_path: Path, spec_file: Path, unpin: bool) -> None:
+    """Start a rollout from a YAML spec; the running fleet advances it.
+
+    \b
+    Example:
+      quantfleet rollout create rollouts/q4km-eu.yaml
+    """
+    try:
+        spec = load_spec(spec_file)
+    except SpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    engine, client = _engine(config_path)
+    try:
+        engine.create(spec, unpin=unpin)
+    except RolloutError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        _close(client)
+    console.print(f"rollout {spec.name}: {spec.from_variant} → {spec.to_variant} on "
+                  f"{spec.cohort}, steps {spec.steps}")
+
+
+def _status(engine: RolloutEngine, rollout_id: str) -> dict[str, Any]:
+    r = engine.get(rollout_id)
+    spec = engine.spec(rollout_id)
+    members = engine.members(rollout_id)
+    by_outcome: dict[str, int] = {}
+    for m in members:
+        key = m["role"] if m["role"] == "control" else m["outcome"]
+        by_outcome[key] = by_outcome.get(key, 0) + 1
+    verdicts = [a for a in engine.store.audit_log(f"rollout:{rollout_id}", 1000)
+                if a["action"] == "rollout.verdict"]
+    return {"id": rollout_id, "state": r["state"], "step": r["step"] + 1,
+            "steps": spec.steps, "phase": r["phase"], "bake_extensions": r["bake_extensions"],
+            "reason": r["reason"], "from": spec.from_variant, "to": spec.to_variant,
+            "cohort": spec.cohort, "devices": by_outcome,
+            "last_verdict": verdicts[0]["evidence"] if verdicts else None}
+
+
+@rollout_group.command(name="status")
+@config_option
+@click.argument("rollout_id", required=False)
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until it ends.")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+def rollout_status(config_path: Path, rollout_id: str | None, watch: bool,
+                   as_json: bool) -> None:
+    """Progress per step, devices per state, and every gate with its evidence.
+
+    \b
+    Example:
+      quantfleet rollout status q4km-eu --watch
+    """
+    engine, _ = _engine(config_path)
+    if rollout_id is None:
+        rows = engine.rollouts()
+        if as_json:
+            click.echo(json.dumps([{k: r[k] for k in ("id", "state", "step", "reason")}
+                                   for r in rows]))
+            return
+        table = Table(title="rollouts")
+        for col in ("id", "state", "step", "reason"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["id"], r["state"], str(r["step"] + 1), r["reason"])
+        console.print(table)
+        return
+    while True:
+        try:
+            st = _status(engine, rollout_id)
+        except RolloutError as exc:
+            raise click.ClickException(str(exc)) from None
+        if as_json:
+            click.echo(json.dumps(st, default=str))
+        else:
+            _print_status(st)
+        if not watch or st["state"] in ("completed", "rolled_back", "aborted"):
+            return
+        time.sleep(2)
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    console.rule(f"rollout {st['id']}: {st['state']}")
+    console.print(f"{st['from']} → {st['to']} on {st['cohort']}; step {st['step']} of "
+                  f"{len(st['steps'])} {st['steps']} ({st['phase']}, bake extensions "
+                  f"{st['bake_extensions']})")
+    if st["reason"]:
+        console.print(f"reason: {st['reason']}")
+    console.print("devices: " + ", ".join(f"{k} {v}" for k, v in sorted(st["devices"].items())))
+    verdict = st["last_verdict"]
+    if verdict:
+        table = Table(title=f"last verdict: {verdict['verdict']} ({verdict['canary_devices']} "
+                      f"canary vs {verdict['control_devices']} control devices)")
+        for col in ("gate", "verdict", "canary", "control", "estimate", "interval", "n",
+                    "p"):
+            table.add_column(col)
+
+        def f(v: Any, pct: bool = False) -> str:
+            if v is None:
+                return "-"
+            return f"{v:.1%}" if pct else f"{v:.3g}"
+
+        for g in verdict["gates"]:
+            pct = g["metric"].endswith("_rate")
+            table.add_row(g["metric"], g["verdict"], f(g["canary"], pct), f(g["control"], pct),
+                          f(g["estimate"], pct),
+                          f"[{f(g['low'], pct)}, {f(g['high'], pct)}]",
+                          f"{g['canary_n']}/{g['control_n']}", f(g["p_value"]))
+        console.print(table)
+
+
+def _control(action: str) -> Any:
+    @click.command(name=action)
+    @config_option
+    @click.argument("rollout_id")
+    @click.option("--reason", default="", help="Recorded in the audit log.")
+    def command(config_path: Path, rollout_id: str, reason: str) -> None:
+        engine, client = _engine(config_path, assign=action in ("promote", "abort"))
+        try:
+            if action == "abort":
+                engine.abort(rollout_id, reason=reason)
+            else:
+                getattr(engine, action)(rollout_id)
+        except RolloutError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            _close(client)
+        console.print(f"rollout {rollout_id}: {engine.get(rollout_id)['state']}")
+
+    command.help = {
+        "pause": "Stop advancing a running rollout (devices stay where they are).",
+        "resume": "Continue a paused rollout (a stalled bake starts a fresh window).",
+        "promote": "Approve the next step, or push a paused rollout past its bake.",
+        "abort": "Roll every canary back to the baseline and stop.",
+    }[action] + f"\n\n\b\nExample:\n  quantfleet rollout {action} q4km-eu"
+    return command
+
+
+for _action in ("pause", "resume", "promote", "abort"):
+    rollout_group.add_command(_control(_action))
+
+
+@rollout_group.command(name="history")
+@config_option
+@click.argument("rollout_id")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+def rollout_history(config_path: Path, rollout_id: str, as_json: bool) -> None:
+    """Every transition and verdict of a rollout, oldest first, with its evidence.
+
+    \b
+    Example:
+      quantfleet rollout history q4km-eu
+    """
+    engine, _ = _engine(config_path)
+    rows = list(reversed(engine.store.audit_log(f"rollout:{rollout_id}", 10_000)))
+    if not rows:
+        raise click.ClickException(f"no history for rollout {rollout_id!r}")
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    for a in rows:
+        ev = a["evidence"]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["ts"]))
+        line = f"{when}  {a['actor']:<8} {a['action']:<20}"
+        if a["action"] == "rollout.verdict":
+            gates = ", ".join(f"{g['metric']}={g['verdict']}" for g in ev["gates"])
+            line += f" step {ev.get('step', 0) + 1}: {ev['verdict']} ({gates})"
+        elif ev.get("reason"):
+            line += f" {ev['reason']}"
+        elif "devices" in ev and isinstance(ev["devices"], list):
+            line += f" {len(ev['devices'])} devices"
+        console.print(line)
