@@ -14,7 +14,9 @@ from quantfleet.models.build import build_ladder, load_ladder
 from quantfleet.models.catalog import Catalog, sha256_file
 from quantfleet.models.sources import register_source
 
-LADDER = ["F16", "Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+GGUF_LADDER = ["F16", "Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+ONNX_LADDER = ["onnx-fp32", "onnx-int8", "onnx-int4"]  # tests/onnx/ checks them in depth
+LADDER = GGUF_LADDER + ONNX_LADDER
 
 
 def test_every_rung_is_built_and_catalogued(catalog: Catalog) -> None:
@@ -24,8 +26,11 @@ def test_every_rung_is_built_and_catalogued(catalog: Catalog) -> None:
         path = v.path(catalog.dir)
         assert path.stat().st_size == v.size_bytes
         assert sha256_file(path) == v.sha256
-        assert v.backend == "llama.cpp" and v.format == "gguf"
-        assert v.build["tool"] == "llama_model_quantize"
+        if v.precision.label in GGUF_LADDER:
+            assert v.backend == "llama.cpp" and v.format == "gguf"
+            assert v.build["tool"] == "llama_model_quantize"
+        else:
+            assert v.backend == "onnxruntime" and v.format == "onnx"
 
 
 def test_sizes_fall_down_the_ladder(catalog: Catalog) -> None:
@@ -39,7 +44,7 @@ def test_reference_says_it_is_an_upcast(catalog: Catalog) -> None:
     assert ref is not None and ref.precision.label == "F16"
     assert any("upcast from the Q4_1 source" in n for n in ref.notes)
     assert ref.build["allow_requantize"] is True
-    others = [v for v in catalog.variants if not v.reference]
+    others = [v for v in catalog.variants if not v.reference and v.format == "gguf"]
     assert all(v.build["from_sha256"] == ref.sha256 for v in others)
 
 
@@ -54,10 +59,13 @@ def test_precision_reports_the_real_tensor_types(catalog: Catalog) -> None:
 
 
 def test_rebuild_skips_what_is_verified(ladder_dir: Path) -> None:
-    mtimes = {p.name: p.stat().st_mtime_ns for p in ladder_dir.glob("*.gguf")}
+    files = [*ladder_dir.glob("*.gguf"), *ladder_dir.glob("*.onnx")]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in files}
+    assert len(mtimes) == len(LADDER)
     outcomes = build_ladder(ladder_dir)
     assert [o.action for o in outcomes] == ["verified"] * len(LADDER)
-    assert {p.name: p.stat().st_mtime_ns for p in ladder_dir.glob("*.gguf")} == mtimes
+    assert [o.variant.precision.label for o in outcomes] == LADDER
+    assert {p.name: p.stat().st_mtime_ns for p in files} == mtimes
 
 
 def test_a_damaged_rung_is_detected_and_rebuilt(tmp_path: Path) -> None:
@@ -94,6 +102,7 @@ def test_models_list_table_and_verify(ladder_dir: Path) -> None:
     assert table.exit_code == 0 and "Q4_K_M" in table.output and "(ref)" in table.output
     verify = runner.invoke(cli, ["models", "verify", "--models-dir", str(ladder_dir)])
     assert verify.exit_code == 0 and verify.output.count("ok") == len(LADDER)
+    assert "onnx-int4" in table.output and "onnxruntime" in table.output
 
 
 def test_a_user_registers_their_own_gguf(ladder_dir: Path, tmp_path: Path) -> None:
@@ -132,6 +141,9 @@ def test_packaged_ladder_parses() -> None:
     ladder = load_ladder()
     assert ladder.rungs[0].label == ladder.reference == "F16"
     assert [r.label for r in ladder.rungs] == LADDER
+    assert [r.label for r in ladder.gguf_rungs] == GGUF_LADDER
+    assert [(r.label, r.method) for r in ladder.onnx_rungs] == [
+        ("onnx-fp32", "export"), ("onnx-int8", "int8_dynamic"), ("onnx-int4", "int4_matmulnbits")]
 
 
 def test_a_damaged_catalog_is_a_clear_error(tmp_path: Path) -> None:
