@@ -280,6 +280,11 @@ class StatusPayload(WirePayload):
     )
     ts: float = Field(description="Unix time the message was made (for a Will: at connect).")
     agent_version: str = Field("", description="quantfleet version of the agent.")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="The device's own labels (from its config: hw, region, ...); the fleet's "
+        "cohorts select on them. Sent with the birth.",
+    )
 
 
 # ---------------------------------------------------------------------------

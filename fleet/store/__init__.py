@@ -245,11 +245,18 @@ class Store:
             if (status.boot_epoch == current.boot_epoch and current.status_reason == "shutdown"
                     and status.reason == "will"):
                 return False
+            values: dict[str, Any] = {
+                "online": online, "boot_epoch": status.boot_epoch,
+                "status_reason": status.reason, "agent_version": status.agent_version}
+            if status.reason == "birth" and status.labels:
+                # The device's config is the truth for the keys it reports; keys
+                # an operator added that the device does not report stay.
+                labels = conn.execute(select(schema.devices.c.labels).where(
+                    schema.devices.c.device_id == status.device_id)).scalar_one() or {}
+                values["labels"] = {**labels, **status.labels}
             conn.execute(update(schema.devices)
                          .where(schema.devices.c.device_id == status.device_id)
-                         .values(online=online, boot_epoch=status.boot_epoch,
-                                 status_reason=status.reason,
-                                 agent_version=status.agent_version))
+                         .values(**values))
         return True
 
     def record_rejection(self, topic: str, reason: str, ts: float | None = None) -> None:

@@ -132,3 +132,10 @@ def test_any_redelivery_pattern_stores_each_event_once(
         assert total_new == len(distinct) == s.event_count()
     finally:
         s.close()
+
+
+def test_a_birth_brings_the_devices_own_labels(store: Store) -> None:
+    store.set_labels("dev-1", {"canary": "yes", "hw": "old"})
+    store.apply_status(StatusPayload(device_id="dev-1", state="online", boot_epoch=1,
+                                     reason="birth", ts=1.0, labels={"hw": "rpi5"}))
+    assert store.devices()[0]["labels"] == {"canary": "yes", "hw": "rpi5"}
