@@ -106,6 +106,7 @@ def build_batches(path: Path, n: int, batch_bytes: int) -> list[bytes]:
     while (b := lanes.next()) is not None:
         out.append(b[0])
         ob.release(b[4])
+    assert sum(b.count(b'"seq":') for b in out) == n
     ob.close()
     return out
 
@@ -159,6 +160,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--batch-bytes", type=int, default=36 * 1024)
     ap.add_argument("--window", type=int, default=20, help="QoS 1 batches in flight")
+    ap.add_argument("--rounds", type=int, default=3, help="forward/bare rounds (best kept)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="qf-bench-"))
@@ -173,11 +175,16 @@ def main() -> None:
         accept, accept_cpu = bench_accept(work / "accept.db", n)
         batches = build_batches(work / "batches.db", n, args.batch_bytes)
         mean_batch = sum(map(len, batches)) / len(batches)
-        ob = fill(work / "forward.db", n)
-        fwd_events, fwd_batches, drained = bench_forward(ob, host, port, n, args.batch_bytes,
-                                                         args.window)
-        ob.close()
-        bare = bench_bare(batches, host, port, args.window)
+        # Interleaved rounds, best of each: the machine is shared, and a neighbour's
+        # burst should not decide the ratio.
+        fwd_runs, bare_runs = [], []
+        for r in range(args.rounds):
+            bare_runs.append(bench_bare(batches, host, port, args.window))
+            ob = fill(work / f"forward-{r}.db", n)
+            fwd_runs.append(bench_forward(ob, host, port, n, args.batch_bytes, args.window))
+            ob.close()
+        fwd_events, fwd_batches, drained = max(fwd_runs, key=lambda x: x[1])
+        bare = max(bare_runs)
         ingest, ingest_cpu = bench_ingest(work / "fleet.db", batches, n)
         load = os.getloadavg()[0]
         figures = {
@@ -192,6 +199,8 @@ def main() -> None:
             "bare_paho_batches_per_s": round(bare),
             "bare_paho_events_per_s": round(bare * n / len(batches)),
             "forward_vs_bare": round(fwd_batches / bare, 2),
+            "forward_batches_per_s_runs": [round(x[1]) for x in fwd_runs],
+            "bare_paho_batches_per_s_runs": [round(x) for x in bare_runs],
             "consumer_ingest_events_per_s": round(ingest),
             "consumer_ingest_events_per_cpu_s": round(ingest_cpu),
         }
@@ -209,7 +218,9 @@ def main() -> None:
         print(f"bare paho QoS 1, same batches (limit) : {figures['bare_paho_events_per_s']:>10,} "
               f"events/s {bare:>7,.0f} batches/s")
         print(f"forwarding / bare                     : {fwd_batches / bare:>10.2f}   "
-              "(target >= 0.5)")
+              f"(target >= 0.5; best of {args.rounds} interleaved rounds each: forward "
+              f"{figures['forward_batches_per_s_runs']}, bare "
+              f"{figures['bare_paho_batches_per_s_runs']} batches/s)")
         print(f"consumer ingest into SQLite           : {ingest:>10,.0f} events/s "
               f"({ingest_cpu:,.0f} per CPU-s; target >= 50,000)")
     finally:

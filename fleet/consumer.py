@@ -1,7 +1,8 @@
 """A minimal telemetry consumer: validate, store idempotently in SQLite, find gaps.
 
 It subscribes to ``{root}/devices/+/telemetry`` and ``…/status``, validates
-every payload against the wire models (``quantfleet.agent.wire``), and writes
+every payload against the wire models (``quantfleet.agent.wire``, in strict
+mode: ``"0.1"`` is not a number), and writes
 events with ``INSERT OR IGNORE`` on ``(device_id, boot_epoch, seq)``, so a
 batch delivered twice (QoS 1 is at-least-once) is stored once. Anything that
 does not validate is counted by reason and dropped; the consumer keeps going.
@@ -138,7 +139,7 @@ class TelemetryStore:
             return self._reject("unknown_topic", topic, "not a device topic")
         if leaf == "telemetry":
             try:
-                batch = TelemetryBatch.model_validate_json(payload)
+                batch = TelemetryBatch.model_validate_json(payload, strict=True)
             except ValidationError as exc:
                 return self._reject(self._classify(payload), topic, str(exc.errors()[:1]))
             if batch.schema_version != WIRE_VERSION or any(
@@ -153,7 +154,7 @@ class TelemetryStore:
             if not payload:
                 return IngestResult()  # a cleared retained message
             try:
-                status = StatusPayload.model_validate_json(payload)
+                status = StatusPayload.model_validate_json(payload, strict=True)
             except ValidationError as exc:
                 return self._reject(self._classify(payload), topic, str(exc.errors()[:1]))
             if status.schema_version != WIRE_VERSION:

@@ -427,6 +427,8 @@ class Outbox:
         if conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA query_only=1")
+            # Batches are read once, front to back: map the file instead of a read() per page.
+            conn.execute("PRAGMA mmap_size=67108864")
             self._reader.conn = conn
         return conn
 
@@ -451,6 +453,31 @@ class Outbox:
             self._mean_item = 0.8 * self._mean_item + 0.2 * (
                 sum(len(r[2]) for r in rows) / len(rows))
         return rows
+
+    def read_joined(self, after: int, before: int | None, max_bytes: int
+                    ) -> tuple[int, int, int, bytes] | None:
+        """The next rows after ``after`` (and below ``before``) as one comma-joined blob.
+
+        Returns ``(first seq, last seq, count, items)`` with ``items`` at most
+        ``max_bytes`` long (unless a single item is longer). SQLite joins the rows
+        itself, so a batch costs one query and no per-row Python. The order of the
+        items inside the blob is the scan order; nothing downstream relies on it.
+        """
+        hi = before if before is not None else 1 << 62
+        limit = max(1, int(max_bytes / self._mean_item))
+        conn = self._read_conn()
+        for _ in range(6):
+            first, last, n, joined = conn.execute(
+                "SELECT min(seq), max(seq), count(*), CAST(group_concat(item, ',') AS BLOB) "
+                "FROM (SELECT seq, item FROM outbox WHERE seq > ? AND seq < ? "
+                "ORDER BY seq LIMIT ?)", (after, hi, limit)).fetchone()
+            if not n:
+                return None
+            self._mean_item = 0.7 * self._mean_item + 0.3 * (len(joined) / n)
+            if len(joined) <= max_bytes or n == 1:
+                return int(first), int(last), int(n), bytes(joined)
+            limit = max(1, int(n * max_bytes / len(joined) * 0.97))
+        return int(first), int(last), int(n), bytes(joined)  # pragma: no cover
 
     def seq_at(self, ts: float) -> int | None:
         """The lowest committed seq recorded at or after ``ts`` (None: nothing that recent)."""

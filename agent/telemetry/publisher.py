@@ -34,7 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig, parse_broker_url
-from quantfleet.agent.telemetry.outbox import Outbox, Row
+from quantfleet.agent.telemetry.outbox import Outbox
 from quantfleet.agent.wire import WIRE_VERSION, StatusPayload, device_topic
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self.connected = threading.Event()
         self._stop_deadline = 0.0
+        self._acks = 0
+        self._wake_every = 1
         self.stopped_cleanly = False
         # figures
         self.published_batches = 0
@@ -154,8 +156,11 @@ class Publisher:
         events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         client = make_client(self.mqtt_cfg, self.client_id)
         window = self.cfg.max_inflight
+        # paho holds at most two windows: one in flight, one queued right behind it
+        # so its network thread can send the next batch the moment a PUBACK frees a
+        # slot. The rest of the backlog stays in the outbox.
         client.max_inflight_messages_set(window)
-        client.max_queued_messages_set(window + 8)
+        client.max_queued_messages_set(2 * window + 8)
         will_props = None
         connect_props = None
         if v5:
@@ -177,7 +182,11 @@ class Publisher:
 
         def on_publish(c: Any, u: Any, mid: int, rc: Any, props: Any) -> None:
             events.put(("puback", mid, rc))
-            self._kick.set()
+            # Wake the pump once per few acks, not per ack: paho has a queued window
+            # to send meanwhile, and fewer thread switches leave it the CPU.
+            self._acks += 1
+            if self._acks >= self._wake_every or rc.is_failure:
+                self._kick.set()
 
         def on_message(c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
             events.put(("message", msg.payload))
@@ -209,8 +218,15 @@ class Publisher:
                 # Refused: do nothing else on this connection (no birth, no publish).
                 log.error("broker %s:%d refused the connection: %s", self._host, self._port, rc)
                 return False
+            handed = 2 * window
             if v5 and props is not None and getattr(props, "ReceiveMaximum", None):
-                window = min(window, int(props.ReceiveMaximum))
+                receive_max = int(props.ReceiveMaximum)
+                if receive_max < window:
+                    # paho cannot lower its window once connected: hand it no more
+                    # than the broker takes (no queued second window).
+                    log.warning("broker Receive Maximum %d < max_inflight %d; using %d",
+                                receive_max, window, receive_max)
+                    handed = receive_max
             self.connects += 1
             self.connected.set()
             client.publish(self.status_topic, self._status("online", "birth"), qos=1, retain=True)
@@ -218,7 +234,8 @@ class Publisher:
             client.subscribe(self.status_topic, qos=1)
             log.info("telemetry connected to %s:%d (epoch %d)", self._host, self._port,
                      self.outbox.boot_epoch)
-            self._pump(client, events, inflight, window)
+            self._wake_every = max(1, handed // 8)
+            self._pump(client, events, inflight, handed)
             return True
         finally:
             self.connected.clear()
@@ -229,25 +246,26 @@ class Publisher:
                 client.disconnect()
 
     def _pump(self, client: mqtt.Client, events: queue.SimpleQueue[tuple[Any, ...]],
-              inflight: dict[int, _InFlight], window: int) -> None:
+              inflight: dict[int, _InFlight], handed: int) -> None:
         """Keep the window full until the connection drops or a clean stop completes."""
         # Acknowledged deletes from the last session must be committed before the
         # cursors restart, or their rows would be read again.
         self.outbox.flush()
         self._lanes = _Lanes(self.outbox, self.cfg)
         try:
-            self._pump_lanes(client, events, inflight, window)
+            self._pump_lanes(client, events, inflight, handed)
         finally:
             self._lanes.close()
 
     def _pump_lanes(self, client: mqtt.Client, events: queue.SimpleQueue[tuple[Any, ...]],
-                    inflight: dict[int, _InFlight], window: int) -> None:
+                    inflight: dict[int, _InFlight], handed: int) -> None:
         lanes = self._lanes
         retry_delay = self.cfg.backoff_initial_s
         retry_at = 0.0
         failing = False
         while True:
             self._kick.clear()
+            self._acks = 0
             while True:
                 try:
                     event = events.get_nowait()
@@ -294,7 +312,7 @@ class Publisher:
                     self.outbox.flush()
                     return
             elif not failing and now >= retry_at:
-                while len(inflight) < window:
+                while len(inflight) < handed:
                     batch = lanes.next()
                     if batch is None:
                         break
@@ -307,12 +325,12 @@ class Publisher:
                         lanes.rewind(first)
                         break
                     inflight[info.mid] = _InFlight(token, rows)
-            wait = 0.5
+            wait = 0.5 if not inflight else 0.002
             if retry_at > now:
                 wait = min(wait, retry_at - now)
             elif lanes.throttled():
                 wait = min(wait, 1.0 / self.cfg.backfill_batches_per_s)
-            self._kick.wait(max(0.005, wait))
+            self._kick.wait(max(0.001, wait))
 
     def _maybe_rebirth(self, client: mqtt.Client, payload: bytes) -> None:
         """A late Will of an older start replaced our retained birth: publish the birth again."""
@@ -330,12 +348,9 @@ class Publisher:
 class _Lanes:
     """The live lane (recent and new events) and the rate-limited backfill lane.
 
-    Rows are read a few batches at a time (one query per ``PREFETCH`` batches)
-    and the prefetched span is claimed so eviction cannot take rows from under
-    a batch about to be sent.
+    Each batch is one query (SQLite joins the items). The span about to be read
+    is claimed first, so eviction never takes rows from under a batch.
     """
-
-    PREFETCH = 8
 
     def __init__(self, outbox: Outbox, cfg: PublisherConfig) -> None:
         self.outbox = outbox
@@ -352,10 +367,6 @@ class _Lanes:
         self.prefix_live = self._prefix(False)
         self.prefix_hist = self._prefix(True)
         self.budget = int(cfg.batch_max_bytes) - sum(map(len, self.prefix_hist)) - 32
-        self.buf: list[Row] = []
-        self.buf_bytes = 0
-        self.buf_historical = False
-        self.buf_claims: list[int] = []
 
     def _prefix(self, historical: bool) -> tuple[bytes, bytes]:
         head = (f'{{"schema_version":{WIRE_VERSION},"type":"batch",'
@@ -364,16 +375,10 @@ class _Lanes:
         return head.encode(), tail.encode()
 
     def close(self) -> None:
-        """Drop the prefetched rows (they stay pending in the outbox)."""
-        for token in self.buf_claims:
-            self.outbox.release(token)
-        self.buf_claims = []
-        self.buf = []
-        self.buf_bytes = 0
+        """Nothing is held between batches (kept for symmetry with the session's end)."""
 
     def rewind(self, first: int) -> None:
         """Send again from ``first`` (a batch paho could not take)."""
-        self.close()
         if first >= self.mark:
             self.live_cursor = min(self.live_cursor, first - 1)
         else:
@@ -384,60 +389,39 @@ class _Lanes:
         """Backlog is waiting only for the rate limit."""
         return not self.backfill_done and self.cfg.backfill_batches_per_s > 0 and self.tokens < 1
 
-    def _take(self, rows: list[Row], historical: bool) -> None:
-        self.buf.extend(rows)
-        self.buf_bytes += sum([len(r[2]) + 1 for r in rows])
-        self.buf_historical = historical
-        self.buf_claims.append(self.outbox.claim(rows[0][0], rows[-1][0]))
-
-    def _refill(self) -> bool:
-        """Top the buffer up to ``PREFETCH`` batches from its lane (live first)."""
-        want = self.budget * self.PREFETCH
-        if (not self.buf or not self.buf_historical) \
-                and self.outbox.committed_seq > self.live_cursor:
-            rows = self.outbox.read(self.live_cursor, None, want - self.buf_bytes)
-            if rows:
-                self.live_cursor = rows[-1][0]
-                self._take(rows, False)
-        if (not self.buf or self.buf_historical) and not self.backfill_done:
-            rows = self.outbox.read(self.backfill_cursor, self.mark, want - self.buf_bytes)
-            if rows:
-                self.backfill_cursor = rows[-1][0]
-                self._take(rows, True)
-            elif not self.buf:
-                self.backfill_done = True
-        return bool(self.buf)
+    def _read(self, after: int, before: int | None) -> tuple[int, int, int, bytes, int] | None:
+        hold = self.outbox.claim(after + 1, (before or 1 << 62) - 1)
+        try:
+            got = self.outbox.read_joined(after, before, self.budget)
+            if got is None:
+                return None
+            return (*got, self.outbox.claim(got[0], got[1]))
+        finally:
+            self.outbox.release(hold)
 
     def next(self) -> tuple[bytes, int, int, int, int] | None:
         """The next batch: (payload, first seq, last seq, events, claim), or None for now."""
-        if self.buf and self.buf_historical and self.outbox.committed_seq > self.live_cursor:
-            # Live data arrived: it goes before the rest of the backlog.
-            self.backfill_cursor = self.buf[0][0] - 1
-            self.close()
-        # Only full batches while more rows may follow; a short one only at the end.
-        if self.buf_bytes < self.budget and not self._refill():
+        got = None
+        historical = False
+        if self.outbox.committed_seq > self.live_cursor:
+            got = self._read(self.live_cursor, None)
+            if got is not None:
+                self.live_cursor = got[1]
+        if got is None and not self.backfill_done and self._may_backfill():
+            got = self._read(self.backfill_cursor, self.mark)
+            if got is None:
+                self.backfill_done = True
+                return None
+            self.backfill_cursor = got[1]
+            historical = True
+            if self.cfg.backfill_batches_per_s > 0:
+                self.tokens -= 1
+        if got is None:
             return None
-        if self.buf_historical and not self._may_backfill():
-            return None
-        used = 0
-        n = 0
-        for row in self.buf:
-            used += len(row[2]) + 1
-            if used > self.budget and n:
-                break
-            n += 1
-        rows, self.buf = self.buf[:n], self.buf[n:]
-        self.buf_bytes -= sum([len(r[2]) + 1 for r in rows])
-        # Claim the batch before the prefetch claim goes, so eviction never gets a gap.
-        token = self.outbox.claim(rows[0][0], rows[-1][0])
-        if not self.buf:
-            self.close()
-        if self.buf_historical and self.cfg.backfill_batches_per_s > 0:
-            self.tokens -= 1
-        head, tail = self.prefix_hist if self.buf_historical else self.prefix_live
-        body = b"".join((head, repr(time.time()).encode(), tail,
-                         b",".join([r[2] for r in rows]), b"]}"))
-        return body, rows[0][0], rows[-1][0], len(rows), token
+        first, last, n, items, token = got
+        head, tail = self.prefix_hist if historical else self.prefix_live
+        body = b"".join((head, repr(time.time()).encode(), tail, items, b"]}"))
+        return body, first, last, n, token
 
     def _may_backfill(self) -> bool:
         rate = self.cfg.backfill_batches_per_s

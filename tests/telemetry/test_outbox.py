@@ -213,3 +213,21 @@ def test_items_are_valid_wire_events(tmp_path: Path) -> None:
         event = TelemetryEvent.model_validate_json(item)
         assert event.kind == kind
         assert json.loads(item)["body"]["type"] == kind
+
+
+def test_read_joined_respects_the_byte_budget_and_covers_every_row(tmp_path: Path) -> None:
+    ob = Outbox(tmp_path / "o.db", "d1")
+    for i in range(3000):
+        ob.append(request_event(i, request_id="r" * (i % 300)))  # uneven sizes
+    ob.flush()
+    cursor, seen = 0, []
+    while (got := ob.read_joined(cursor, None, 16 * 1024)) is not None:
+        first, last, n, items = got
+        assert len(items) <= 16 * 1024
+        events = json.loads(b"[" + items + b"]")
+        assert [e["seq"] for e in events] == list(range(first, last + 1)) and n == len(events)
+        seen += [e["seq"] for e in events]
+        cursor = last
+    assert seen == list(range(1, 3001))
+    assert ob.read_joined(0, 11, 1 << 20)[:3] == (1, 10, 10)  # type: ignore[index]
+    ob.close()
