@@ -88,6 +88,8 @@ class TelemetryStore:
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
+        # Fewer, larger checkpoints: ingest writes whole batches.
+        self._conn.execute("PRAGMA wal_autocheckpoint=10000")
         self._conn.executescript(SCHEMA)
         self._lock = threading.RLock()
         self._autocommit = True

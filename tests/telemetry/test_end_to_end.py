@@ -6,8 +6,11 @@ import threading
 import time
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from quantfleet.agent.wire import StatusPayload, device_topic
 from quantfleet.fleet.consumer import Consumer, TelemetryStore
 
 from .conftest import Mosquitto, wait_until
@@ -119,3 +122,32 @@ def test_failing_puback_keeps_the_rows(tmp_path: Path, topic_root: str,
         publisher.stop()
         outbox.close()
         consumer.stop()
+
+
+def test_a_stale_retained_will_is_replaced_by_a_new_birth(tmp_path: Path, topic_root: str) -> None:
+    """A Will of an older start that lands after our birth (retained) is answered with a
+    fresh birth, so even a consumer that only sees the retained message sees the truth."""
+    outbox, publisher = pipeline(tmp_path, "dev-w", 1883, topic_root)
+    try:
+        wait_until(lambda: publisher.births == 1, what="birth")
+        stale = StatusPayload(device_id="dev-w", state="offline", boot_epoch=outbox.boot_epoch - 1,
+                              reason="will", ts=time.time())
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        c.connect("127.0.0.1", 1883)
+        c.loop_start()
+        topic = device_topic("dev-w", "status", topic_root)
+        c.publish(topic, stale.model_dump_json(), qos=1, retain=True).wait_for_publish(5)
+        wait_until(lambda: publisher.births == 2, what="re-birth")
+        c.loop_stop()
+        c.disconnect()
+        # A newcomer sees only the retained message: it must be the new start's birth.
+        store = TelemetryStore(tmp_path / "fresh.db")
+        fresh = Consumer(store, root=topic_root, client_id=f"fresh-{topic_root}").start()
+        wait_until(lambda: store.status("dev-w") is not None, what="retained status")
+        status = store.status("dev-w")
+        assert status is not None
+        assert (status["state"], status["boot_epoch"]) == ("online", outbox.boot_epoch)
+        fresh.stop()
+    finally:
+        publisher.stop()
+        outbox.close()
