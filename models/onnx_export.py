@@ -171,14 +171,20 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(value, name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None,
-           outputs: list[str] | None = None, n_out: int = 1, **attrs: Any) -> Any:
+    def ops(self, op_type: str, inputs: list[str], hint: str | None = None,
+            outputs: list[str] | None = None, n_out: int = 1, **attrs: Any) -> list[str]:
+        """Add one node; return the names of its outputs."""
         from onnx import helper
 
         hint = hint or op_type.lower()
         outs = outputs or [self.name(hint) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(hint), **attrs))
-        return outs[0] if len(outs) == 1 else outs
+        return outs
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None,
+           outputs: list[str] | None = None, **attrs: Any) -> str:
+        """Add a single-output node; return its output's name."""
+        return self.ops(op_type, inputs, hint, outputs, **attrs)[0]
 
 
 def _rope_tables(cfg: DecoderConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -267,7 +273,7 @@ def build_model(gguf_path: Path | str, *, source_sha256: str = "") -> Any:
     def rope(x: str, shape5: str, shape4: str) -> str:
         # llama.cpp's NORM rotary: pairs (x[2i], x[2i+1]) rotate by pos * base^(-2i/d)
         x5 = g.op("Reshape", [x, shape5])
-        x0, x1 = g.op("Split", [x5, c["split2"]], "rope_split", n_out=2, axis=-1)
+        x0, x1 = g.ops("Split", [x5, c["split2"]], "rope_split", n_out=2, axis=-1)
         r0 = g.op("Sub", [g.op("Mul", [x0, cos]), g.op("Mul", [x1, sin])])
         r1 = g.op("Add", [g.op("Mul", [x0, sin]), g.op("Mul", [x1, cos])])
         return g.op("Reshape", [g.op("Concat", [r0, r1], axis=-1), shape4], "roped")
