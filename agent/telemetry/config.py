@@ -111,11 +111,15 @@ class MqttConfig(ConfigBase):
 class OutboxConfig(ConfigBase):
     """The durable buffer on the device."""
 
-    path: Path | None = Field(None, description="SQLite file (default: state dir/outbox.db).")
+    path: Path | None = Field(
+        None, description="SQLite file (default: $XDG_STATE_HOME/quantfleet/telemetry/outbox.db)."
+    )
     max_bytes: int = Field(64 * 1024 * 1024, ge=16 * 1024,
                            description="Cap on the bytes the outbox holds; full means evict.")
     commit_interval_s: float = Field(
-        0.5, gt=0, le=30, description="Group-commit window: appends are written this often."
+        1.0, gt=0, le=30,
+        description="Group-commit window: appends are written this often (flash wear vs. "
+                    "what a power cut can take).",
     )
     max_buffered: int = Field(
         50_000, ge=100, description="Appends held in memory before a commit is forced."
@@ -163,3 +167,20 @@ class TelemetryConfig(ConfigBase):
 
     def outbox_path(self) -> Path:
         return self.outbox.path or default_state_dir() / "telemetry" / "outbox.db"
+
+
+def config_reference() -> str:
+    """The Markdown table of every option, as docs/telemetry.md shows it (drift-tested)."""
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("", TelemetryConfig), ("mqtt.", MqttConfig), ("outbox.", OutboxConfig),
+        ("publisher.", PublisherConfig)]
+    for prefix, model in sections:
+        for name, info in model.model_fields.items():
+            if name in ("mqtt", "outbox", "publisher"):
+                continue
+            default = "(required)" if info.is_required() else (
+                "" if info.default is None else repr(info.default))
+            lines.append(f"| `{prefix}{name}` | `{default}` | {info.description} |"
+                         .replace("``", "—"))
+    return "\n".join(lines) + "\n"

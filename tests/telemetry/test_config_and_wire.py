@@ -158,3 +158,12 @@ def test_bad_device_topics(topic: str) -> None:
     with pytest.raises(ValueError, match="topic"):
         parse_device_topic(topic)
     assert parse_device_topic("quantfleet/v1/devices/d1/status") == ("d1", "status")
+
+
+def test_the_config_table_in_the_docs_matches_the_code() -> None:
+    from quantfleet.agent.telemetry.config import config_reference
+
+    doc = (ROOT / "docs" / "telemetry.md").read_text()
+    start = doc.index("<!-- config-reference:")
+    block = doc[doc.index("\n", start) + 1:doc.index("<!-- end config-reference -->")]
+    assert block == config_reference(), "regenerate with config_reference()"
