@@ -331,3 +331,58 @@ def test_client_disconnect_cancels_generation(serve_app: ServeFactory,
     assert event.error_class == "client_disconnected"
     assert 3 <= event.completion_tokens < 400
     agent.idle(10)
+
+
+# -- loading and the memory policy -----------------------------------------------------------
+
+def test_healthz_is_503_until_the_model_is_loaded(ladder_dir: Any) -> None:
+    import threading
+
+    from quantfleet.agent.serving.routing import ModelSet
+
+    from .conftest import make_config, start_app
+
+    config = make_config(ladder_dir, models={"fallback": ""})
+    release = threading.Event()
+
+    def slow_load() -> ModelSet:
+        release.wait(60)
+        return ModelSet.load(config)
+
+    agent = start_app(config, slow_load)  # type: ignore[arg-type]
+    try:
+        early = httpx.get(agent.url + "/healthz")
+        assert early.status_code == 503 and early.json()["status"] == "loading"
+        refused = httpx.post(agent.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}]})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+        assert "Retry-After" in refused.headers
+        release.set()
+        end = time.monotonic() + 120
+        while httpx.get(agent.url + "/healthz").status_code != 200:
+            assert time.monotonic() < end
+            time.sleep(0.1)
+        assert httpx.get(agent.url + "/healthz").json()["loaded"] == ["smollm2-135m-Q4_K_M"]
+    finally:
+        agent.stop()
+
+
+def test_on_demand_fallback_is_loaded_for_the_retry_and_unloaded(ladder_dir: Any) -> None:
+    from quantfleet.agent.serving.routing import ModelSet
+
+    from .conftest import make_config, start_app
+
+    config = make_config(ladder_dir, models={"fallback_load": "on_demand"},
+                         validation={"fallback_on": ["finish_reason"]})
+    models = ModelSet.load(config)
+    assert sorted(models.lanes) == ["smollm2-135m-Q4_K_M"], "only the active one at start"
+    agent = start_app(config, models)
+    try:
+        resp = oa(agent.v1).chat.completions.create(
+            model="default", max_tokens=3,
+            messages=[{"role": "user", "content": "Write an essay about mountains."}])
+        assert resp.model == "smollm2-135m-Q8_0"
+        assert ext(resp)["fallback_from"] == "smollm2-135m-Q4_K_M"
+        assert sorted(models.lanes) == ["smollm2-135m-Q4_K_M"], "unloaded after the retry"
+    finally:
+        agent.stop()

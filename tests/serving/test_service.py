@@ -277,3 +277,11 @@ def test_unix_socket_listener(tmp_path: Path, ladder_dir: Path, spawn: Any) -> N
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
+
+
+def test_serve_overrides_are_validated(tmp_path: Path, ladder_dir: Path) -> None:
+    config = write_config(tmp_path / "agent.toml", ladder_dir)
+    bad_variant = CliRunner().invoke(cli, ["serve", "--config", str(config), "-v", "Q9_9"])
+    assert bad_variant.exit_code == 1 and "models.active: no variant 'Q9_9'" in bad_variant.output
+    bad_port = CliRunner().invoke(cli, ["serve", "--config", str(config), "--port", "99999"])
+    assert bad_port.exit_code == 2 and "--port" in bad_port.output
