@@ -539,7 +539,14 @@ def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],
                         break
                     if not buffered:
                         yield chunk({"content": piece})
-                completion = fut.result()
+                try:
+                    completion = fut.result()
+                except Exception as exc:  # the status line is sent: report in-band, end
+                    log.exception("%s: generation failed mid-stream", draft.request_id)
+                    yield "data: " + json.dumps(error_body(
+                        f"generation failed: {type(exc).__name__}", "server_error",
+                        code="backend_error")) + "\n\n"
+                    return
                 if buffered:
                     if completion.tool_calls:
                         yield chunk({"tool_calls": [{"index": i, **c} for i, c in

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,18 +71,18 @@ class Completion:
         return None if self.tool_calls else self.text
 
 
-_templates: dict[int, ChatTemplate] = {}
+# Weak keys: an on-demand variant that is unloaded takes its template with it.
+_templates: weakref.WeakKeyDictionary[Backend, ChatTemplate] = weakref.WeakKeyDictionary()
 _templates_lock = threading.Lock()
 
 
 def template_for(backend: Backend) -> ChatTemplate:
     """One compiled template per backend instance (compiling Jinja costs milliseconds)."""
-    key = id(backend)
     with _templates_lock:
-        tpl = _templates.get(key)
-        if tpl is None or tpl.source != (backend.chat_template or tpl.source):
+        tpl = _templates.get(backend)
+        if tpl is None:
             tpl = ChatTemplate(backend.chat_template, **backend.special_tokens)
-            _templates[key] = tpl
+            _templates[backend] = tpl
         return tpl
 
 

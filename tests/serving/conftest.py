@@ -23,6 +23,7 @@ import uvicorn
 
 from quantfleet.agent.backends.base import (
     Backend,
+    BackendError,
     GenerationChunk,
     GenerationRequest,
     GenerationResult,
@@ -173,6 +174,8 @@ class ScriptedBackend(Backend):
             try:
                 for word in text.split(" "):
                     time.sleep(self.delay_s)
+                    if word == "<FAIL>":  # a runtime failure in the middle of a generation
+                        raise BackendError("scripted failure")
                     piece = word if not out else " " + word
                     out.append(piece)
                     yield GenerationChunk(piece, [0])

@@ -386,3 +386,22 @@ def test_on_demand_fallback_is_loaded_for_the_retry_and_unloaded(ladder_dir: Any
         assert sorted(models.lanes) == ["smollm2-135m-Q4_K_M"], "unloaded after the retry"
     finally:
         agent.stop()
+
+
+def test_a_backend_failure_is_a_500_in_the_openai_shape_and_recorded(
+        serve_app: ServeFactory, loaded: dict[str, Backend]) -> None:
+    failing = ScriptedBackend(loaded["Q4_K_M"], ["one two <FAIL> three"])
+    agent = serve_app({"Q4_K_M": failing}, models={"fallback": ""})
+    body = {"model": "default", "messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(agent.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "backend_error"
+    assert agent.wait_event().error_class == "backend_error"
+    with httpx.stream("POST", agent.url + "/v1/chat/completions", timeout=30,
+                      json={**body, "stream": True}) as s:
+        lines = [x for x in s.iter_lines() if x.startswith("data: ")]
+    assert json.loads(lines[-1][6:])["error"]["code"] == "backend_error"
+    agent.idle(10)
+    # The worker is back: the next request is served.
+    ok = ScriptedBackend(loaded["Q4_K_M"], ["fine"])
+    agent2 = serve_app({"Q4_K_M": ok}, models={"fallback": ""})
+    assert httpx.post(agent2.url + "/v1/chat/completions", json=body).status_code == 200
