@@ -1,0 +1,105 @@
+"""The verdict API on real evaluations: pass, fail and insufficient, with the evidence."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from quantfleet.fleet.evaluation.results import Comparison, EvalReport
+from quantfleet.fleet.evaluation.verdict import VerdictPolicy, judge
+
+from .conftest import comparison
+
+# A policy sized for the 10-item session sample.
+SMALL = VerdictPolicy(min_items=8, min_property_items=1, max_drop=0.25, max_overall_drop=0.2,
+                      max_flips=2, alpha=0.05, max_kld_p99_structured=0.5, min_tokens=50)
+
+
+def test_q8_passes_with_evidence(evaluation: EvalReport) -> None:
+    v = judge(comparison(evaluation, "Q8_0"), SMALL)
+    assert v.decision == "pass", v.summary()
+    names = {c.name for c in v.checks}
+    assert {"items", "drop:overall", "flips", "mcnemar", "kld_p99:structured"} <= names
+    assert any(n.startswith("drop:") and n != "drop:overall" for n in names)
+    kld = next(c for c in v.checks if c.name == "kld_p99:structured")
+    assert kld.observed is not None and kld.observed < 0.5 and kld.limit == 0.5
+
+
+def test_q2k_fails_on_flips_structure_and_mcnemar(evaluation: EvalReport) -> None:
+    v = judge(comparison(evaluation, "Q2_K"), SMALL)
+    assert v.decision == "fail"
+    failed = {c.name for c in v.failed}
+    assert {"flips", "kld_p99:structured", "mcnemar"} <= failed
+    flips = next(c for c in v.checks if c.name == "flips")
+    assert flips.observed is not None and flips.observed > 2
+    assert "fail" in v.summary() and v.candidate.endswith("Q2_K")
+
+
+def test_a_small_sample_cannot_clear_a_candidate(evaluation: EvalReport) -> None:
+    """10 items under the default policy (20 needed): Q8_0 is insufficient, not passed."""
+    v = judge(comparison(evaluation, "Q8_0"), VerdictPolicy())
+    assert v.decision == "insufficient"
+    assert next(c for c in v.checks if c.name == "items").status == "insufficient"
+    assert not v.failed
+    # ...but a small sample can still fail a clearly worse one
+    assert judge(comparison(evaluation, "Q2_K"), VerdictPolicy()).decision == "fail"
+
+
+def test_a_limit_below_the_noise_floor_cannot_be_judged(evaluation: EvalReport) -> None:
+    real = comparison(evaluation, "Q8_0")
+    assert real.noise_floor is not None and real.noise_floor.structured is not None
+    # the same evaluation on a machine whose reruns jitter more than the limit
+    noisy_floor = real.noise_floor.model_copy(update={
+        "structured": real.noise_floor.structured.model_copy(update={"kl_p99": 0.1})})
+    noisy = real.model_copy(update={"noise_floor": noisy_floor})
+    policy = SMALL.model_copy(update={"max_kld_p99_structured": 0.05})
+    v = judge(noisy, policy)
+    check = next(c for c in v.checks if c.name == "kld_p99:structured")
+    assert check.status == "insufficient" and "noise floor" in check.detail
+    assert v.decision == "insufficient"
+
+
+def test_too_few_scored_tokens_is_insufficient(evaluation: EvalReport) -> None:
+    policy = SMALL.model_copy(update={"min_tokens": 100_000})
+    v = judge(comparison(evaluation, "Q8_0"), policy)
+    assert next(c for c in v.checks if c.name == "kld_p99:structured").status == "insufficient"
+    assert v.decision == "insufficient"
+
+
+def test_per_property_override(evaluation: EvalReport) -> None:
+    q2 = comparison(evaluation, "Q2_K")
+    worst = max(q2.properties, key=lambda p: q2.properties[p].drop)
+    lenient = SMALL.model_copy(update={"max_flips": None, "alpha": None,
+                                       "max_kld_p99_structured": None, "max_overall_drop": 1.0,
+                                       "max_drop": 1.0})
+    assert judge(q2, lenient).decision == "pass"
+    strict = lenient.model_copy(update={"max_drop_by_property": {worst: 0.0}})
+    v = judge(q2, strict)
+    assert v.decision == "fail" and [c.name for c in v.failed] == [f"drop:{worst}"]
+
+
+def test_verdict_from_stored_json_is_the_same(evaluation: EvalReport) -> None:
+    """A device can ship its comparison; the fleet judges it later without a model."""
+    for c in evaluation.comparisons:
+        again = Comparison.model_validate_json(c.model_dump_json())
+        assert judge(again, SMALL) == judge(c, SMALL)
+
+
+def test_policy_rejects_unknown_and_out_of_range_fields() -> None:
+    with pytest.raises(ValueError, match="max_flip"):
+        VerdictPolicy.model_validate({"max_flip": 3})
+    with pytest.raises(ValueError, match="max_drop"):
+        VerdictPolicy.model_validate({"max_drop": 1.5})
+
+
+def test_the_device_side_modules_need_no_operator_dependencies() -> None:
+    """The agent's pre-flight imports these on a device: no scipy, matplotlib, yaml, ORM."""
+    code = (
+        "import sys\n"
+        "import quantfleet.fleet.evaluation.verdict, quantfleet.fleet.evaluation.runner\n"
+        "bad = {'scipy', 'matplotlib', 'yaml', 'sqlalchemy'} & set(sys.modules)\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
