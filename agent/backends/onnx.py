@@ -5,10 +5,12 @@ logits of the last ``logits_to_keep`` positions plus the present cache, so
 generation is incremental. Tokenization is ``onnx_tokenizer.BPETokenizer``
 over the vocabulary stored in the file, which gives llama.cpp's ids exactly.
 
-Structured output: this backend cannot mask tokens, so a JSON-schema request
-is answered by validate-and-retry (``constraint="validate_retry"``): the
-output is parsed and validated against the schema, and a failed attempt is
-retried with sampling, up to ``JSON_ATTEMPTS`` times.
+Structured output: the schema is not compiled to a token mask, so a
+JSON-schema request is answered by validate-and-retry
+(``constraint="validate_retry"``): each attempt is held to JSON syntax (and
+the schema's root type) by a token filter (``onnx_json.JsonPrefix``), then
+parsed and validated against the schema; a failed attempt is retried with
+sampling, up to ``JSON_ATTEMPTS`` times.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .base import (
     StreamHandle,
 )
 from .gguf_file import ModelFileError
+from .onnx_json import DONE, JsonPrefix
 from .onnx_tokenizer import BPETokenizer, TokenizerError
 from .stops import StopScanner
 
@@ -46,6 +49,7 @@ META_TOKENIZER = "quantfleet.tokenizer"
 META_CHAT_TEMPLATE = "quantfleet.chat_template"
 JSON_ATTEMPTS = 3
 RETRY_TEMPERATURE = 0.7
+JSON_CANDIDATES = 256  # most likely tokens tried against the JSON syntax before the rest
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
@@ -277,8 +281,39 @@ class OnnxBackend(Backend):
             order, p = order[:cut], p[:cut] / p[:cut].sum()
         return int(order[rng.choice(len(order), p=p)])
 
+    def _pick_json(self, logits: np.ndarray, request: GenerationRequest,
+                   rng: np.random.Generator, state: JsonPrefix) -> tuple[int, JsonPrefix] | None:
+        """The sampled token among those that keep the output a JSON prefix."""
+        order = np.argsort(-logits, kind="stable")
+        want = 1 if request.temperature <= 0 else max(request.top_k, 40)
+        states: dict[int, JsonPrefix] = {}
+        for start in (0, JSON_CANDIDATES):  # the rest of the vocabulary only if needed
+            part = order[:JSON_CANDIDATES] if start == 0 else order[JSON_CANDIDATES:]
+            for t in part:
+                token = int(t)
+                if token in self._tok.eog_ids:
+                    if state.complete:
+                        states[token] = state
+                else:
+                    data = self._tok.token_bytes(token)
+                    trial = state.copy()
+                    if data and trial.accepts(data):
+                        states[token] = trial
+                if len(states) >= want:
+                    break
+            if states:
+                break
+        if not states:
+            return None
+        masked = np.full_like(logits, -np.inf)
+        allowed = np.fromiter(states, dtype=np.int64)
+        masked[allowed] = logits[allowed]
+        token = self._sample(masked, request, rng)
+        return token, states[token]
+
     def _generate(self, request: GenerationRequest, prompt: list[int],
-                  handle: StreamHandle) -> Iterator[GenerationChunk]:
+                  handle: StreamHandle, json_state: JsonPrefix | None = None
+                  ) -> Iterator[GenerationChunk]:
         watch = Stopwatch()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         scanner = StopScanner(request.stop)
@@ -294,7 +329,14 @@ class OnnxBackend(Backend):
                 logits, past = self._prefill(prompt, reuse)
                 seen = list(prompt)
                 while True:
-                    token = self._sample(logits, request, rng)
+                    if json_state is None:
+                        token = self._sample(logits, request, rng)
+                    else:
+                        picked = self._pick_json(logits, request, rng, json_state)
+                        if picked is None:
+                            finish = "stop"
+                            break
+                        token, json_state = picked
                     watch.mark_token()
                     if token in self._tok.eog_ids:
                         finish = "stop"
@@ -304,7 +346,7 @@ class OnnxBackend(Backend):
                     emit, hit = scanner.feed(piece)
                     if emit:
                         yield GenerationChunk(emit, [token])
-                    if hit:
+                    if hit or (json_state is not None and json_state.mode == DONE):
                         finish = "stop"
                         break
                     if len(generated) >= max_tokens:
@@ -351,7 +393,8 @@ class OnnxBackend(Backend):
                     req = _replace(request, temperature=max(request.temperature,
                                                             RETRY_TEMPERATURE), seed=seed)
                 inner = StreamHandle(iter(()))
-                inner._chunks = self._generate(_replace(req, json_schema=None), prompt, inner)
+                inner._chunks = self._generate(_replace(req, json_schema=None), prompt, inner,
+                                               JsonPrefix.for_schema(schema))
                 for _ in inner:
                     pass
                 result = inner.result
