@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from quantfleet.agent.telemetry.config import TelemetryConfig
 from quantfleet.models.catalog import default_models_dir
 
 from .serving.validation import DEFAULT_CITATION_PATTERN, DEFAULT_REFUSAL_PATTERNS
@@ -153,9 +154,10 @@ class ConcurrencyConfig(_Section):
                                    "in-flight requests may finish before they are cancelled.")
 
 
-class TelemetryConfig(_Section):
-    events_file: Path | None = Field(None, description="Append one JSON line per request "
-                                     "event here (until the durable outbox takes over).")
+class EventsConfig(_Section):
+    events_file: Path | None = Field(None, description="Also append one JSON line per "
+                                     "request event here (a local log; [telemetry] is the "
+                                     "durable path to the fleet).")
     memory_events: int = Field(1000, ge=0, description="Recent events kept in memory.")
 
 
@@ -172,8 +174,11 @@ class AgentConfig(_Section):
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Tiers.")
     concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig,
                                            description="Backpressure.")
-    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig,
-                                       description="Request events.")
+    events: EventsConfig = Field(default_factory=EventsConfig,
+                                 description="Local copies of the request events.")
+    telemetry: TelemetryConfig | None = Field(
+        None, description="The durable telemetry path (SQLite outbox forwarded over MQTT); "
+        "its options are in docs/telemetry.md. Absent: events stay on the device.")
 
     @model_validator(mode="after")
     def _routes_resolve(self) -> AgentConfig:
@@ -182,6 +187,12 @@ class AgentConfig(_Section):
         if self.models.fallback is None and "tiers" not in self.routing.model_fields_set:
             # The default tiers route "high" to the fallback; without one, only "default".
             self.routing.tiers = {"default": "active"}
+        if self.telemetry is not None:
+            if "id" not in self.device.model_fields_set:
+                self.device.id = self.telemetry.device_id
+            elif self.device.id != self.telemetry.device_id:
+                raise ValueError(f"telemetry.device_id {self.telemetry.device_id!r} differs "
+                                 f"from device.id {self.device.id!r}")
         if "default" not in self.routing.tiers:
             raise ValueError("routing.tiers must define a 'default' tier")
         for tier, target in self.routing.tiers.items():
@@ -269,6 +280,9 @@ def reference_markdown() -> str:
     ]
     for name, field in AgentConfig.model_fields.items():
         section = field.annotation
+        if name == "telemetry":
+            lines += [f"## [{name}]", "", field.description or "", ""]
+            continue
         assert isinstance(section, type) and issubclass(section, BaseModel)
         lines += [f"## [{name}]", "", field.description or "", "",
                   "| option | type | default | meaning |", "|---|---|---|---|"]

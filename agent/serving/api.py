@@ -285,7 +285,7 @@ def _reject(exc: Rejected) -> ApiError:
 
 def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],
                recorder: Recorder | None = None, metrics: Metrics | None = None) -> FastAPI:
-    service = AgentService(config, recorder or MemoryRecorder(config.telemetry.memory_events),
+    service = AgentService(config, recorder or MemoryRecorder(config.events.memory_events),
                            metrics or agent_metrics())
 
     @asynccontextmanager

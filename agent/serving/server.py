@@ -28,11 +28,17 @@ from .systemd import Notifier
 log = logging.getLogger(__name__)
 
 
-def build_recorder(config: AgentConfig) -> Recorder:
-    memory = MemoryRecorder(config.telemetry.memory_events)
-    if config.telemetry.events_file is None:
-        return memory
-    return TeeRecorder(memory, JsonlRecorder(config.telemetry.events_file))
+def build_recorder(config: AgentConfig, variant: Callable[[], str | None] = lambda: None
+                   ) -> Recorder:
+    """Memory, plus the JSON-lines file and the durable telemetry path when configured."""
+    sinks: list[Recorder] = [MemoryRecorder(config.events.memory_events)]
+    if config.events.events_file is not None:
+        sinks.append(JsonlRecorder(config.events.events_file))
+    if config.telemetry is not None:
+        from quantfleet.agent.telemetry.service import TelemetryService
+
+        sinks.append(TelemetryService(config.telemetry, variant).start())
+    return sinks[0] if len(sinks) == 1 else TeeRecorder(*sinks)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -62,8 +68,16 @@ class _DrainingServer(uvicorn.Server):
 
 def serve(config: AgentConfig, models: Callable[[], ModelSet] | None = None,
           log_level: str = "info") -> int:
-    app = create_app(config, models or (lambda: ModelSet.load(config)), build_recorder(config))
+    holder: list[AgentService] = []
+
+    def active() -> str | None:
+        models_ = holder[0].models if holder else None
+        return models_.active if models_ is not None else None
+
+    app = create_app(config, models or (lambda: ModelSet.load(config)),
+                     build_recorder(config, active))
     service: AgentService = app.state.service
+    holder.append(service)
     notifier = Notifier()
 
     def ready() -> None:
