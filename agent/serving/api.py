@@ -425,6 +425,7 @@ def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],
         if req.stream:
             return await _stream(req, draft, lane, backend, prepared, deadline)
         fut, cancel = await service.generate(lane, backend, prepared, deadline)
+        watcher = asyncio.create_task(_watch_disconnect(request, fut, cancel))
         try:
             completion = await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -434,10 +435,19 @@ def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],
             raise ApiError(500, f"generation failed: {exc}", "server_error",
                            code="backend_error") from None
         finally:
+            watcher.cancel()
             if models_.on_demand:
                 await models_.done_with(variant)
         draft.attempt_tokens = completion.result.prompt_tokens + \
             completion.result.completion_tokens
+        if completion.finish_reason == "cancelled" and watcher.done() and \
+                not watcher.cancelled() and watcher.result():
+            # Nobody is listening any more; 499 as proxies log it, for the event only.
+            service.quotas.charge(draft.client or "anonymous", draft.attempt_tokens)
+            draft.validations = completion.validations
+            service.record(draft, 499, error_class="client_disconnected",
+                           completion=completion)
+            return Response(status_code=499)
         if completion.finish_reason == "cancelled":
             service.quotas.charge(draft.client or "anonymous", draft.attempt_tokens)
             draft.validations = completion.validations
@@ -574,6 +584,18 @@ def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],
                                  headers={**_headers(draft), "Cache-Control": "no-cache"})
 
     return app
+
+
+async def _watch_disconnect(request: Request, fut: asyncio.Future[Completion],
+                            cancel: threading.Event) -> bool:
+    """Stop a non-streamed generation whose client has gone (True when it had)."""
+    while not fut.done():
+        if await request.is_disconnected():
+            log.info("client disconnected before the answer; cancelling")
+            cancel.set()
+            return True
+        await asyncio.sleep(0.2)
+    return False
 
 
 def _headers(draft: Draft) -> dict[str, str]:

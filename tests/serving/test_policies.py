@@ -405,3 +405,16 @@ def test_a_backend_failure_is_a_500_in_the_openai_shape_and_recorded(
     ok = ScriptedBackend(loaded["Q4_K_M"], ["fine"])
     agent2 = serve_app({"Q4_K_M": ok}, models={"fallback": ""})
     assert httpx.post(agent2.url + "/v1/chat/completions", json=body).status_code == 200
+
+
+def test_non_streamed_client_that_gives_up_cancels_generation(
+        serve_app: ServeFactory, loaded: dict[str, Backend]) -> None:
+    agent = serve_app({"Q4_K_M": loaded["Q4_K_M"]}, models={"fallback": ""})
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(agent.url + "/v1/chat/completions", timeout=httpx.Timeout(10, read=1.0),
+                   json={"model": "default", "max_tokens": 480,
+                         "messages": [{"role": "user", "content": "Write a long story."}]})
+    event = agent.wait_event(timeout=30)
+    assert event.status == 499 and event.error_class == "client_disconnected"
+    assert event.finish_reason == "cancelled" and event.completion_tokens < 480
+    agent.idle(10)
