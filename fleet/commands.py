@@ -286,6 +286,57 @@ def signals_cmd(config_path: Path, selector: str, window_text: str,
                       f"truncation {drift.truncation}")
 
 
+@click.command(name="simulate")
+@config_option
+@click.option("--devices", "n_devices", default=200, show_default=True,
+              type=click.IntRange(1, 100_000), help="How many devices to simulate.")
+@click.option("--baseline", default="Q8_0", show_default=True,
+              help="The variant every device starts on.")
+@click.option("--rate", default=1.0, show_default=True, type=click.FloatRange(0, 1000),
+              help="Requests per second per device.")
+@click.option("--duration", default=0.0, show_default="until Ctrl-C",
+              type=click.FloatRange(0), help="Seconds to run.")
+@click.option("--profile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Per-variant quality from `quantfleet eval --json` output.")
+@click.option("--fail-updates", default=0.0, type=click.FloatRange(0, 1),
+              help="Share of devices whose update fails.")
+@click.option("--offline-on-update", default=0.0, type=click.FloatRange(0, 1),
+              help="Share of devices that go offline when asked to update.")
+@click.option("--prefix", default="sim", show_default=True, help="Device id prefix.")
+def simulate_cmd(config_path: Path, n_devices: int, baseline: str, rate: float,
+                 duration: float, profile: Path | None, fail_updates: float,
+                 offline_on_update: float, prefix: str) -> None:
+    """Simulate devices on the real wire protocol: births, updates, telemetry.
+
+    \b
+    Example:
+      quantfleet simulate --devices 300 --baseline Q8_0 --duration 600
+    """
+    from quantfleet.models.catalog import Catalog, CatalogError
+
+    from .simulate import Faults, FleetSimulator, load_profile
+
+    cfg = _config(config_path)
+    try:
+        base = Catalog(cfg.artifacts.models_dir).resolve(baseline).name
+    except CatalogError as exc:
+        raise click.ClickException(str(exc)) from None
+    sim = FleetSimulator(cfg.mqtt, n_devices, baseline=base, requests_per_s=rate,
+                         profile=load_profile(profile), prefix=prefix,
+                         faults=Faults(fail_update=fail_updates,
+                                       offline_on_update=offline_on_update)).start()
+    console.print(f"simulating {n_devices} devices on {base}")
+    started = time.monotonic()
+    try:
+        while not duration or time.monotonic() - started < duration:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sim.stop()
+    console.print(f"published {sim.published} messages; devices per variant: {sim.variants()}")
+
+
 def _rollout_group() -> click.Group:
     from .rollouts.cli import rollout_group
 
@@ -293,4 +344,4 @@ def _rollout_group() -> click.Group:
 
 
 COMMANDS = [serve_cmd, keys_group, devices_group, cohorts_group, desired_group, signals_cmd,
-            _rollout_group()]
+            simulate_cmd, _rollout_group()]

@@ -277,6 +277,7 @@ class RolloutEngine:
 
     def _wait_step(self, rollout_id: str, spec: RolloutSpec, r: dict[str, Any]) -> None:
         now = self.clock()
+        self._reassign_lost(rollout_id, spec, now)
         devices = {d["device_id"]: d for d in self.store.devices()}
         changed = []
         for m in self.members(rollout_id):
@@ -331,6 +332,24 @@ class RolloutEngine:
             self._set(rollout_id, phase="baking", phase_started_at=now, bake_extensions=0)
             self._audit(rollout_id, "rollout.bake", {"step": r["step"], "healthy": sum(
                 1 for m in canaries if m["outcome"] == "healthy")})
+
+    def _reassign_lost(self, rollout_id: str, spec: RolloutSpec, now: float) -> None:
+        """Pending canaries whose desired state never went out (the fleet stopped part-way
+        through an assignment) are assigned again, with a fresh deadline."""
+        pending = [m["device_id"] for m in self.members(rollout_id)
+                   if m["role"] == "canary" and m["outcome"] == "pending"]
+        if not pending:
+            return
+        sent = {p.device_id for p in self.store.desired(pending) if p.variant == spec.to_variant}
+        lost = [d for d in pending if d not in sent]
+        if not lost:
+            return
+        with self.store.engine.begin() as conn:
+            conn.execute(update(schema.rollout_devices).where(and_(
+                schema.rollout_devices.c.rollout_id == rollout_id,
+                schema.rollout_devices.c.device_id.in_(lost))).values(assigned_at=now))
+        self.assign(lost, spec.to_variant, rollout_id)
+        self._audit(rollout_id, "rollout.assign", {"devices": lost, "resumed": True})
 
     def samples(self, rollout_id: str, spec: RolloutSpec, window: tuple[float, float]
                 ) -> tuple[dict[str, Sample], dict[str, Sample], int, int]:

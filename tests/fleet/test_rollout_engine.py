@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from quantfleet.agent.wire import (
+    DesiredPayload,
     DeviceStatePayload,
     RequestEvent,
     StatusPayload,
@@ -61,6 +62,9 @@ class World:
             target=target, ts=self.now))
 
     def assign(self, ids: Sequence[str], variant: str, rollout_id: str) -> None:
+        """What DesiredState.set_variant does: store the desired state, send it."""
+        for d in ids:
+            self.store.put_desired(d, lambda rev, d=d: _desired(d, rev, variant))
         self.pending.extend((d, variant) for d in ids)
 
     def devices_act(self) -> None:
@@ -243,3 +247,34 @@ def test_a_device_that_refuses_the_update_fails_the_step(world: World) -> None:
     engine.create(spec(steps=[2, "100%"]))
     assert world.run(engine, "r1") == "rolled_back"
     assert "device update(s) failed" in engine.get("r1")["reason"]
+
+
+def test_an_assignment_cut_short_by_a_restart_is_completed(world: World) -> None:
+    world.add(20)
+
+    class Crash(Exception):
+        pass
+
+    sent: list[str] = []
+
+    def flaky_assign(ids: Sequence[str], variant: str, rollout_id: str) -> None:
+        for i, d in enumerate(ids):
+            if i == 2:
+                raise Crash  # the fleet dies after two devices got their desired state
+            world.store.put_desired(d, lambda rev, d=d: _desired(d, rev, variant))
+            sent.append(d)
+            world.pending.append((d, variant))
+
+    first = RolloutEngine(world.store, flaky_assign, clock=world.clock)
+    first.create(spec(steps=["25%", "100%"]))
+    first.tick()  # logs the crash, the rows are written
+    assert len(sent) == 2
+
+    second = RolloutEngine(world.store, world.assign, clock=world.clock)
+    assert world.run(second, "r1") == "completed"
+
+
+def _desired(device: str, revision: int, variant: str) -> DesiredPayload:
+    return DesiredPayload(device_id=device, revision=revision, variant=variant,
+                          backend="llama.cpp", sha256="0" * 64, size_bytes=1,
+                          url="http://fleet/x", signature="s", issued_at=0.0)
