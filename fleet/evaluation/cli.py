@@ -12,7 +12,7 @@ from rich.console import Console
 
 from quantfleet.models.catalog import default_models_dir
 
-from .golden import GoldenFileError, load_golden, starter_golden_path
+from .golden import GoldenFileError, first_error, load_golden, starter_golden_path
 
 _out = Console(width=None if sys.stdout.isatty() else 140)
 _err = Console(stderr=True)
@@ -31,9 +31,7 @@ def _load_policy(path: Path | None):  # type: ignore[no-untyped-def]
     except (OSError, json.JSONDecodeError) as exc:
         raise click.ClickException(f"--policy {path}: not readable JSON ({exc})") from None
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise click.ClickException(f"--policy {path}: {where}: {err['msg']}") from None
+        raise click.ClickException(f"--policy {path}: {first_error(exc)}") from None
 
 
 @click.command(name="eval")
@@ -130,10 +128,10 @@ def eval_cmd(models_dir: Path, golden_file: Path | None, variants: str, baseline
 
         if md_path is not None:
             md_path.parent.mkdir(parents=True, exist_ok=True)
-            md_path.write_text(render.markdown(report, verdicts))
+            md_path.write_text(render.markdown(report, verdicts, policy))
         if html_path is not None:
             html_path.parent.mkdir(parents=True, exist_ok=True)
-            html_path.write_text(render.html(report, verdicts))
+            html_path.write_text(render.html(report, verdicts, policy))
     if as_json:
         click.echo(json.dumps(payload))
         return

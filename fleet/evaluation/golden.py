@@ -202,7 +202,7 @@ class GoldenItem(_Strict):
         try:  # the agent's own request model: a golden item is a request it would accept
             ChatRequest.model_validate(self.request_body())
         except ValidationError as exc:
-            raise ValueError(f"not a request the agent accepts: {_first_error(exc)}") from None
+            raise ValueError(f"not a request the agent accepts: {first_error(exc)}") from None
         return self
 
     def request_body(self) -> dict[str, Any]:
@@ -267,7 +267,8 @@ class GoldenSet:
                          tuple(self.items[i] for i in sorted(picked)))
 
 
-def _first_error(exc: ValidationError) -> str:
+def first_error(exc: ValidationError) -> str:
+    """The first pydantic error as "where: why", in the words a file's author needs."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
@@ -296,7 +297,7 @@ def parse_golden(text: str, path: Path | str = "<golden>") -> GoldenSet:
         except ValidationError as exc:
             ident = raw.get("id")
             prefix = f"item {ident!r}: " if isinstance(ident, str) else ""
-            raise GoldenFileError(path, lineno, prefix + _first_error(exc)) from None
+            raise GoldenFileError(path, lineno, prefix + first_error(exc)) from None
         if item.id in seen:
             raise GoldenFileError(path, lineno,
                                   f"duplicate id {item.id!r} (first on line {seen[item.id]})")

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .results import Comparison, EvalReport, LogitSummary
-from .verdict import Verdict
+from .verdict import Verdict, VerdictPolicy
 
 
 def _pct(x: float) -> str:
@@ -128,7 +128,16 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def markdown(report: EvalReport, verdicts: dict[str, Verdict]) -> str:
+def policy_line(policy: VerdictPolicy | None) -> str:
+    """The policy's settings that differ from the defaults, for the report's verdict section."""
+    if policy is None:
+        return "policy: the defaults"
+    changed = policy.model_dump(exclude_defaults=True)
+    return "policy: " + (", ".join(f"{k}={v}" for k, v in changed.items()) or "the defaults")
+
+
+def markdown(report: EvalReport, verdicts: dict[str, Verdict],
+             policy: VerdictPolicy | None = None) -> str:
     header, rows = property_rows(report)
     parts = [
         f"# Evaluation: {', '.join(v.precision for v in report.variants)} "
@@ -163,7 +172,7 @@ def markdown(report: EvalReport, verdicts: dict[str, Verdict]) -> str:
             parts.append(f"- **{c.candidate}**: {flips}")
         else:
             parts.append(f"- **{c.candidate}**: none")
-    parts += ["", "## Verdicts (default policy)", ""]
+    parts += ["", "## Verdicts", "", policy_line(policy), ""]
     for v in verdicts.values():
         parts.append(f"- {v.summary()}")
     return "\n".join(parts) + "\n"
@@ -217,15 +226,18 @@ def _kld_plot(report: EvalReport) -> str:
             values = np.sort(np.asarray(samples.get(which, []), dtype=float))
             if values.size == 0:
                 continue
-            values = np.maximum(values, 1e-7)  # log axis: exact zeros at the floor
+            label = f"{report.baseline} noise floor" if name == "noise" else name
+            values = np.maximum(values, 1e-7)  # log axis: exact zeros drawn at 1e-7
             y = 1.0 - np.arange(values.size) / values.size
-            ax.step(values, y, where="post", label=name)
+            ax.step(values, y, where="post", label=label,
+                    **({"color": "grey", "linestyle": ":", "linewidth": 2}
+                       if name == "noise" else {}))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(f"per-token KLD, {which} tokens (nats)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("share of tokens with KLD ≥ x")
-    axes[1].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     fig.suptitle("KLD distribution against the baseline (tail on the right)")
     return _svg(fig)
 
@@ -248,7 +260,7 @@ def _flips_plot(report: EvalReport) -> str:
                color=ax.patches[-1].get_facecolor())
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(x, cats)
-    ax.set_ylabel("items (up: pass→fail, down: fail→pass)")
+    ax.set_ylabel("items (up: pass→fail,\nfaded down: fail→pass)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.suptitle("flips per category against the baseline")
@@ -273,7 +285,8 @@ details { margin: 0.3rem 0; }
 Golden set <code>{{ r.golden.path }}</code>: {{ r.golden.items }} of {{ r.golden.total_items }}
 items (sha256 {{ r.golden.sha256[:12] }}) · finished {{ r.created_at }}
 · {{ "%.0f"|format(r.seconds) }} s</p>
-<h2>Verdicts (default policy)</h2>
+<h2>Verdicts</h2>
+<p>{{ policy }}</p>
 <ul>{% for v in verdicts %}<li class="{{ v.decision }}">{{ v.summary() }}</li>{% endfor %}</ul>
 {{ quality|safe }}
 <h2>Variants</h2>
@@ -305,7 +318,8 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def html(report: EvalReport, verdicts: dict[str, Verdict]) -> str:
+def html(report: EvalReport, verdicts: dict[str, Verdict],
+         policy: VerdictPolicy | None = None) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,6 +335,7 @@ def html(report: EvalReport, verdicts: dict[str, Verdict]) -> str:
         variants=_html_table(VARIANT_HEADER, variant_rows(report)),
         compare=_html_table(COMPARE_HEADER, compare_rows(report, verdicts)),
         props=_html_table(header, rows), noise=noise_line(report), answers=answers,
+        policy=policy_line(policy),
     )
 
 

@@ -151,3 +151,5 @@ class EvalReport(_Data):
         description="Per variant, per split (structured, prose): per-token KL values, "
         "for plotting distributions.")
     seconds: float = Field(description="Wall time of the whole evaluation.")
+    teacher_forcing_seconds: float | None = Field(
+        None, description="Wall time of the teacher-forcing phase (all backends).")

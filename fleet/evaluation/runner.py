@@ -212,7 +212,8 @@ def evaluate(catalog: Catalog, golden: GoldenSet, variants: Sequence[str], basel
         t0 = time.perf_counter()
         limits = {NOISE: opts.noise_items} if opts.noise_items is not None else {}
         accs = teacher_force(runs[0].backend, others, items, runs[0].answers, limits=limits)
-        say(f"teacher forcing: {(time.perf_counter() - t0) / max(1, len(items)):.2f} s per item")
+        tf_seconds = time.perf_counter() - t0
+        say(f"teacher forcing: {tf_seconds / max(1, len(items)):.2f} s per item")
         noise_split = accs[NOISE].split() if opts.noise_floor else None
         comparisons = [
             compare_runs(runs[0].name, r.name, runs[0].runs, r.runs,
@@ -229,7 +230,7 @@ def evaluate(catalog: Catalog, golden: GoldenSet, variants: Sequence[str], basel
             baseline=runs[0].name, variants=[r.result() for r in runs],
             comparisons=comparisons, noise_load=noise_load if opts.noise_floor else None,
             kl_samples={name: _sample_kl(acc) for name, acc in accs.items()},
-            seconds=time.perf_counter() - started,
+            seconds=time.perf_counter() - started, teacher_forcing_seconds=tf_seconds,
         )
     finally:
         if NOISE in others:

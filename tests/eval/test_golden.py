@@ -187,3 +187,14 @@ def test_any_json_object_is_either_an_item_or_a_located_error(raw: dict[str, Any
         parse_golden(text, "fuzz.jsonl")
     except GoldenFileError as exc:
         assert exc.line == 1 and exc.reason
+
+
+def test_every_property_and_policy_field_is_documented() -> None:
+    """docs/eval.md is the format's reference; it must not drift from the models."""
+    from quantfleet.fleet.evaluation.golden import Expect, GoldenItem
+    from quantfleet.fleet.evaluation.verdict import VerdictPolicy
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "eval.md").read_text()
+    for model in (Expect, GoldenItem, VerdictPolicy):
+        for name in model.model_fields:
+            assert f"`{name}" in doc, f"{model.__name__}.{name} is not in docs/eval.md"
