@@ -358,32 +358,32 @@ class RolloutEngine:
         canary = {m["device_id"]: m["stratum"] for m in members
                   if m["role"] == "canary" and m["outcome"] == "healthy"}
         cohort = self._cohort(spec)
+        ever_canary = {m["device_id"] for m in members if m["role"] == "canary"}
         control = {d["device_id"]: self._strata(spec, d) for d in cohort
-                   if d["device_id"] not in canary and d["variant"] == spec.from_variant
-                   and not any(m["device_id"] == d["device_id"] and m["role"] == "canary"
-                               for m in members)}
+                   if d["device_id"] not in ever_canary and d["variant"] == spec.from_variant}
         e = schema.events
         cols = [e.c.device_id, e.c.status, e.c.latency_s, e.c.attempt_tokens,
-                e.c.validation_failed, e.c.tool_call_ok, e.c.refused, e.c.fallback,
-                e.c.variant]
-        rows_by: dict[str, list[Any]] = {"canary": [], "control": []}
+                e.c.validation_failed, e.c.tool_call_ok, e.c.refused, e.c.fallback]
+        rows_by: dict[str, list[Any]] = {}
+        # One query per variant over the window, split by membership here: cheaper
+        # than IN-lists of thousands of ids, and .all() fetches in bulk.
         with self.store.engine.connect() as conn:
             for role, ids, variant in (("canary", canary, spec.to_variant),
                                        ("control", control, spec.from_variant)):
-                id_list = list(ids)
-                for k in range(0, len(id_list), 5000):
-                    q = select(*cols).where(and_(
-                        e.c.kind == "request", e.c.ts >= window[0], e.c.ts < window[1],
-                        e.c.variant == variant, e.c.device_id.in_(id_list[k:k + 5000])))
-                    rows_by[role].extend(conn.execute(q))
+                q = select(*cols).where(and_(
+                    e.c.kind == "request", e.c.ts >= window[0], e.c.ts < window[1],
+                    e.c.variant == variant))
+                rows_by[role] = [row for row in conn.execute(q).all() if row[0] in ids]
+
         def split(rows: list[Any], strata: dict[str, str]) -> dict[str, Sample]:
-            out = {"*": Sample.from_rows(rows)}
+            out = {"*": Sample.from_tuples(rows)}
             if spec.stratify_by:
                 groups: dict[str, list[Any]] = {}
                 for row in rows:
-                    groups.setdefault(strata[row.device_id], []).append(row)
-                out.update({k: Sample.from_rows(v) for k, v in groups.items()})
+                    groups.setdefault(strata[row[0]], []).append(row)
+                out.update({k: Sample.from_tuples(v) for k, v in groups.items()})
             return out
+
         return (split(rows_by["canary"], canary), split(rows_by["control"], control),
                 len(canary), len(control))
 

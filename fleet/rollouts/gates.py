@@ -17,7 +17,10 @@ Rules, with ``tol`` the gate's tolerated effect and ``alpha`` its level:
   interval lies within ``[-tol, tol]``;
 - ratio, lower is better (p95/p99 latency, cost per successful request):
   fail if ``ratio > 1 + tol`` and Mann–Whitney's one-sided p < alpha; pass if
-  the bootstrap upper bound <= 1 + tol.
+  the interval's upper bound <= 1 + tol.
+
+A metric with no observations on either side (no tool calls at all) is
+``n/a`` and left out; one side without data is insufficient.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 
 from .stats import rate_difference, ratio_estimate
 
-Verdict = Literal["pass", "fail", "insufficient"]
+Verdict = Literal["pass", "fail", "insufficient", "n/a"]
 Direction = Literal["lower_is_better", "higher_is_better", "both"]
 
 RATE_METRICS: dict[str, Direction] = {
@@ -63,6 +66,27 @@ class Sample:
     @property
     def n(self) -> int:
         return int(self.latency_s.size)
+
+    @classmethod
+    def from_tuples(cls, rows: list[Any]) -> Sample:
+        """Rows of (device_id, status, latency_s, attempt_tokens, validation_failed,
+        tool_call_ok, refused, fallback), as the engine selects them."""
+        if not rows:
+            empty_b, empty_f = np.zeros(0, dtype=bool), np.zeros(0, dtype=float)
+            return cls(empty_b, empty_b, empty_b, empty_b, empty_b, empty_f, empty_f, empty_b)
+        _ids, status, latency, tokens, vf, tool, refused, fallback = zip(*rows, strict=True)
+        st = np.asarray([x or 0 for x in status])
+        vfa = np.asarray([bool(x) for x in vf], dtype=bool)
+        return cls(
+            validation_failed=vfa,
+            tool_call_ok=np.asarray([bool(x) for x in tool if x is not None], dtype=bool),
+            refused=np.asarray([bool(x) for x in refused], dtype=bool),
+            fallback=np.asarray([bool(x) for x in fallback], dtype=bool),
+            error=st >= 400,
+            latency_s=np.asarray([x or 0.0 for x in latency], dtype=float),
+            attempt_tokens=np.asarray([x or 0 for x in tokens], dtype=float),
+            success=(st < 400) & ~vfa,
+        )
 
     @classmethod
     def from_rows(cls, rows: list[Any]) -> Sample:
@@ -167,7 +191,7 @@ def _cost_values(s: Sample) -> np.ndarray:
 
 
 def judge_ratio(metric: str, canary: Sample, control: Sample, tolerance: float,
-                min_samples: int, alpha: float = 0.05, seed: int = 0) -> GateResult:
+                min_samples: int, alpha: float = 0.05) -> GateResult:
     stat = RATIO_METRICS[metric]
     if stat == "cost":
         a, b, which = _cost_values(canary), _cost_values(control), "mean"
@@ -177,7 +201,7 @@ def judge_ratio(metric: str, canary: Sample, control: Sample, tolerance: float,
         return GateResult(metric, "insufficient", None, None, None, None, None, int(a.size),
                           int(b.size), None, tolerance,
                           f"{a.size} canary and {b.size} control samples; {min_samples} needed")
-    r = ratio_estimate(a, b, which, confidence=1 - alpha, seed=seed)
+    r = ratio_estimate(a, b, which, confidence=1 - alpha)
     limit = 1 + tolerance
 
     def result(verdict: Verdict, reason: str) -> GateResult:
@@ -195,6 +219,11 @@ def judge_ratio(metric: str, canary: Sample, control: Sample, tolerance: float,
 
 def judge(metric: str, canary: Sample, control: Sample, tolerance: float, min_samples: int,
           alpha: float = 0.05) -> GateResult:
+    if metric == "tool_call_success_rate" and not canary.tool_call_ok.size \
+            and not control.tool_call_ok.size:
+        # No tool calls on either side: the metric does not apply to this traffic.
+        return GateResult(metric, "n/a", None, None, None, None, None, 0, 0, None, tolerance,
+                          "no tool-call traffic on either side")
     if metric in RATE_METRICS:
         return judge_rate(metric, canary, control, tolerance, min_samples, alpha)
     if metric in RATIO_METRICS:
@@ -203,9 +232,10 @@ def judge(metric: str, canary: Sample, control: Sample, tolerance: float, min_sa
 
 
 def combine(results: list[GateResult]) -> Verdict:
-    """Any failing gate fails the step; all must pass to pass; otherwise insufficient."""
-    if any(r.verdict == "fail" for r in results):
+    """Any failing gate fails the step; every applicable gate must pass to pass."""
+    applicable = [r for r in results if r.verdict != "n/a"]
+    if any(r.verdict == "fail" for r in applicable):
         return "fail"
-    if results and all(r.verdict == "pass" for r in results):
+    if applicable and all(r.verdict == "pass" for r in applicable):
         return "pass"
     return "insufficient"

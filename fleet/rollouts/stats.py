@@ -3,9 +3,10 @@
 Rates: the difference of two proportions with Newcombe's hybrid score
 interval (built from the two Wilson intervals — sane at 0 % and with a few
 dozen samples, unlike the Wald interval) and Fisher's exact test.
-Latency and cost: the one-sided Mann–Whitney U test on the raw samples, and a
-seeded bootstrap interval for the ratio of a percentile (or mean) of canary
-to control. Every function is tested against scipy's values.
+Latency and cost: the one-sided Mann–Whitney U test on the raw samples, and an
+interval for the ratio of a percentile (order statistics) or of the mean
+(normal) of canary to control. Every function is tested against scipy or a
+published value.
 """
 
 from __future__ import annotations
@@ -91,17 +92,44 @@ class RatioEstimate:
     control_n: int
 
 
-def _stat(x: np.ndarray, statistic: str, axis: int | None = None) -> np.ndarray:
-    if statistic == "mean":
-        return np.asarray(np.mean(x, axis=axis))
-    q = float(statistic.lstrip("p"))
-    return np.asarray(np.percentile(x, q, axis=axis))
+def quantile_interval(x: np.ndarray, q: float, confidence: float) -> tuple[float, float, float]:
+    """The q-quantile of ``x`` with a distribution-free interval from order statistics.
+
+    The number of samples below the true quantile is Binomial(n, q); the ranks at
+    its tails bound the quantile with at least the stated confidence.
+    """
+    from scipy.stats import binom
+
+    s = np.sort(x)
+    n = s.size
+    alpha = 1 - confidence
+    lo_rank = int(binom.ppf(alpha / 2, n, q))  # 0-based index below the quantile
+    hi_rank = int(binom.ppf(1 - alpha / 2, n, q))
+    point = float(np.percentile(s, q * 100))
+    low = float(s[max(0, lo_rank - 1)])
+    high = float(s[min(n - 1, hi_rank)])
+    return point, low, high
+
+
+def mean_interval(x: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    m = float(x.mean())
+    if x.size < 2:
+        return m, -math.inf, math.inf
+    half = z_for(confidence) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return m, m - half, m + half
 
 
 def ratio_estimate(canary: np.ndarray | list[float], control: np.ndarray | list[float],
-                   statistic: str = "p95", *, confidence: float = 0.95,
-                   resamples: int = 2000, seed: int = 0) -> RatioEstimate:
-    """Ratio of a statistic with a seeded percentile-bootstrap interval, plus Mann–Whitney."""
+                   statistic: str = "p95", *, confidence: float = 0.95) -> RatioEstimate:
+    """Ratio of a percentile (or the mean) of canary over control, with an interval.
+
+    Each side gets its own interval at a level that makes the pair hold jointly
+    at ``confidence`` (Bonferroni); the ratio's interval divides their ends.
+    Percentiles use order-statistic intervals (no distribution assumed), the
+    mean a normal interval. Mann–Whitney's one-sided test says whether canary
+    values tend to be larger. Sorting, not resampling: 10,000 devices' worth
+    of samples is judged in milliseconds.
+    """
     from scipy.stats import mannwhitneyu
 
     a = np.asarray(canary, dtype=float)
@@ -109,26 +137,19 @@ def ratio_estimate(canary: np.ndarray | list[float], control: np.ndarray | list[
     if a.size == 0 or b.size == 0:
         return RatioEstimate(statistic, math.nan, math.nan, math.nan, 0.0, math.inf, 1.0,
                              int(a.size), int(b.size))
-    point_a = float(_stat(a, statistic))
-    point_b = float(_stat(b, statistic))
-    ratio = point_a / point_b if point_b > 0 else math.inf
-    rng = np.random.default_rng(seed)
-    # Resample in chunks so 10,000-sample inputs stay within a few MB.
-    ratios = []
-    chunk = max(1, 2_000_000 // max(a.size, b.size))
-    done = 0
-    while done < resamples:
-        m = min(chunk, resamples - done)
-        ra = _stat(a[rng.integers(0, a.size, (m, a.size))], statistic, axis=1)
-        rb = _stat(b[rng.integers(0, b.size, (m, b.size))], statistic, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios.append(np.where(rb > 0, ra / rb, np.inf))
-        done += m
-    all_r = np.concatenate(ratios)
-    alpha = 1 - confidence
-    low, high = np.quantile(all_r, [alpha / 2, 1 - alpha / 2])
+    each = 1 - (1 - confidence) / 2
+    if statistic == "mean":
+        pa, la, ha = mean_interval(a, each)
+        pb, lb, hb = mean_interval(b, each)
+    else:
+        q = float(statistic.lstrip("p")) / 100
+        pa, la, ha = quantile_interval(a, q, each)
+        pb, lb, hb = quantile_interval(b, q, each)
+    ratio = pa / pb if pb > 0 else math.inf
+    low = la / hb if hb > 0 else 0.0
+    high = ha / lb if lb > 0 else math.inf
     p = float(mannwhitneyu(a, b, alternative="greater").pvalue)
-    return RatioEstimate(statistic, point_a, point_b, ratio, float(low), float(high), p,
+    return RatioEstimate(statistic, pa, pb, ratio, max(0.0, low), high, p,
                          int(a.size), int(b.size))
 
 
