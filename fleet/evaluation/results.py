@@ -60,7 +60,9 @@ class VariantResult(_Data):
     size_bytes: int = Field(description="Size of the variant file.")
     sha256: str = Field(description="sha256 of the variant file.")
     bits_per_weight: float = Field(0.0, description="File bits per parameter.")
-    tokens_per_second: float = Field(description="Completion tokens / generation seconds.")
+    tokens_per_second: float = Field(
+        description="Completion tokens / wall time of the generations (prompt processing "
+        "included: what an app waits for).")
     seconds_per_item: float = Field(description="Mean wall time per golden item.")
     seconds_total: float = Field(description="Generation wall time of the whole set.")
     overall: Rate = Field(description="Items passing every expected property.")
