@@ -10,7 +10,7 @@ answered on the device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from quantfleet.agent.backends.base import Backend, GenerationResult
@@ -39,8 +39,10 @@ def answer(backend: Backend, item: GoldenItem, seed: int = 0,
     body = item.request_body()
     body["seed"] = seed
     prepared = pipeline.prepare(body, backend, config)
-    # the backend tokenizes a text prompt exactly like this (special tokens parsed)
+    # Generate from the token ids themselves, so teacher forcing replays exactly
+    # the sequence that was served (tokenized as a text prompt is: specials parsed).
     prompt_ids = backend.tokenize(prepared.prompt, add_bos=False, special=True)
+    prepared.generation = replace(prepared.generation, prompt=prompt_ids)
     completion = pipeline.run(prepared, backend)
     return Answer(prompt_ids=prompt_ids, result=completion.result,
                   tool_calls=completion.tool_calls or [],
