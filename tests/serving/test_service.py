@@ -168,7 +168,7 @@ def test_ready_after_load_watchdog_and_graceful_sigterm(tmp_path: Path, ladder_d
     notify = NotifySocket(tmp_path / "notify.sock")
     events = tmp_path / "events.jsonl"
     config = write_config(tmp_path / "agent.toml", ladder_dir,
-                          concurrency="drain_timeout_s = 60.0",
+                          concurrency="drain_timeout_s = 300.0",
                           events=f'events_file = "{events}"')
     port = free_port()
     proc = spawn(config, "--port", str(port), "--host", "127.0.0.1",
@@ -186,7 +186,7 @@ def test_ready_after_load_watchdog_and_graceful_sigterm(tmp_path: Path, ladder_d
     first_chunk = threading.Event()
 
     def stream() -> None:
-        body = {"model": "default", "max_tokens": 40, "stream": True,
+        body = {"model": "default", "max_tokens": 24, "stream": True,
                 "messages": [{"role": "user", "content": "Describe the moon."}]}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
@@ -205,9 +205,11 @@ def test_ready_after_load_watchdog_and_graceful_sigterm(tmp_path: Path, ladder_d
                        json={"messages": [{"role": "user", "content": "hi"}]})
         if r.status_code == 503:
             raise httpx.HTTPError("refused with 503")
-    reader.join(120)
-    assert [x for x in lines if x][-1] == "data: [DONE]", lines[-3:]
-    assert proc.wait(60) == 0, proc.stdout.read() if proc.stdout else ""
+    reader.join(300)
+    code = proc.wait(300)
+    log = proc.stdout.read() if proc.stdout else ""
+    assert [x for x in lines if x][-1] == "data: [DONE]", (lines[-3:], log)
+    assert code == 0, log
     recorded = [json.loads(line) for line in events.read_text().splitlines()]
     assert recorded[-1]["stream"] is True and recorded[-1]["status"] == 200
     assert recorded[-1]["finish_reason"] in ("stop", "length")
