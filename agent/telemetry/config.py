@@ -164,6 +164,9 @@ class TelemetryConfig(ConfigBase):
     health_interval_s: float = Field(
         30.0, ge=0, description="How often host health is sampled (0: never)."
     )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="The device's labels, sent with every birth."
+    )
 
     def outbox_path(self) -> Path:
         return self.outbox.path or default_state_dir() / "telemetry" / "outbox.db"

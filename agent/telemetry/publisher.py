@@ -78,7 +78,9 @@ class Publisher:
     """Drains an ``Outbox`` to ``…/devices/{device}/telemetry``; birth/Will on ``…/status``."""
 
     def __init__(self, outbox: Outbox, mqtt_cfg: MqttConfig, cfg: PublisherConfig, *,
+                 labels: dict[str, str] | None = None,
                  rng: random.Random | None = None) -> None:
+        self.labels = dict(labels or {})
         self.outbox = outbox
         self.mqtt_cfg = mqtt_cfg
         self.cfg = cfg
@@ -148,6 +150,7 @@ class Publisher:
         status = StatusPayload.model_validate({
             "device_id": self.device_id, "state": state, "boot_epoch": self.outbox.boot_epoch,
             "reason": reason, "ts": time.time(), "agent_version": _version(),
+            "labels": self.labels if reason == "birth" else {},
         })
         return bytes(status.model_dump_json(), "utf-8")
 

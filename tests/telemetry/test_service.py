@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from paho.mqtt.enums import CallbackAPIVersion
 
 from quantfleet.agent.serving.recorder import Recorder
 from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig, TelemetryConfig
 from quantfleet.agent.telemetry.outbox import Outbox
 from quantfleet.agent.telemetry.publisher import Publisher
 from quantfleet.agent.telemetry.service import TelemetryService
+from quantfleet.agent.wire import device_topic
 from quantfleet.fleet.consumer import Consumer, TelemetryStore
 from tests.support import free_port
 
@@ -32,10 +37,18 @@ def test_service_is_a_recorder_and_sends_raw_events_aggregates_health_and_status
     consumer = Consumer(store, root=topic_root, client_id=f"c-{topic_root}").start()
     cfg = TelemetryConfig.model_validate({
         "device_id": "dev-svc", "aggregate_interval_s": 0.3, "health_interval_s": 0.3,
+        "labels": {"site": "lab", "hw": "pi5"},
         "mqtt": {"broker": "mqtt://127.0.0.1:1883", "topic_root": topic_root},
         "outbox": {"path": str(tmp_path / "o.db"), "commit_interval_s": 0.05},
         "publisher": {"backoff_initial_s": 0.1},
     })
+    sub_status: list[dict[str, Any]] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda c, u, m: sub_status.append(json.loads(m.payload))
+    watcher.connect("127.0.0.1", 1883)
+    watcher.subscribe(device_topic("dev-svc", "status", topic_root), qos=1)
+    watcher.loop_start()
+    time.sleep(0.3)
     service = TelemetryService(cfg, variant=lambda: "Q8_0").start()
     assert isinstance(service, Recorder) and isinstance(service.outbox, Recorder)
     past = time.time() - 180  # a finished minute, so the ticker flushes it
@@ -49,6 +62,8 @@ def test_service_is_a_recorder_and_sends_raw_events_aggregates_health_and_status
         service.close()
     wait_until(lambda: (store.status("dev-svc") or {}).get("state") == "offline",
                what="offline")
+    births = [m for m in sub_status if m["reason"] == "birth"]
+    assert births and births[0]["labels"] == {"site": "lab", "hw": "pi5"}
     aggs = [e["body"] for e in store.events("dev-svc", "aggregate")]
     assert sum(a["requests"] for a in aggs) == 100
     assert sum(a["errors"] for a in aggs) == 10
@@ -58,6 +73,8 @@ def test_service_is_a_recorder_and_sends_raw_events_aggregates_health_and_status
     assert statuses and statuses[-1]["variant"] == "Q8_0"
     assert store.gaps("dev-svc") == []
     consumer.stop()
+    watcher.loop_stop()
+    watcher.disconnect()
 
 
 def test_after_an_outage_recent_events_go_first_and_the_backlog_is_historical_and_paced(
