@@ -93,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     for label in labels:
         rows.append(bench_variant(catalog, label, prompt, args.gen_tokens, args.repeats,
                                   args.threads))
-        if not args.json:
-            print(f"  measured {rows[-1]['variant']}", file=sys.stderr)
+        r = rows[-1]
+        # one line per variant as soon as it is measured, so a long run shows progress
+        print(f"  {r['variant']}: pp {r['pp_tok_s']} tok/s, gen {r['gen_tok_s']} tok/s",
+              file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
