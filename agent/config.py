@@ -193,6 +193,9 @@ class AgentConfig(_Section):
             elif self.device.id != self.telemetry.device_id:
                 raise ValueError(f"telemetry.device_id {self.telemetry.device_id!r} differs "
                                  f"from device.id {self.device.id!r}")
+            # One set of labels: the device's, announced with every birth so the
+            # fleet's cohorts see them; [telemetry] labels add to them.
+            self.telemetry.labels = {**self.device.labels, **self.telemetry.labels}
         if "default" not in self.routing.tiers:
             raise ValueError("routing.tiers must define a 'default' tier")
         for tier, target in self.routing.tiers.items():

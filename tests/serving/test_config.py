@@ -46,3 +46,14 @@ def test_routes_and_fallback_defaults() -> None:
 def test_unknown_section_is_named() -> None:
     with pytest.raises(ConfigError, match=r"cfg: modles: unknown option"):
         parse_config({"modles": {}}, "cfg")
+
+
+def test_device_labels_are_announced_with_the_birth() -> None:
+    """The fleet's cohorts select on what the device says it is: device.labels go out
+    with every birth ([telemetry] labels add to them)."""
+    config = parse_config({
+        "device": {"id": "kiosk-1", "labels": {"hw": "rpi5", "region": "eu"}},
+        "telemetry": {"device_id": "kiosk-1", "labels": {"site": "lab"}},
+    })
+    assert config.telemetry is not None
+    assert config.telemetry.labels == {"hw": "rpi5", "region": "eu", "site": "lab"}
