@@ -122,10 +122,11 @@ def test_greedy_generations_agree_with_llama_cpp(loaded: dict[str, Backend],
                                                  record_property: pytest.RecordProperty) -> None:
     ref = loaded["F16"]
     report = {}
+    reference = {user: _greedy(ref, user) for user in PROMPTS}  # once, not per label
     for label in ("onnx-fp32", "onnx-int8", "onnx-int4"):
         agree = []
         for user in PROMPTS:
-            a, b = _greedy(ref, user), _greedy(fresh_onnx[label], user)
+            a, b = reference[user], _greedy(fresh_onnx[label], user)
             agree.append(common_prefix(a, b) / max(1, max(len(a), len(b))))
             if label == "onnx-fp32":
                 print(f"\n  F16 : {ref.detokenize(a)!r}\n  fp32: {ref.detokenize(b)!r}")
