@@ -19,8 +19,7 @@ from quantfleet.agent.signing import generate_keypair
 from quantfleet.agent.telemetry.config import MqttConfig
 from quantfleet.fleet.cli import cli
 from quantfleet.fleet.simulate import FleetSimulator
-from tests.support import free_port
-from tests.telemetry.conftest import Mosquitto
+from tests.support import Mosquitto, free_port
 
 from .test_service import Fleet
 
