@@ -9,18 +9,10 @@ from typing import Any
 
 import click
 
-from quantfleet.models.catalog import Catalog, CatalogError, default_models_dir
+from quantfleet.models.catalog import Catalog, CatalogError, models_dir_option
 
 from .backends import BackendError, GenerationRequest, LoadOptions, ModelFileError, load_backend
 from .chat import ChatTemplate, ChatTemplateError
-
-models_dir_option = click.option(
-    "--models-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=default_models_dir,
-    show_default="$QUANTFLEET_MODELS_DIR or ~/.local/share/quantfleet/models",
-    help="Directory holding the variant files and catalog.json.",
-)
 
 
 @click.group()

@@ -11,19 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from quantfleet.agent.backends import ModelFileError
-from quantfleet.models.catalog import Catalog, CatalogError, default_models_dir
+from quantfleet.models.catalog import Catalog, CatalogError, models_dir_option
 
 # Pipes and CI logs get 120 columns rather than rich's 80, so tables stay readable.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
-models_dir_option = click.option(
-    "--models-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=default_models_dir,
-    show_default="$QUANTFLEET_MODELS_DIR or ~/.local/share/quantfleet/models",
-    help="Directory holding the variant files and catalog.json.",
-)
 
 
 def _fail(exc: Exception) -> click.ClickException:

@@ -40,3 +40,34 @@ def _selector(text: str) -> Selector:
         raise click.ClickException(str(exc)) from None
 
 
+
+
+def _desired_state(cfg: FleetConfig, store: Any, purpose: str) -> tuple[Any, Any]:
+    """A DesiredState on a connected MQTT client (disconnect it with ``_disconnect``)."""
+    import time
+
+    from quantfleet.agent.signing import SignatureError, load_private_key
+    from quantfleet.agent.telemetry.config import parse_broker_url
+    from quantfleet.agent.telemetry.publisher import make_client
+
+    from .desired import DesiredState
+
+    try:
+        key = load_private_key(cfg.artifacts.signing_key)
+    except SignatureError as exc:
+        raise click.ClickException(str(exc)) from None
+    _tls, host, port = parse_broker_url(cfg.mqtt.broker)
+    client = make_client(cfg.mqtt, f"{cfg.ingest.client_id}-{purpose}-{int(time.time())}")
+    try:
+        client.connect(host, port)
+    except OSError as exc:
+        raise click.ClickException(f"broker {cfg.mqtt.broker}: {exc}") from None
+    client.loop_start()
+    return DesiredState(store, client, key, cfg.artifacts.models_dir, cfg.artifacts.base_url,
+                        topic_root=cfg.mqtt.topic_root), client
+
+
+def _disconnect(client: Any) -> None:
+    if client is not None:
+        client.disconnect()
+        client.loop_stop()

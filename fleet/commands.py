@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from .cli_options import _config, _selector, _store, config_option
+from .cli_options import _config, _desired_state, _disconnect, _selector, _store, config_option
 from .cohorts import SelectorError, parse_labels
 
 console = Console()
@@ -188,11 +188,7 @@ def desired_set(config_path: Path, selector: str | None, devices: tuple[str, ...
     Example:
       quantfleet desired set --cohort hw=rpi5 --variant Q4_K_M
     """
-    from quantfleet.agent.signing import SignatureError, load_private_key
-    from quantfleet.agent.telemetry.config import parse_broker_url
-    from quantfleet.agent.telemetry.publisher import make_client
-
-    from .desired import DesiredState, DesiredStateError
+    from .desired import DesiredStateError
 
     if not selector and not devices:
         raise click.UsageError("give --cohort SELECTOR or --device ID")
@@ -203,26 +199,13 @@ def desired_set(config_path: Path, selector: str | None, devices: tuple[str, ...
         ids += [d for d in _selector(selector).select(store.devices()) if d not in ids]
     if not ids:
         raise click.ClickException(f"no device matches {selector!r}")
+    desired, client = _desired_state(cfg, store, "cli")
     try:
-        key = load_private_key(cfg.artifacts.signing_key)
-    except SignatureError as exc:
-        raise click.ClickException(str(exc)) from None
-    _tls, host, port = parse_broker_url(cfg.mqtt.broker)
-    client = make_client(cfg.mqtt, f"{cfg.ingest.client_id}-cli-{int(time.time())}")
-    try:
-        client.connect(host, port)
-    except OSError as exc:
-        raise click.ClickException(f"broker {cfg.mqtt.broker}: {exc}") from None
-    client.loop_start()
-    try:
-        done = DesiredState(store, client, key, cfg.artifacts.models_dir,
-                            cfg.artifacts.base_url, topic_root=cfg.mqtt.topic_root
-                            ).set_variant(ids, variant)
+        done = desired.set_variant(ids, variant)
     except DesiredStateError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
-        client.disconnect()
-        client.loop_stop()
+        _disconnect(client)
     for p in done:
         console.print(f"{p.device_id}: {p.variant} (revision {p.revision})")
 

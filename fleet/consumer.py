@@ -39,6 +39,7 @@ from quantfleet.agent.wire import (
     TelemetryBatch,
     parse_device_topic,
 )
+from quantfleet.fleet.messages import classify_payload
 
 log = logging.getLogger(__name__)
 
@@ -170,15 +171,7 @@ class TelemetryStore:
 
     @staticmethod
     def _classify(payload: bytes) -> str:
-        # Only on the error path: tell "not JSON" and "a newer schema" from "wrong shape".
-        try:
-            doc = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
-            return "not_json"
-        if isinstance(doc, dict) and isinstance(doc.get("schema_version"), int) \
-                and doc["schema_version"] != WIRE_VERSION:
-            return "unsupported_version"
-        return "invalid_payload"
+        return classify_payload(payload)
 
     def _reject(self, reason: str, topic: str, detail: str) -> IngestResult:
         log.warning("rejected message on %s: %s (%s)", topic, reason, detail[:200])

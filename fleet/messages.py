@@ -50,7 +50,8 @@ _MODELS: dict[str, type[Payload]] = {
 }
 
 
-def _classify(payload: bytes) -> str:
+def classify_payload(payload: bytes) -> str:
+    """Why a payload failed validation: not JSON, a newer schema, or the wrong shape."""
     try:
         doc = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
@@ -77,7 +78,7 @@ def parse_message(topic: str, payload: bytes,
     except ValidationError as exc:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
         where = ".".join(str(p) for p in first["loc"]) or "payload"
-        return Rejected(_classify(payload), f"{topic}: {where}: {first['msg']}")
+        return Rejected(classify_payload(payload), f"{topic}: {where}: {first['msg']}")
     versions = {parsed.schema_version}
     if isinstance(parsed, TelemetryBatch):
         versions.update(e.body.schema_version for e in parsed.events)

@@ -99,6 +99,19 @@ def default_models_dir() -> Path:
     return data_home / "quantfleet" / "models"
 
 
+def models_dir_option(fn: Any) -> Any:
+    """``--models-dir`` for every command that reads a models directory (both CLIs)."""
+    import click
+
+    return click.option(
+        "--models-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=default_models_dir,
+        show_default="$QUANTFLEET_MODELS_DIR or ~/.local/share/quantfleet/models",
+        help="Directory holding the variant files and catalog.json.",
+    )(fn)
+
+
 def sha256_file(path: Path, chunk: int = 4 * 1024 * 1024) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:

@@ -11,7 +11,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from quantfleet.fleet.cli_options import _config, _store, config_option
+from quantfleet.fleet.cli_options import (
+    _config,
+    _desired_state,
+    _disconnect,
+    _store,
+    config_option,
+)
 
 from .engine import RolloutEngine, RolloutError
 from .spec import SpecError, load_spec
@@ -34,24 +40,7 @@ def _engine(config_path: Path, *, assign: bool = False) -> tuple[RolloutEngine, 
 
     client = None
     if assign:
-        from quantfleet.agent.signing import SignatureError, load_private_key
-        from quantfleet.agent.telemetry.config import parse_broker_url
-        from quantfleet.agent.telemetry.publisher import make_client
-        from quantfleet.fleet.desired import DesiredState
-
-        try:
-            key = load_private_key(cfg.artifacts.signing_key)
-        except SignatureError as exc:
-            raise click.ClickException(str(exc)) from None
-        _tls, host, port = parse_broker_url(cfg.mqtt.broker)
-        client = make_client(cfg.mqtt, f"{cfg.ingest.client_id}-rollout-{int(time.time())}")
-        try:
-            client.connect(host, port)
-        except OSError as exc:
-            raise click.ClickException(f"broker {cfg.mqtt.broker}: {exc}") from None
-        client.loop_start()
-        desired = DesiredState(store, client, key, cfg.artifacts.models_dir,
-                               cfg.artifacts.base_url, topic_root=cfg.mqtt.topic_root)
+        desired, client = _desired_state(cfg, store, "rollout")
 
         def do_assign(ids: Any, variant: str, rollout_id: str) -> None:
             desired.set_variant(ids, variant, rollout_id=rollout_id, actor="rollout")
@@ -59,12 +48,6 @@ def _engine(config_path: Path, *, assign: bool = False) -> tuple[RolloutEngine, 
         def do_assign(ids: Any, variant: str, rollout_id: str) -> None:
             raise click.ClickException("internal: this command does not assign devices")
     return RolloutEngine(store, do_assign, resolve), client
-
-
-def _close(client: Any) -> None:
-    if client is not None:
-        client.disconnect()
-        client.loop_stop()
 
 
 @click.group(name="rollout")
@@ -94,7 +77,7 @@ def rollout_create(config_path: Path, spec_file: Path, unpin: bool) -> None:
     except RolloutError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
-        _close(client)
+        _disconnect(client)
     console.print(f"rollout {spec.name}: {spec.from_variant} → {spec.to_variant} on "
                   f"{spec.cohort}, steps {spec.steps}")
 
@@ -202,7 +185,7 @@ def _control(action: str) -> Any:
         except RolloutError as exc:
             raise click.ClickException(str(exc)) from None
         finally:
-            _close(client)
+            _disconnect(client)
         console.print(f"rollout {rollout_id}: {engine.get(rollout_id)['state']}")
 
     command.help = {
