@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,13 +14,12 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from quantfleet.agent.signing import generate_keypair
 from quantfleet.agent.telemetry.config import MqttConfig
 from quantfleet.fleet.cli import cli
 from quantfleet.fleet.simulate import FleetSimulator
-from tests.support import Mosquitto, free_port
+from tests.support import Mosquitto
 
-from .test_service import Fleet
+from .test_service import Fleet, make_fleet
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None,
                                 reason="mosquitto is not installed")
@@ -34,29 +32,8 @@ def world(tmp_path: Path, ladder_dir: Path) -> Iterator[tuple[Fleet, FleetSimula
     broker = Mosquitto(tmp_path / "broker")
     broker.start()
     url = f"mqtt://127.0.0.1:{broker.port}"
-    root = f"qftest/{uuid.uuid4().hex[:10]}/v1"
-    generate_keypair(tmp_path / "keys")
-    port = free_port()
-    config = tmp_path / "fleet.toml"
-    config.write_text(f"""
-[store]
-url = "sqlite:///{tmp_path / 'fleet.db'}"
-[mqtt]
-broker = "{url}"
-topic_root = "{root}"
-[ingest]
-client_id = "fleet-{uuid.uuid4().hex[:8]}"
-share_group = "g{uuid.uuid4().hex[:8]}"
-[artifacts]
-models_dir = "{ladder_dir}"
-signing_key = "keys/signing.key"
-base_url = "http://127.0.0.1:{port}"
-[http]
-port = {port}
-[rollouts]
-tick_s = 0.5
-""")
-    fleet = Fleet(config, port)
+    fleet, root = make_fleet(tmp_path, f"sqlite:///{tmp_path / 'fleet.db'}", ladder_dir,
+                             broker=url, extra="[rollouts]\ntick_s = 0.5")
     fleet.start()
     sim = FleetSimulator(MqttConfig(broker=url, topic_root=root), 120,
                          baseline="smollm2-135m-Q8_0", requests_per_s=5, step_s=0.1,

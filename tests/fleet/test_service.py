@@ -71,29 +71,38 @@ class Fleet:
                 self.proc.wait()
 
 
-@pytest.fixture
-def setup(tmp_path: Path, store_url: str, ladder_dir: Path) -> Iterator[tuple[Fleet, str, Path]]:
+def make_fleet(tmp_path: Path, store_url: str, models_dir: Path, *,
+               broker: str = "mqtt://127.0.0.1:1883", extra: str = "") -> tuple[Fleet, str]:
+    """A fleet config in ``tmp_path`` (keys included) on a free port; returns (fleet, root)."""
     root = f"qftest/{uuid.uuid4().hex[:10]}/v1"
-    _, pub = generate_keypair(tmp_path / "keys")
+    if not (tmp_path / "keys" / "signing.key").exists():
+        generate_keypair(tmp_path / "keys")
     port = free_port()
     config = tmp_path / "fleet.toml"
     config.write_text(f"""
 [store]
 url = "{store_url}"
 [mqtt]
-broker = "mqtt://127.0.0.1:1883"
+broker = "{broker}"
 topic_root = "{root}"
 [ingest]
 client_id = "fleet-{uuid.uuid4().hex[:8]}"
 share_group = "g{uuid.uuid4().hex[:8]}"
 [artifacts]
-models_dir = "{ladder_dir}"
+models_dir = "{models_dir}"
 signing_key = "keys/signing.key"
 base_url = "http://127.0.0.1:{port}"
 [http]
 port = {port}
+{extra}
 """)
-    fleet = Fleet(config, port)
+    return Fleet(config, port), root
+
+
+@pytest.fixture
+def setup(tmp_path: Path, store_url: str, ladder_dir: Path) -> Iterator[tuple[Fleet, str, Path]]:
+    _, pub = generate_keypair(tmp_path / "keys")
+    fleet, root = make_fleet(tmp_path, store_url, ladder_dir)
     fleet.start()
     yield fleet, root, pub
     fleet.stop()
