@@ -18,6 +18,7 @@ testable on its own.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -309,21 +310,20 @@ class Updater:
     def _catalog_entry(self, d: DesiredPayload, path: Path) -> VariantEntry:
         catalog = Catalog(self.models_dir)
         label = d.variant.rsplit("-", 1)[-1]
-        tensor_types: dict[str, int] = {}
-        bpw = 0.0
+        precision = Precision(label=label, tensor_types={}, bits_per_weight=0.0)
         if d.backend == "llama.cpp":
-            from .backends.gguf_file import ModelFileError, read_gguf
+            from quantfleet.models.build import describe_gguf
 
-            try:
-                summary = read_gguf(path)
-                tensor_types = summary.tensor_type_counts
-                bpw = round(summary.file_size * 8 / max(summary.n_parameters, 1), 3)
-            except ModelFileError:
-                pass  # verification below reports the file's real problem
+            from .backends.gguf_file import ModelFileError
+
+            # A file that does not parse keeps the empty description: verification
+            # below reports its real problem.
+            with contextlib.suppress(ModelFileError):
+                precision = describe_gguf(path, label)  # as `models build` describes it
         entry = VariantEntry(
             name=d.variant, source=d.variant.rsplit("-", 1)[0], backend=d.backend,
             format="gguf" if d.backend == "llama.cpp" else "onnx",
-            precision=Precision(label=label, tensor_types=tensor_types, bits_per_weight=bpw),
+            precision=precision,
             file=path.name, size_bytes=d.size_bytes, sha256=d.sha256,
             notes=[f"installed from {d.url} (revision {d.revision})"],
             build={"installed_by": "updater", "rollout_id": d.rollout_id},

@@ -109,7 +109,10 @@ def test_a_good_variant_walks_every_state_to_healthy(device, fleet, catalog) -> 
     assert final.variant == final.known_good == "smollm2-135m-Q4_K_M"
     assert final.desired_revision == 1 and final.boot_epoch == 3
     local = Catalog(updater.models_dir)
-    assert local.verify(local.resolve("smollm2-135m-Q4_K_M")) is None
+    installed = local.resolve("smollm2-135m-Q4_K_M")
+    assert local.verify(installed) is None
+    # The device describes the file the way `models build` did on the fleet.
+    assert installed.precision == catalog.resolve("Q4_K_M").precision
     # The same revision again (a retained message after reconnect) changes nothing.
     states.clear()
     assert updater.handle(desired(fleet, catalog, "Q4_K_M", 1)) is None
