@@ -75,7 +75,7 @@ def main() -> None:
             spec = RolloutSpec.model_validate({
                 "name": "bench", "cohort": "fleet=a", "from": BASE, "to": CAND,
                 "steps": ["10%", "100%"], "bake_s": 600, "min_samples": 100})
-            engine = RolloutEngine(store, lambda *a: None, clock=lambda: now)
+            engine = RolloutEngine(store, lambda *a: None, clock=lambda now=now: now)
             engine.create(spec)
             canaries = [{"rollout_id": "bench", "device_id": f"d{i:05d}", "role": "canary",
                          "step": 0, "stratum": "*", "assigned_at": now - 900,
