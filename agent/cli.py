@@ -117,6 +117,18 @@ def _load_agent_config(path: Path) -> Any:
         raise click.ClickException(str(exc)) from None
 
 
+def _check_update_key(config: Any) -> None:
+    """[update] public_key must be a readable ed25519 key before the agent starts."""
+    if config.update is None:
+        return
+    from .signing import SignatureError, load_public_key
+
+    try:
+        load_public_key(config.update.public_key)
+    except SignatureError as exc:
+        raise click.ClickException(f"update.public_key: {exc}") from None
+
+
 @cli.command(name="serve")
 @config_option
 @click.option("--host", default=None, help="Override listen.host.")
@@ -153,6 +165,7 @@ def serve_cmd(config_path: Path, host: str | None, port: int | None, variant: st
         Catalog(config.models.dir).resolve(config.models.active)
     except CatalogError as exc:
         raise click.ClickException(f"models.active: {exc}") from None
+    _check_update_key(config)
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(serve(config, log_level=log_level))
@@ -181,6 +194,7 @@ def config_check(config_path: Path, as_json: bool) -> None:
             if not entry.path(catalog.dir).exists():
                 raise CatalogError(f"{name}: {entry.path(catalog.dir)} is missing")
         config.api_keys()
+        _check_update_key(config)
     except (CatalogError, ValueError) as exc:
         raise click.ClickException(f"{config_path}: {exc}") from None
     if as_json:

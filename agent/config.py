@@ -19,7 +19,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from quantfleet.agent.telemetry.config import TelemetryConfig
 from quantfleet.models.catalog import default_models_dir
@@ -161,6 +168,65 @@ class EventsConfig(_Section):
     memory_events: int = Field(1000, ge=0, description="Recent events kept in memory.")
 
 
+class UpdateConfig(_Section):
+    """How this device follows the fleet's desired variant (docs/updates.md)."""
+
+    public_key: Path = Field(description="The fleet's ed25519 public key (PEM, as written by "
+                             "`quantfleet keys generate`): desired states not signed by it are "
+                             "refused.")
+    state_file: Path | None = Field(None, description="Where the updater remembers the "
+                                    "revision acted on and the known-good variant (default: "
+                                    "updater.json in models.dir).")
+    bandwidth_bps: float | None = Field(None, gt=0, description="Download limit in bytes per "
+                                        "second (unset: unlimited).")
+    min_free_mb: int = Field(256, ge=0, description="Free disk space that must remain after a "
+                             "download; checked before the first byte.")
+    keep_variants: int = Field(3, ge=1, le=100, description="Downloaded variant files kept on "
+                               "disk (the current and known-good ones always are).")
+    download_timeout_s: float = Field(3600.0, gt=0, description="Give up on a download "
+                                      "after this long.")
+    preflight_sample: int = Field(12, ge=0, le=1000, description="Golden items the candidate "
+                                  "and the current variant both answer before activation; 0 "
+                                  "skips the pre-flight.")
+    preflight_golden: Path | None = Field(None, description="Golden set for the pre-flight "
+                                          "(default: the starter set shipped with quantfleet).")
+    preflight_seed: int = Field(0, description="Seed of the pre-flight's sample.")
+    preflight_threads: int = Field(1, ge=1, le=512, description="CPU threads of the "
+                                   "pre-flight's generations (1 leaves the rest to serving).")
+    preflight_policy: dict[str, Any] = Field(
+        default_factory=dict, description="VerdictPolicy overrides for the pre-flight (see "
+        "docs/eval.md), e.g. {max_kld_p99_structured = 0.8}; the device defaults are in "
+        "docs/updates.md.")
+    soak_s: float = Field(300.0, ge=0, description="How long a new variant is watched before "
+                          "it is reported healthy and becomes the known-good one.")
+    soak_poll_s: float = Field(5.0, gt=0, description="How often the soak compares signals.")
+    soak_min_requests: int = Field(20, ge=1, description="Requests on the new variant before "
+                                   "the soak judges a rate or a latency.")
+    soak_max_validation_increase: float = Field(
+        0.10, ge=0, le=1, description="Breach when the new variant's validation failure rate "
+        "exceeds the previous one's by more than this (Wilson lower bound against the "
+        "previous rate).")
+    soak_max_error_increase: float = Field(
+        0.05, ge=0, le=1, description="Breach when the new variant's error rate (5xx) exceeds "
+        "the previous one's by more than this (Wilson lower bound).")
+    soak_max_latency_ratio: float = Field(
+        2.0, gt=0, description="Breach when the new variant's p95 latency exceeds the previous "
+        "variant's p95 times this.")
+
+    @field_validator("preflight_policy")
+    @classmethod
+    def _policy_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from quantfleet.fleet.evaluation.verdict import VerdictPolicy
+
+        try:
+            VerdictPolicy.model_validate(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"{where}: {first['msg']}") from None
+        return value
+
+
 class AgentConfig(_Section):
     """Everything `quantfleet-agent serve` reads."""
 
@@ -179,6 +245,10 @@ class AgentConfig(_Section):
     telemetry: TelemetryConfig | None = Field(
         None, description="The durable telemetry path (SQLite outbox forwarded over MQTT); "
         "its options are in docs/telemetry.md. Absent: events stay on the device.")
+    update: UpdateConfig | None = Field(
+        None, description="Follow the fleet's desired variant over [telemetry]'s broker: "
+        "download, verify, pre-flight, hot swap, soak, roll back (docs/updates.md). Absent: "
+        "the device serves its configured variants only.")
 
     @model_validator(mode="after")
     def _routes_resolve(self) -> AgentConfig:
@@ -196,6 +266,9 @@ class AgentConfig(_Section):
             # One set of labels: the device's, announced with every birth so the
             # fleet's cohorts see them; [telemetry] labels add to them.
             self.telemetry.labels = {**self.device.labels, **self.telemetry.labels}
+        if self.update is not None and self.telemetry is None:
+            raise ValueError("[update] needs [telemetry]: desired state arrives over its "
+                             "broker")
         if "default" not in self.routing.tiers:
             raise ValueError("routing.tiers must define a 'default' tier")
         for tier, target in self.routing.tiers.items():
@@ -281,18 +354,20 @@ def reference_markdown() -> str:
         "and the variants it names. A commented example: `packaging/agent.example.toml`.",
         "",
     ]
+    sections: dict[str, type[BaseModel]] = {"update": UpdateConfig}
     for name, field in AgentConfig.model_fields.items():
-        section = field.annotation
+        section = sections.get(name, field.annotation)
         if name == "telemetry":
             lines += [f"## [{name}]", "", field.description or "", ""]
             continue
         assert isinstance(section, type) and issubclass(section, BaseModel)
         lines += [f"## [{name}]", "", field.description or "", "",
                   "| option | type | default | meaning |", "|---|---|---|---|"]
-        defaults = section()
         for opt, f in section.model_fields.items():
-            default = getattr(defaults, opt)
-            if opt == "id" or opt == "dir":
+            default = f.get_default(call_default_factory=True)
+            if f.is_required():
+                shown = "required"
+            elif opt == "id" or opt == "dir":
                 shown = "(see meaning)"
             elif isinstance(default, list) and len(str(default)) > 60:
                 shown = f"(built-in list of {len(default)})"

@@ -217,6 +217,9 @@ class Updater:
             with self._lock:
                 self._apply(d)
         except Exception as exc:  # an unexpected failure must still be reported
+            if self._stop.is_set():  # the agent is stopping under us: act again next start
+                log.warning("update to %s interrupted by shutdown (%s)", d.variant, exc)
+                return
             log.exception("update to %s crashed", d.variant)
             self._end("failed", d, f"internal error: {type(exc).__name__}: {exc}", d.variant)
         finally:
@@ -231,8 +234,15 @@ class Updater:
         have_file = (existing is not None and existing.sha256 == d.sha256
                      and catalog.verify(existing) is None)
         if not have_file:
-            self.report("downloading", target=d.variant, revision=d.revision, progress=0.0)
-            last = [0.0]
+            partial = dest.with_name(dest.name + ".partial")
+            have = partial.stat().st_size if partial.exists() else 0
+            if 0 < have < d.size_bytes:  # a download cut short (e.g. the agent was killed)
+                self.report("downloading", target=d.variant, revision=d.revision,
+                            progress=round(have / d.size_bytes, 3),
+                            reason=f"resuming at byte {have} of {d.size_bytes}")
+            else:
+                self.report("downloading", target=d.variant, revision=d.revision, progress=0.0)
+            last = [have / d.size_bytes if have < d.size_bytes else 0.0]
 
             def progress(have: int, total: int) -> None:
                 frac = have / total
@@ -264,6 +274,8 @@ class Updater:
             return
         self.report("preflight", target=d.variant, revision=d.revision)
         verdict = self.hooks.preflight(entry, entry.path(self.models_dir))
+        if self._stop.is_set():
+            return  # shutting down: the retained desired state resumes it next start
         if not verdict.ok:
             self._end("failed", d, f"pre-flight failed: {verdict.reason}", d.variant)
             return

@@ -106,13 +106,19 @@ def devices_list(config_path: Path, selector: str, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     table = Table(title=f"devices ({sel})")
-    for col in ("device", "labels", "online", "variant", "update", "last seen"):
-        table.add_column(col)
+    for col in ("device", "labels", "online", "variant", "update", "target", "detail",
+                "last seen"):
+        table.add_column(col, overflow="fold")
     now = time.time()
     for r in rows:
         labels = ",".join(f"{k}={v}" for k, v in sorted((r["labels"] or {}).items()))
+        state = r.get("state") or {}
+        detail = state.get("reason") or ""
+        if state.get("update_state") == "downloading" and state.get("progress") is not None:
+            detail = f"{state['progress']:.0%} {detail}".strip()
         table.add_row(r["device_id"], labels, "yes" if r["online"] else "no",
                       r["variant"] or "-", r["update_state"] or "-",
+                      state.get("target") or "-", detail,
                       f"{now - r['last_seen']:.0f} s ago")
     console.print(table)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +23,13 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def ladder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model's full precision ladder, built for real with llama.cpp."""
-    models = tmp_path_factory.mktemp("ladder")
+    """The default model's full precision ladder, built for real with llama.cpp.
+
+    ``QUANTFLEET_TEST_LADDER=DIR`` keeps it in DIR across sessions (the build is
+    idempotent: a second session only checks it), for quick local iterations.
+    """
+    kept = os.environ.get("QUANTFLEET_TEST_LADDER")
+    models = Path(kept) if kept else tmp_path_factory.mktemp("ladder")
     build_ladder(models)
     return models
 

@@ -7,6 +7,13 @@ variant directly as its ``model``. When an answer fails validation, the
 agent retries once on ``models.fallback`` (unless the answer already came
 from it).
 
+Hot swap (``swap``, the updater's activation): the new variant's lane is
+loaded beside the old one, then ``active`` points at it in one step of the
+event loop. Routing a request and taking its place in a lane never yield in
+between, so every request is either on the old lane (and finishes there) or
+on the new one. The old lane is closed once nothing runs or waits on it —
+unless the fallback or a tier still routes to it.
+
 Memory policy: with ``fallback_load = "eager"`` every routed variant is
 loaded at start. When the available memory (psutil) cannot hold them all
 with headroom, or with ``"on_demand"``, the fallback is loaded for a
@@ -47,6 +54,8 @@ class ModelSet:
         self.on_demand = set(on_demand)
         self.owned = True  # close() frees the backends only when this set loaded them
         self._load_lock = asyncio.Lock()
+        self._swap_lock = asyncio.Lock()
+        self.swaps = 0
 
     # -- construction -------------------------------------------------
     @classmethod
@@ -73,6 +82,9 @@ class ModelSet:
         options = LoadOptions(n_ctx=config.models.n_ctx, n_threads=config.models.threads)
 
         def loader(variant: str) -> Backend:
+            if variant not in paths:  # e.g. a variant the updater installed since the start
+                entry = Catalog(catalog.dir).resolve(variant)
+                paths[variant] = (entry.backend, entry.path(catalog.dir), entry.size_bytes)
             kind, path, _ = paths[variant]
             return load_backend(kind, path, options)
 
@@ -92,12 +104,72 @@ class ModelSet:
         return models
 
     def _load_sync(self, variant: str) -> Lane:
-        assert self.loader is not None
-        instances = [self.loader(variant) for _ in range(self.config.models.workers_per_model)]
-        lane = Lane(variant, instances, self.config.concurrency.queue_size)
+        lane = self._new_lane(variant)
         self.lanes[variant] = lane
-        log.info("loaded %s (%d worker(s))", variant, len(instances))
         return lane
+
+    def _new_lane(self, variant: str) -> Lane:
+        assert self.loader is not None
+        instances: list[Backend] = []
+        try:
+            for _ in range(self.config.models.workers_per_model):
+                instances.append(self.loader(variant))
+        except BaseException:
+            for b in instances:
+                b.close()
+            raise
+        log.info("loaded %s (%d worker(s))", variant, len(instances))
+        return Lane(variant, instances, self.config.concurrency.queue_size)
+
+    # -- hot swap ---------------------------------------------------------
+    async def swap(self, variant: str, settle_timeout_s: float | None = None) -> str | None:
+        """Serve ``variant`` (a catalog name) as the active variant; return the previous one.
+
+        In-flight and queued requests finish on the old lane; new ones go to the
+        new lane; no request is refused because of the swap. Loading failures
+        raise before anything changes.
+        """
+        async with self._swap_lock:
+            old = self.active
+            if variant == old and variant in self.lanes:
+                return old
+            lane = self.lanes.get(variant)
+            if lane is None:
+                if self.loader is None:
+                    raise RuntimeError(f"cannot load {variant}: this model set has no loader")
+                lane = await asyncio.to_thread(self._new_lane, variant)
+                self.lanes[variant] = lane
+            # One step of the event loop: from here on every new request routes to it.
+            self.on_demand.discard(variant)
+            self.canonical[variant] = variant
+            self.config.models.active = variant
+            self.swaps += 1
+            log.info("hot swap: %s -> %s", old, variant)
+            needed = {self.canonical.get(n, n) for n in self.config.variant_names()}
+            if old in needed or old not in self.lanes:
+                return old  # still routed (fallback or a tier): keep it loaded
+            for name, target in list(self.canonical.items()):
+                if target == old:
+                    del self.canonical[name]
+            await self._retire(old, settle_timeout_s)
+            return old
+
+    async def _retire(self, variant: str, timeout_s: float | None) -> None:
+        """Close a lane once nothing runs or waits on it (requests have deadlines)."""
+        lane = self.lanes[variant]
+        limit = timeout_s if timeout_s is not None else self.config.concurrency.deadline_s + 30
+        end = asyncio.get_running_loop().time() + limit
+        while lane.in_flight > 0 or lane.queue_depth > 0:
+            if asyncio.get_running_loop().time() > end:
+                log.warning("%s still has %d running, %d queued after %.0f s; kept loaded",
+                            variant, lane.in_flight, lane.queue_depth, limit)
+                return
+            await asyncio.sleep(0.05)
+        del self.lanes[variant]
+        if self.owned:
+            for b in lane.instances:
+                await asyncio.to_thread(b.close)
+        log.info("retired %s after the swap", variant)
 
     # -- routing --------------------------------------------------------
     def name(self, configured: str | None) -> str | None:

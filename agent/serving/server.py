@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -28,10 +29,10 @@ from .systemd import Notifier
 log = logging.getLogger(__name__)
 
 
-def build_recorder(config: AgentConfig, variant: Callable[[], str | None] = lambda: None
-                   ) -> Recorder:
+def build_recorder(config: AgentConfig, variant: Callable[[], str | None] = lambda: None,
+                   *extra: Recorder) -> Recorder:
     """Memory, plus the JSON-lines file and the durable telemetry path when configured."""
-    sinks: list[Recorder] = [MemoryRecorder(config.events.memory_events)]
+    sinks: list[Recorder] = [MemoryRecorder(config.events.memory_events), *extra]
     if config.events.events_file is not None:
         sinks.append(JsonlRecorder(config.events.events_file))
     if config.telemetry is not None:
@@ -41,6 +42,17 @@ def build_recorder(config: AgentConfig, variant: Callable[[], str | None] = lamb
     return sinks[0] if len(sinks) == 1 else TeeRecorder(*sinks)
 
 
+def _boot_epoch(recorder: Recorder) -> int:
+    """The telemetry outbox's boot epoch (device state carries the same one)."""
+    from quantfleet.agent.telemetry.service import TelemetryService
+
+    sinks = recorder.recorders if isinstance(recorder, TeeRecorder) else (recorder,)
+    for sink in sinks:
+        if isinstance(sink, TelemetryService):
+            return int(sink.outbox.boot_epoch)
+    return int(time.time())
+
+
 class _DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, service: AgentService, notifier: Notifier
                  ) -> None:
@@ -48,6 +60,7 @@ class _DrainingServer(uvicorn.Server):
         self.service = service
         self.notifier = notifier
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_exit: list[Callable[[], None]] = []  # quick, non-blocking stops
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -56,6 +69,8 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.notifier.stopping()
+        for stop in self.on_exit:
+            stop()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.service.begin_drain)
         super().handle_exit(sig, frame)
@@ -74,15 +89,31 @@ def serve(config: AgentConfig, models: Callable[[], ModelSet] | None = None,
         models_ = holder[0].models if holder else None
         return models_.active if models_ is not None else None
 
-    app = create_app(config, models or (lambda: ModelSet.load(config)),
-                     build_recorder(config, active))
+    watch = None
+    if config.update is not None:
+        from quantfleet.agent.soak import SoakWatch
+        from quantfleet.agent.updates import restore_known_good
+
+        restore_known_good(config)
+        watch = SoakWatch()
+    recorder = build_recorder(config, active, *([watch] if watch else []))
+    app = create_app(config, models or (lambda: ModelSet.load(config)), recorder)
     service: AgentService = app.state.service
     holder.append(service)
     notifier = Notifier()
+    updates: list[Any] = []
 
     def ready() -> None:
         assert service.models is not None
         notifier.ready(f"serving {service.models.active}")
+        if watch is not None:
+            from quantfleet.agent.updates import DeviceUpdates
+
+            try:
+                updates.append(DeviceUpdates(config, service.models, asyncio.get_running_loop(),
+                                             watch, _boot_epoch(recorder)).start())
+            except Exception as exc:  # the agent keeps serving; updates are off
+                log.error("device updates could not start: %s", exc)
 
     service.on_ready.append(ready)
     listen = config.listen
@@ -97,7 +128,17 @@ def serve(config: AgentConfig, models: Callable[[], ModelSet] | None = None,
         timeout_graceful_shutdown=int(max(1, config.concurrency.drain_timeout_s)),
     )
     server = _DrainingServer(uv, service, notifier)
-    server.run()
+    # An update in progress stops before the models it would swap are closed.
+    def stop_updates() -> None:
+        for u in updates:
+            u.updater.stop()
+
+    server.on_exit.append(stop_updates)
+    try:
+        server.run()
+    finally:
+        for u in updates:
+            u.stop()
     notifier.stop_watchdog()
     if service.load_error:
         log.error("exiting: models did not load (%s)", service.load_error)

@@ -1,0 +1,264 @@
+"""The updater inside ``quantfleet-agent serve``: desired state in, device state out.
+
+``DeviceUpdates`` joins three parts:
+
+- an MQTT session of its own (beside the telemetry publisher) that subscribes
+  to ``…/devices/{id}/desired`` (QoS 1; the retained message arrives on every
+  subscribe, so a device that was away converges when it returns) and
+  publishes each update state retained on ``…/devices/{id}/state``; the latest
+  state is published again after every reconnect;
+- the ``Updater`` state machine (agent/updater.py);
+- ``ServingHooks``, which give that machine the real model steps: pre-flight
+  on a sampled golden subset against the variant serving now, the hot swap
+  in the serving ``ModelSet``, and the soak watch on live requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from quantfleet.agent.backends import LoadOptions, load_backend
+from quantfleet.agent.config import AgentConfig, UpdateConfig
+from quantfleet.agent.serving.routing import ModelSet
+from quantfleet.agent.signing import load_public_key
+from quantfleet.agent.soak import SoakPolicy, SoakWatch
+from quantfleet.agent.telemetry.config import MqttConfig, parse_broker_url
+from quantfleet.agent.telemetry.publisher import make_client
+from quantfleet.agent.updater import (
+    Check,
+    SoakAnswer,
+    UpdatePolicy,
+    Updater,
+    UpdaterMemory,
+)
+from quantfleet.agent.wire import DeviceStatePayload, device_topic
+from quantfleet.models.catalog import Catalog, CatalogError, VariantEntry
+
+log = logging.getLogger(__name__)
+
+#: The pre-flight's verdict policy on a device, before ``[update] preflight_policy``.
+#: A device checks a small sample, so per-property drops (a property may sit on one
+#: or two items) are not judged; the overall drop, McNemar's test and the KLD p99
+#: limits are. The KLD is measured per token, hundreds of them even on a few items,
+#: and separates the ladder's rungs clearly (docs/reports/starter-ladder.md).
+DEVICE_PREFLIGHT_POLICY: dict[str, Any] = {
+    "min_property_items": 1,
+    "max_drop": 1.0,
+    "max_overall_drop": 0.25,
+    "max_flips": None,
+    "alpha": 0.05,
+    "max_kld_p99_structured": 1.0,
+    "max_kld_p99_prose": 1.0,
+    "min_tokens": 20,
+}
+
+
+def state_file(config: AgentConfig) -> Path:
+    assert config.update is not None
+    return config.update.state_file or Path(config.models.dir) / "updater.json"
+
+
+def restore_known_good(config: AgentConfig) -> None:
+    """After a restart, serve what the updater last found healthy, not the factory default.
+
+    A variant activated but not through its soak (the agent died mid-soak) is not
+    known good: the device starts on the known-good one, and the desired state —
+    its revision recorded only when an update ends — drives the update again.
+    """
+    memory = UpdaterMemory.load(state_file(config))
+    if not memory.known_good:
+        return
+    try:
+        entry = Catalog(config.models.dir).resolve(memory.known_good)
+    except CatalogError:
+        log.warning("known-good %s is not in %s; serving %s", memory.known_good,
+                    config.models.dir, config.models.active)
+        return
+    if entry.path(Catalog(config.models.dir).dir).exists():
+        config.models.active = entry.name
+
+
+class ServingHooks:
+    """The updater's model steps on a serving agent."""
+
+    def __init__(self, config: AgentConfig, models: ModelSet, loop: asyncio.AbstractEventLoop,
+                 watch: SoakWatch) -> None:
+        assert config.update is not None
+        self.config = config
+        self.cfg: UpdateConfig = config.update
+        self.models = models
+        self.loop = loop
+        self.watch = watch
+        self.activated_at = time.time()
+        self.policy = SoakPolicy(self.cfg.soak_min_requests, self.cfg.soak_max_validation_increase,
+                                 self.cfg.soak_max_error_increase, self.cfg.soak_max_latency_ratio)
+
+    def preflight(self, entry: VariantEntry, path: Path) -> Check:
+        n = self.cfg.preflight_sample
+        if n == 0:
+            return Check(True, "pre-flight skipped (preflight_sample = 0)")
+        from quantfleet.fleet.evaluation.golden import (
+            GoldenFileError,
+            load_golden,
+            starter_golden_path,
+        )
+        from quantfleet.fleet.evaluation.runner import evaluate_backends
+        from quantfleet.fleet.evaluation.verdict import VerdictPolicy, judge
+
+        try:
+            golden = load_golden(self.cfg.preflight_golden or starter_golden_path())
+        except (GoldenFileError, OSError) as exc:
+            return Check(False, f"golden set unusable: {exc}")
+        items = golden.sample(n, seed=self.cfg.preflight_seed).items
+        baseline = self.models.active
+        catalog = Catalog(self.config.models.dir)
+        try:
+            base_entry = catalog.resolve(baseline)
+        except CatalogError as exc:
+            return Check(False, f"the serving variant is not in the catalog: {exc}")
+        options = LoadOptions(n_ctx=self.config.models.n_ctx,
+                              n_threads=self.cfg.preflight_threads)
+        policy = VerdictPolicy.model_validate(
+            {**DEVICE_PREFLIGHT_POLICY, "min_items": len(items), **self.cfg.preflight_policy})
+        started = time.monotonic()
+        # Separate instances: serving keeps every one of its workers meanwhile.
+        base = load_backend(base_entry.backend, base_entry.path(catalog.dir), options)
+        try:
+            cand = load_backend(entry.backend, path, options)
+        except Exception as exc:
+            base.close()
+            return Check(False, f"{entry.name} does not load: {exc}")
+        try:
+            [comparison] = evaluate_backends(items, (baseline, base), {entry.name: cand},
+                                             seed=self.cfg.preflight_seed)
+        finally:
+            cand.close()
+            base.close()
+        verdict = judge(comparison, policy)
+        log.info("pre-flight in %.0f s: %s", time.monotonic() - started, verdict.summary())
+        return Check(verdict.decision == "pass", f"{verdict.summary()} on {len(items)} items")
+
+    def activate(self, entry: VariantEntry) -> None:
+        timeout = 600.0 + self.config.concurrency.deadline_s
+        future = asyncio.run_coroutine_threadsafe(self.models.swap(entry.name), self.loop)
+        future.result(timeout)
+        self.activated_at = time.time()
+
+    def soak(self, entry: VariantEntry, previous: str | None, elapsed_s: float
+             ) -> tuple[SoakAnswer, str]:
+        verdict = self.watch.judge(entry.name, previous, self.activated_at, self.policy)
+        return ("breach" if verdict.breach else "continue"), verdict.reason
+
+
+class StateChannel:
+    """One MQTT session: subscribe to desired state, publish device state (retained)."""
+
+    def __init__(self, mqtt_cfg: MqttConfig, device_id: str,
+                 on_desired: Any) -> None:
+        self.cfg = mqtt_cfg
+        self.device_id = device_id
+        self.on_desired = on_desired
+        self.desired_topic = device_topic(device_id, "desired", mqtt_cfg.topic_root)
+        self.state_topic = device_topic(device_id, "state", mqtt_cfg.topic_root)
+        base = mqtt_cfg.client_id or f"qf-{device_id}"
+        self.client = make_client(mqtt_cfg, f"{base}-update")
+        self.client.reconnect_delay_set(1, 30)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self._last: DeviceStatePayload | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> StateChannel:
+        _, host, port = parse_broker_url(self.cfg.broker)
+        self.client.connect_async(host, port, keepalive=self.cfg.keepalive_s)
+        self.client.loop_start()
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any,
+                    props: Any) -> None:
+        if rc.is_failure:
+            log.error("update channel: broker refused the connection: %s", rc)
+            return
+        self.connected.set()
+        client.subscribe(self.desired_topic, qos=1)
+        with self._lock:
+            last = self._last
+        if last is not None:  # what happened while we were away
+            self._send(last)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any,
+                      props: Any) -> None:
+        codes = list(rcs) if isinstance(rcs, list) else [rcs]
+        if any(getattr(c, "is_failure", False) for c in codes):
+            log.error("update channel: subscription to %s refused (%s); check the broker ACL",
+                      self.desired_topic, codes)
+            return
+        self.subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.on_desired(msg.payload)
+        except Exception:  # a bad message must not take the session down
+            log.exception("handling desired state failed")
+
+    def publish(self, state: DeviceStatePayload) -> None:
+        with self._lock:
+            self._last = state
+        self._send(state)
+
+    def _send(self, state: DeviceStatePayload) -> None:
+        info = self.client.publish(self.state_topic, state.model_dump_json(), qos=1, retain=True)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            log.info("state %s queued until the broker is back (rc %s)", state.update_state,
+                     info.rc)
+
+
+class DeviceUpdates:
+    """Started once the models are loaded; stopped when the agent stops."""
+
+    def __init__(self, config: AgentConfig, models: ModelSet, loop: asyncio.AbstractEventLoop,
+                 watch: SoakWatch, boot_epoch: int) -> None:
+        assert config.update is not None and config.telemetry is not None
+        u = config.update
+        self.hooks = ServingHooks(config, models, loop, watch)
+        self.channel = StateChannel(config.telemetry.mqtt, config.device.id, self._desired)
+        policy = UpdatePolicy(
+            bandwidth_bps=u.bandwidth_bps, min_free_bytes=u.min_free_mb * 1024 * 1024,
+            soak_s=u.soak_s, soak_poll_s=u.soak_poll_s, download_timeout_s=u.download_timeout_s,
+            keep_variants=u.keep_variants)
+        self.updater = Updater(config.device.id, Path(config.models.dir), state_file(config),
+                               load_public_key(u.public_key), self.hooks, self.channel.publish,
+                               boot_epoch=boot_epoch, policy=policy, current=models.active)
+
+    def _desired(self, raw: bytes) -> None:
+        self.updater.handle(raw)
+
+    def start(self) -> DeviceUpdates:
+        # Announce where this device stands before anything else happens: healthy on
+        # the variant its last update ended on, or idle when it never had one.
+        m = self.updater.memory
+        settled = bool(m.last_revision) and m.current == m.known_good
+        self.updater.report("healthy" if settled else "idle", reason="agent started")
+        self.channel.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.updater.stop()
+        self.updater.wait(timeout)
+        self.channel.stop()
