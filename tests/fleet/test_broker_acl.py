@@ -117,3 +117,19 @@ def test_a_device_reads_only_its_own_desired_state(broker: Mosquitto) -> None:
     for c in (fleet, dev_a, dev_b):
         c.disconnect()
         c.loop_stop()
+
+
+def test_a_device_reads_its_own_status_and_no_one_elses(broker: Mosquitto) -> None:
+    dev_a, dev_b = client(broker, "dev-a"), client(broker, "dev-b")
+    for dev, c in (("dev-a", dev_a), ("dev-b", dev_b)):
+        c.publish(f"quantfleet/v1/devices/{dev}/status", dev.encode(), qos=1,
+                  retain=True).wait_for_publish(5)
+    got: list[str] = []
+    dev_a.on_message = lambda c, u, m: got.append(m.topic)
+    subscribe(dev_a, "quantfleet/v1/devices/dev-a/status")
+    subscribe(dev_a, "quantfleet/v1/devices/dev-b/status")
+    time.sleep(0.5)
+    assert got == ["quantfleet/v1/devices/dev-a/status"]
+    for c in (dev_a, dev_b):
+        c.disconnect()
+        c.loop_stop()
