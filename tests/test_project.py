@@ -61,3 +61,35 @@ def test_readme_opens_with_the_two_commands() -> None:
         assert (ROOT / command).stat().st_mode & 0o111
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/test.sh" in ci
+
+
+def test_the_device_side_needs_none_of_the_fleets_dependencies() -> None:
+    """An edge device installs quantfleet[agent]: the serving agent, its updater and the
+    pre-flight's evaluation must import with the fleet-only packages absent."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+fleet_only = ("sqlalchemy", "psycopg", "scipy", "yaml", "matplotlib")
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in fleet_only:
+            raise ImportError(f"{name} is a fleet-only dependency")
+        return None
+
+sys.meta_path.insert(0, Block())
+import quantfleet.agent.cli
+import quantfleet.agent.serving.server
+import quantfleet.agent.updates
+import quantfleet.fleet.evaluation.golden
+import quantfleet.fleet.evaluation.runner
+import quantfleet.fleet.evaluation.verdict
+from quantfleet.agent.config import parse_config
+parse_config({"telemetry": {"device_id": "d"}, "update": {"public_key": "k.pub"}})
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
