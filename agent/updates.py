@@ -6,7 +6,8 @@
   to ``…/devices/{id}/desired`` (QoS 1; the retained message arrives on every
   subscribe, so a device that was away converges when it returns) and
   publishes each update state retained on ``…/devices/{id}/state``; the latest
-  state is published again after every reconnect;
+  state is published again after every reconnect. Each state also goes into
+  the telemetry outbox as a ``state`` event, so the fleet keeps the whole walk;
 - the ``Updater`` state machine (agent/updater.py);
 - ``ServingHooks``, which give that machine the real model steps: pre-flight
   on a sampled golden subset against the variant serving now, the hot swap
@@ -20,6 +21,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,18 +235,27 @@ class DeviceUpdates:
     """Started once the models are loaded; stopped when the agent stops."""
 
     def __init__(self, config: AgentConfig, models: ModelSet, loop: asyncio.AbstractEventLoop,
-                 watch: SoakWatch, boot_epoch: int) -> None:
+                 watch: SoakWatch, *, boot_epoch: int,
+                 record: Callable[[DeviceStatePayload], object] | None = None) -> None:
         assert config.update is not None and config.telemetry is not None
         u = config.update
         self.hooks = ServingHooks(config, models, loop, watch)
+        self.record = record
         self.channel = StateChannel(config.telemetry.mqtt, config.device.id, self._desired)
         policy = UpdatePolicy(
             bandwidth_bps=u.bandwidth_bps, min_free_bytes=u.min_free_mb * 1024 * 1024,
             soak_s=u.soak_s, soak_poll_s=u.soak_poll_s, download_timeout_s=u.download_timeout_s,
             keep_variants=u.keep_variants)
         self.updater = Updater(config.device.id, Path(config.models.dir), state_file(config),
-                               load_public_key(u.public_key), self.hooks, self.channel.publish,
+                               load_public_key(u.public_key), self.hooks, self._report,
                                boot_epoch=boot_epoch, policy=policy, current=models.active)
+
+    def _report(self, state: DeviceStatePayload) -> None:
+        """Retained on ``…/state`` for the registry, and as a telemetry event (durable,
+        through the outbox) so the fleet keeps every step, not only the last."""
+        self.channel.publish(state)
+        if self.record is not None:
+            self.record(state)
 
     def _desired(self, raw: bytes) -> None:
         self.updater.handle(raw)

@@ -94,13 +94,13 @@ class RequestEvent(WirePayload):
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 TOPIC_LEAVES = ("status", "telemetry", "state", "desired")
 
-EventKind = Literal["request", "aggregate", "health", "device_status", "gap"]
+EventKind = Literal["request", "aggregate", "health", "device_status", "state", "gap"]
 
 #: Eviction order of a full outbox: the lowest priority goes first. Gap records
 #: are never evicted (they are the account of what was), nor is the newest
 #: device status.
 EVENT_PRIORITY: dict[str, int] = {
-    "request": 0, "aggregate": 1, "health": 1, "device_status": 2, "gap": 3,
+    "request": 0, "aggregate": 1, "health": 1, "device_status": 2, "state": 2, "gap": 3,
 }
 
 #: Upper bounds (seconds) of the fixed latency histogram buckets; one more
@@ -228,8 +228,40 @@ class GapRecord(WirePayload):
         return self
 
 
+UpdateState = Literal[
+    "idle", "downloading", "verifying", "preflight", "activating", "soaking", "healthy",
+    "failed", "rolled_back", "refused",
+]
+#: States a device passes through on the way to ``healthy``; the others are ends.
+UPDATE_IN_PROGRESS: tuple[str, ...] = (
+    "downloading", "verifying", "preflight", "activating", "soaking",
+)
+
+
+class DeviceStatePayload(WirePayload):
+    """Retained on ``…/state``: what the device runs and where its update stands.
+
+    "installed" is never "healthy": a device reports ``healthy`` only after the
+    new variant passed its soak.
+    """
+
+    type: Literal["state"] = "state"
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="The device.")
+    boot_epoch: int = Field(ge=0, description="The agent start this state belongs to.")
+    variant: str | None = Field(None, description="The variant serving requests now.")
+    known_good: str | None = Field(None, description="The variant it would roll back to.")
+    target: str | None = Field(None, description="The variant being applied, if any.")
+    desired_revision: int | None = Field(None, description="The desired revision acted on.")
+    update_state: UpdateState = Field(description="Where the update stands.")
+    reason: str = Field("", max_length=1000, description="Why it failed, was refused or "
+                        "rolled back.")
+    progress: float | None = Field(None, ge=0, le=1, description="Download progress.")
+    ts: float = Field(description="Unix time of this state.")
+
+
 EventBody = Annotated[
-    RequestEvent | AggregatePayload | HealthPayload | DeviceStatusPayload | GapRecord,
+    RequestEvent | AggregatePayload | HealthPayload | DeviceStatusPayload | DeviceStatePayload
+    | GapRecord,
     Field(discriminator="type"),
 ]
 
@@ -293,16 +325,6 @@ class StatusPayload(WirePayload):
 # retained, device → fleet).
 # ---------------------------------------------------------------------------
 
-UpdateState = Literal[
-    "idle", "downloading", "verifying", "preflight", "activating", "soaking", "healthy",
-    "failed", "rolled_back", "refused",
-]
-#: States a device passes through on the way to ``healthy``; the others are ends.
-UPDATE_IN_PROGRESS: tuple[str, ...] = (
-    "downloading", "verifying", "preflight", "activating", "soaking",
-)
-
-
 class DesiredPayload(WirePayload):
     """The variant the fleet wants a device to run, signed so the device can check it.
 
@@ -324,27 +346,6 @@ class DesiredPayload(WirePayload):
     )
     rollout_id: str | None = Field(None, description="The rollout that set it, if any.")
     issued_at: float = Field(description="Unix time the fleet made this message.")
-
-
-class DeviceStatePayload(WirePayload):
-    """Retained on ``…/state``: what the device runs and where its update stands.
-
-    "installed" is never "healthy": a device reports ``healthy`` only after the
-    new variant passed its soak.
-    """
-
-    type: Literal["state"] = "state"
-    device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="The device.")
-    boot_epoch: int = Field(ge=0, description="The agent start this state belongs to.")
-    variant: str | None = Field(None, description="The variant serving requests now.")
-    known_good: str | None = Field(None, description="The variant it would roll back to.")
-    target: str | None = Field(None, description="The variant being applied, if any.")
-    desired_revision: int | None = Field(None, description="The desired revision acted on.")
-    update_state: UpdateState = Field(description="Where the update stands.")
-    reason: str = Field("", max_length=1000, description="Why it failed, was refused or "
-                        "rolled back.")
-    progress: float | None = Field(None, ge=0, le=1, description="Download progress.")
-    ts: float = Field(description="Unix time of this state.")
 
 
 #: The payloads whose JSON Schemas are published in docs/schemas/.

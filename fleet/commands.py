@@ -123,6 +123,48 @@ def devices_list(config_path: Path, selector: str, as_json: bool) -> None:
     console.print(table)
 
 
+@devices_group.command(name="history")
+@config_option
+@click.argument("device_id")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000),
+              help="The newest N update states.")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+def devices_history(config_path: Path, device_id: str, limit: int, as_json: bool) -> None:
+    """Every update step a device reported (its `state` telemetry events), oldest first.
+
+    \b
+    Example:
+      quantfleet devices history edge-001
+    """
+    from sqlalchemy import select
+
+    from .store import schema
+
+    store = _store(_config(config_path))
+    e = schema.events
+    q = (select(e.c.body).where(e.c.device_id == device_id, e.c.kind == "state")
+         .order_by(e.c.ts.desc(), e.c.seq.desc()).limit(limit))
+    with store.engine.connect() as conn:
+        rows = [json.loads(b) if isinstance(b, str) else b for (b,) in conn.execute(q)]
+    rows.reverse()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        raise click.ClickException(f"no update states from {device_id!r} yet")
+    table = Table(title=f"update history of {device_id}")
+    for col in ("time", "state", "target", "serving", "revision", "detail"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        detail = r.get("reason") or ""
+        if r.get("update_state") == "downloading" and r.get("progress") is not None:
+            detail = f"{r['progress']:.0%} {detail}".strip()
+        table.add_row(time.strftime("%H:%M:%S", time.localtime(r["ts"])), r["update_state"],
+                      r.get("target") or "-", r.get("variant") or "-",
+                      str(r.get("desired_revision") or "-"), detail)
+    console.print(table)
+
+
 @devices_group.command(name="label")
 @config_option
 @click.argument("device_id")

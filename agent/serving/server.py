@@ -42,15 +42,12 @@ def build_recorder(config: AgentConfig, variant: Callable[[], str | None] = lamb
     return sinks[0] if len(sinks) == 1 else TeeRecorder(*sinks)
 
 
-def _boot_epoch(recorder: Recorder) -> int:
-    """The telemetry outbox's boot epoch (device state carries the same one)."""
+def _telemetry(recorder: Recorder) -> Any:
+    """The durable telemetry path among the recorder's sinks, if configured."""
     from quantfleet.agent.telemetry.service import TelemetryService
 
     sinks = recorder.recorders if isinstance(recorder, TeeRecorder) else (recorder,)
-    for sink in sinks:
-        if isinstance(sink, TelemetryService):
-            return int(sink.outbox.boot_epoch)
-    return int(time.time())
+    return next((s for s in sinks if isinstance(s, TelemetryService)), None)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -109,9 +106,12 @@ def serve(config: AgentConfig, models: Callable[[], ModelSet] | None = None,
         if watch is not None:
             from quantfleet.agent.updates import DeviceUpdates
 
+            telemetry = _telemetry(recorder)
             try:
-                updates.append(DeviceUpdates(config, service.models, asyncio.get_running_loop(),
-                                             watch, _boot_epoch(recorder)).start())
+                updates.append(DeviceUpdates(
+                    config, service.models, asyncio.get_running_loop(), watch,
+                    boot_epoch=telemetry.outbox.boot_epoch if telemetry else int(time.time()),
+                    record=telemetry.outbox.append if telemetry else None).start())
             except Exception as exc:  # the agent keeps serving; updates are off
                 log.error("device updates could not start: %s", exc)
 

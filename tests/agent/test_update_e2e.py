@@ -321,6 +321,18 @@ def test_a_cohort_moves_to_q4_k_m_and_a_killed_download_resumes(world: World,
     # agent-1 walked every step, in order.
     assert walk(world.states.of("agent-1", revision))[-6:] == [
         "downloading", "verifying", "preflight", "activating", "soaking", "healthy"]
+    # The whole walk reached the fleet as telemetry events: the operator reads it back.
+    deadline = time.monotonic() + 60
+    while True:
+        history = json.loads(world.cli("devices", "history", "agent-1", "--json"))
+        steps = walk([DeviceStatePayload.model_validate(h) for h in history
+                      if h["desired_revision"] == revision])
+        if steps[-1:] == ["healthy"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert steps[-6:] == ["downloading", "verifying", "preflight", "activating", "soaking",
+                          "healthy"], history
+    assert "preflight" in world.cli("devices", "history", "agent-1")
     # agent-2 resumed where the killed process left off instead of starting over.
     resumed = [s for s in world.states.of("agent-2") if "resuming at byte" in s.reason]
     assert resumed and (resumed[0].progress or 0) >= 0.2, world.states.of("agent-2")
