@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from sqlalchemy import Connection, Engine, inspect, select
+from sqlalchemy import Connection, Engine, inspect, select, text
 
 from . import schema
 
@@ -39,6 +39,15 @@ def m001_initial(conn: Connection) -> None:
 def m002_rollouts(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=[schema.rollouts, schema.rollout_devices,
                                              schema.pins])
+
+
+@migration
+def m003_events_request_signals_index(conn: Connection) -> None:
+    """Replace (kind, variant, ts) by an index that also holds every signal the gates
+    count: a window's aggregation reads the index, not the rows (docs/rollouts.md)."""
+    index = next(i for i in schema.events.indexes if i.name == "ix_events_request_signals")
+    index.create(conn, checkfirst=True)  # a blank store has it from m001
+    conn.execute(text("DROP INDEX IF EXISTS ix_events_kind_variant_ts"))
 
 
 def applied(engine: Engine) -> list[str]:

@@ -78,7 +78,12 @@ events = Table(
     Column("body", Text, nullable=False),
     UniqueConstraint("device_id", "boot_epoch", "seq", name="uq_events_triple"),
 )
-Index("ix_events_kind_variant_ts", events.c.kind, events.c.variant, events.c.ts)
+# m003: the rollout gates aggregate a window's requests per variant from this
+# index alone (kind, variant, ts select; the rest is what they count), never
+# visiting the table's rows with their JSON bodies.
+Index("ix_events_request_signals", events.c.kind, events.c.variant, events.c.ts,
+      events.c.device_id, events.c.latency_s, events.c.attempt_tokens, events.c.status,
+      events.c.validation_failed, events.c.tool_call_ok, events.c.refused, events.c.fallback)
 Index("ix_events_device_seq", events.c.device_id, events.c.seq)
 
 rejections = Table(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from quantfleet.agent.wire import (
     TelemetryEvent,
     ValidationOutcome,
 )
-from quantfleet.fleet.store import Store
+from quantfleet.fleet.store import Store, _sqlite_math
 from quantfleet.fleet.store.migrations import MIGRATIONS, applied
 
 
@@ -54,6 +55,28 @@ def test_migrations_from_blank_to_latest(store_url: str) -> None:
     s.close()
     again = Store(store_url)  # reopening applies nothing twice
     assert again.applied == [] and applied(again.engine) == [n for n, _ in MIGRATIONS]
+    again.close()
+
+
+def test_m003_moves_a_m002_store_to_the_request_signals_index(store_url: str) -> None:
+    """Oldest → latest: a store as m002 left it (events indexed by kind, variant, ts)."""
+    s = Store(store_url)
+    s.ingest_batch(batch("dev-1", [request_event(i) for i in range(1, 4)]))
+    with s.engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_events_request_signals"))
+        conn.execute(text("CREATE INDEX ix_events_kind_variant_ts ON events (kind, variant, ts)"))
+        conn.execute(text("DELETE FROM quantfleet_migrations "
+                          "WHERE name = 'm003_events_request_signals_index'"))
+    s.close()
+
+    def indexes(store: Store) -> set[str]:
+        return {i["name"] for i in inspect(store.engine).get_indexes("events")}
+
+    again = Store(store_url)
+    assert again.applied == ["m003_events_request_signals_index"]
+    names = indexes(again)
+    assert "ix_events_request_signals" in names and "ix_events_kind_variant_ts" not in names
+    assert again.event_count("request") == 3
     again.close()
 
 
@@ -139,3 +162,14 @@ def test_a_birth_brings_the_devices_own_labels(store: Store) -> None:
     store.apply_status(StatusPayload(device_id="dev-1", state="online", boot_epoch=1,
                                      reason="birth", ts=1.0, labels={"hw": "rpi5"}))
     assert store.devices()[0]["labels"] == {"canary": "yes", "hw": "rpi5"}
+    assert store.devices(columns=("device_id", "labels")) == [
+        {"device_id": "dev-1", "labels": {"canary": "yes", "hw": "rpi5"}}]
+
+
+def test_sqlite_without_math_functions_gets_them() -> None:
+    """A SQLite built without ln/floor gets Python ones with SQLite's semantics."""
+    conn = sqlite3.connect(":memory:")
+    _sqlite_math(conn)
+    assert conn.execute("SELECT ln(1.0), floor(2.7), floor(-0.5), ln(0), ln(-1), ln(NULL)"
+                        ).fetchone() == (0.0, 2.0, -1.0, None, None, None)
+    assert conn.execute("SELECT ln(2.718281828459045)").fetchone()[0] == pytest.approx(1.0)
