@@ -21,6 +21,7 @@ Every transition and verdict goes to the audit log with its evidence.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -34,6 +35,7 @@ from quantfleet.fleet.cohorts import Selector
 from quantfleet.fleet.store import Store, schema
 
 from .gates import GateResult, Sample, combine, judge
+from .samples import Member, read_samples
 from .spec import RolloutSpec, resolve_count
 
 log = logging.getLogger(__name__)
@@ -203,7 +205,8 @@ class RolloutEngine:
 
     def _cohort(self, spec: RolloutSpec) -> list[dict[str, Any]]:
         sel = Selector.parse(spec.cohort)
-        return [d for d in self.store.devices() if sel.matches(d["labels"] or {})]
+        devices = self.store.devices(columns=("device_id", "labels", "variant", "online"))
+        return [d for d in devices if sel.matches(d["labels"] or {})]
 
     def _tick_one(self, rollout_id: str) -> None:
         r = self.get(rollout_id)
@@ -353,39 +356,31 @@ class RolloutEngine:
 
     def samples(self, rollout_id: str, spec: RolloutSpec, window: tuple[float, float]
                 ) -> tuple[dict[str, Sample], dict[str, Sample], int, int]:
-        """Canary and control samples per stratum ("*" is all) over the same window."""
+        """Canary and control samples per stratum ("*" is all) over the same window.
+
+        The canary is every healthy canary on the candidate; the control every device
+        of the cohort still on the baseline that was never a canary. The store
+        aggregates their requests (``samples.read_samples``).
+        """
         members = self.members(rollout_id)
         canary = {m["device_id"]: m["stratum"] for m in members
                   if m["role"] == "canary" and m["outcome"] == "healthy"}
-        cohort = self._cohort(spec)
         ever_canary = {m["device_id"] for m in members if m["role"] == "canary"}
-        control = {d["device_id"]: self._strata(spec, d) for d in cohort
+        control = {d["device_id"]: self._strata(spec, d) for d in self._cohort(spec)
                    if d["device_id"] not in ever_canary and d["variant"] == spec.from_variant}
-        e = schema.events
-        cols = [e.c.device_id, e.c.status, e.c.latency_s, e.c.attempt_tokens,
-                e.c.validation_failed, e.c.tool_call_ok, e.c.refused, e.c.fallback]
-        rows_by: dict[str, list[Any]] = {}
-        # One query per variant over the window, split by membership here: cheaper
-        # than IN-lists of thousands of ids, and .all() fetches in bulk.
-        with self.store.engine.connect() as conn:
-            for role, ids, variant in (("canary", canary, spec.to_variant),
-                                       ("control", control, spec.from_variant)):
-                q = select(*cols).where(and_(
-                    e.c.kind == "request", e.c.ts >= window[0], e.c.ts < window[1],
-                    e.c.variant == variant))
-                rows_by[role] = [row for row in conn.execute(q).all() if row[0] in ids]
+        judged = {d: Member("canary", spec.to_variant, s) for d, s in canary.items()}
+        judged.update({d: Member("control", spec.from_variant, s) for d, s in control.items()})
+        with self.store.engine.begin() as conn:
+            groups = read_samples(conn, judged, window)
 
-        def split(rows: list[Any], strata: dict[str, str]) -> dict[str, Sample]:
-            out = {"*": Sample.from_tuples(rows)}
+        def side(name: str) -> dict[str, Sample]:
+            strata = {k: v for (s, k), v in groups.items() if s == name}
+            out = {"*": functools.reduce(Sample.merge, strata.values(), Sample())}
             if spec.stratify_by:
-                groups: dict[str, list[Any]] = {}
-                for row in rows:
-                    groups.setdefault(strata[row[0]], []).append(row)
-                out.update({k: Sample.from_tuples(v) for k, v in groups.items()})
+                out.update(strata)
             return out
 
-        return (split(rows_by["canary"], canary), split(rows_by["control"], control),
-                len(canary), len(control))
+        return side("canary"), side("control"), len(canary), len(control)
 
     def judge_step(self, rollout_id: str, spec: RolloutSpec,
                    window: tuple[float, float]) -> StepVerdict:

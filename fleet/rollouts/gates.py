@@ -17,7 +17,9 @@ Rules, with ``tol`` the gate's tolerated effect and ``alpha`` its level:
   interval lies within ``[-tol, tol]``;
 - ratio, lower is better (p95/p99 latency, cost per successful request):
   fail if ``ratio > 1 + tol`` and Mann–Whitney's one-sided p < alpha; pass if
-  the interval's upper bound <= 1 + tol.
+  the interval's upper bound <= 1 + tol. Latency is judged on 1 % bins
+  (``stats.latency_bin``; intervals widened to the bins' edges), token counts
+  exactly.
 
 A metric with no observations on either side (no tool calls at all) is
 ``n/a`` and left out; one side without data is insufficient.
@@ -26,12 +28,13 @@ A metric with no observations on either side (no tool calls at all) is
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-from .stats import rate_difference, ratio_estimate
+from .stats import Binned, latency_bin, rate_difference, ratio_estimate
 
 Verdict = Literal["pass", "fail", "insufficient", "n/a"]
 Direction = Literal["lower_is_better", "higher_is_better", "both"]
@@ -48,66 +51,100 @@ RATIO_METRICS: dict[str, str] = {
     "p99_latency": "p99",
     "cost_per_success": "cost",
 }
+RATE_METHOD = "difference: Newcombe hybrid score interval; Fisher's exact test"
+_LATENCY_METHOD = ("canary/control {}: order-statistic intervals on 1 % latency bins "
+                   "(Bonferroni); one-sided Mann–Whitney U on the bins")
+RATIO_METHODS = {
+    "p95": _LATENCY_METHOD.format("p95"),
+    "p99": _LATENCY_METHOD.format("p99"),
+    "cost": ("canary/control mean tokens per success: normal intervals (Bonferroni); "
+             "one-sided Mann–Whitney U on the exact per-request values"),
+}
 
 
 @dataclass
 class Sample:
-    """What a group of devices did over the judged window (one entry per request)."""
+    """What a group of devices did over the judged window: counts of every rate's
+    outcomes, latency in ``latency_bin`` bins, and tokens per request (exact).
 
-    validation_failed: np.ndarray  # bool
-    tool_call_ok: np.ndarray  # bool, only requests with a tool-call check
-    refused: np.ndarray  # bool
-    fallback: np.ndarray  # bool
-    error: np.ndarray  # bool
-    latency_s: np.ndarray  # float
-    attempt_tokens: np.ndarray  # float
-    success: np.ndarray  # bool
+    The engine has the store aggregate it in SQL (``samples.py``);
+    ``from_requests`` builds the same from per-request values.
+    """
+
+    requests: int = 0
+    validation_failures: int = 0
+    tool_calls: int = 0  # requests with a tool-call check
+    tool_calls_ok: int = 0
+    refusals: int = 0
+    fallbacks: int = 0
+    errors: int = 0  # status >= 400
+    successes: int = 0  # status < 400 and no failed validation
+    latency: Binned = field(default_factory=Binned.empty)
+    attempt_tokens: Binned = field(default_factory=Binned.empty)
 
     @property
     def n(self) -> int:
-        return int(self.latency_s.size)
+        return self.requests
 
     @classmethod
-    def from_tuples(cls, rows: list[Any]) -> Sample:
-        """Rows of (device_id, status, latency_s, attempt_tokens, validation_failed,
-        tool_call_ok, refused, fallback), as the engine selects them."""
-        if not rows:
-            empty_b, empty_f = np.zeros(0, dtype=bool), np.zeros(0, dtype=float)
-            return cls(empty_b, empty_b, empty_b, empty_b, empty_b, empty_f, empty_f, empty_b)
-        _ids, status, latency, tokens, vf, tool, refused, fallback = zip(*rows, strict=True)
-        st = np.asarray([x or 0 for x in status])
-        vfa = np.asarray([bool(x) for x in vf], dtype=bool)
+    def from_requests(cls, *, status: Sequence[int | None], latency_s: Sequence[float | None],
+                      attempt_tokens: Sequence[int | None],
+                      validation_failed: Sequence[bool | None],
+                      tool_call_ok: Sequence[bool | None], refused: Sequence[bool | None],
+                      fallback: Sequence[bool | None]) -> Sample:
+        """One entry per request, as the events table holds them (None where unknown)."""
+        st = np.asarray([x or 0 for x in status], dtype=np.int64)
+        vf = np.asarray([bool(x) for x in validation_failed], dtype=bool)
+        tool = [bool(x) for x in tool_call_ok if x is not None]
+        latency = np.asarray([x or 0.0 for x in latency_s], dtype=float)
         return cls(
-            validation_failed=vfa,
-            tool_call_ok=np.asarray([bool(x) for x in tool if x is not None], dtype=bool),
-            refused=np.asarray([bool(x) for x in refused], dtype=bool),
-            fallback=np.asarray([bool(x) for x in fallback], dtype=bool),
-            error=st >= 400,
-            latency_s=np.asarray([x or 0.0 for x in latency], dtype=float),
-            attempt_tokens=np.asarray([x or 0 for x in tokens], dtype=float),
-            success=(st < 400) & ~vfa,
+            requests=int(st.size),
+            validation_failures=int(vf.sum()),
+            tool_calls=len(tool),
+            tool_calls_ok=sum(tool),
+            refusals=sum(bool(x) for x in refused),
+            fallbacks=sum(bool(x) for x in fallback),
+            errors=int((st >= 400).sum()),
+            successes=int(((st < 400) & ~vf).sum()),
+            latency=Binned.of(latency, latency_bin(latency)),
+            attempt_tokens=Binned.of([x or 0 for x in attempt_tokens]),
         )
 
-    @classmethod
-    def from_rows(cls, rows: list[Any]) -> Sample:
-        def arr(name: str, dtype: Any = bool, keep_none: bool = False) -> np.ndarray:
-            vals = [getattr(r, name) for r in rows]
-            if not keep_none:
-                vals = [v for v in vals if v is not None]
-            return np.asarray(vals, dtype=dtype)
-
-        status = np.asarray([r.status or 0 for r in rows])
-        vf = np.asarray([bool(r.validation_failed) for r in rows], dtype=bool)
-        return cls(
-            validation_failed=vf,
-            tool_call_ok=arr("tool_call_ok"),
-            refused=np.asarray([bool(r.refused) for r in rows], dtype=bool),
-            fallback=np.asarray([bool(r.fallback) for r in rows], dtype=bool),
-            error=status >= 400,
-            latency_s=np.asarray([r.latency_s or 0.0 for r in rows], dtype=float),
-            attempt_tokens=np.asarray([r.attempt_tokens or 0 for r in rows], dtype=float),
-            success=(status < 400) & ~vf,
+    def merge(self, other: Sample) -> Sample:
+        """Both groups together (strata into the whole)."""
+        return Sample(
+            requests=self.requests + other.requests,
+            validation_failures=self.validation_failures + other.validation_failures,
+            tool_calls=self.tool_calls + other.tool_calls,
+            tool_calls_ok=self.tool_calls_ok + other.tool_calls_ok,
+            refusals=self.refusals + other.refusals,
+            fallbacks=self.fallbacks + other.fallbacks,
+            errors=self.errors + other.errors,
+            successes=self.successes + other.successes,
+            latency=self.latency.merge(other.latency),
+            attempt_tokens=self.attempt_tokens.merge(other.attempt_tokens),
         )
+
+    def rate(self, metric: str) -> tuple[int, int]:
+        """(events, trials) of a rate metric."""
+        return {
+            "validation_failure_rate": (self.validation_failures, self.requests),
+            "tool_call_success_rate": (self.tool_calls_ok, self.tool_calls),
+            "refusal_rate": (self.refusals, self.requests),
+            "fallback_rate": (self.fallbacks, self.requests),
+            "error_rate": (self.errors, self.requests),
+        }[metric]
+
+    def cost_per_success(self) -> Binned:
+        """Tokens of each request over the success rate: the mean of this is the tokens
+        of every attempt divided by the successes."""
+        rate = self.successes / self.requests if self.requests else 0.0
+        if rate > 0:
+            return self.attempt_tokens.scaled(1 / rate)
+        if not self.requests:
+            return Binned.empty()
+        inf = np.asarray([np.inf])  # no successes at all: every request's cost is unbounded
+        return Binned(inf, np.asarray([self.requests], dtype=np.int64), inf, inf)
 
 
 @dataclass(frozen=True)
@@ -124,6 +161,7 @@ class GateResult:
     p_value: float | None
     tolerance: float
     reason: str
+    method: str = ""  # the interval and the test, so a verdict can be re-judged
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -133,31 +171,21 @@ class GateResult:
         return out
 
 
-def _rate_arrays(metric: str, s: Sample) -> np.ndarray:
-    return {
-        "validation_failure_rate": s.validation_failed,
-        "tool_call_success_rate": s.tool_call_ok,
-        "refusal_rate": s.refused,
-        "fallback_rate": s.fallback,
-        "error_rate": s.error,
-    }[metric]
-
-
 def judge_rate(metric: str, canary: Sample, control: Sample, tolerance: float,
                min_samples: int, alpha: float = 0.05) -> GateResult:
     direction = RATE_METRICS[metric]
-    a, b = _rate_arrays(metric, canary), _rate_arrays(metric, control)
-    d = rate_difference(int(a.sum()), int(a.size), int(b.sum()), int(b.size), 1 - alpha)
+    (ka, na), (kb, nb) = canary.rate(metric), control.rate(metric)
+    d = rate_difference(ka, na, kb, nb, 1 - alpha)
 
     def result(verdict: Verdict, p: float | None, reason: str) -> GateResult:
         return GateResult(metric, verdict, None if math.isnan(d.diff) else d.diff, d.low, d.high,
-                          None if not a.size else d.canary_rate,
-                          None if not b.size else d.control_rate, int(a.size), int(b.size),
-                          p, tolerance, reason)
+                          None if not na else d.canary_rate,
+                          None if not nb else d.control_rate, na, nb,
+                          p, tolerance, reason, RATE_METHOD)
 
-    if a.size < min_samples or b.size < min_samples:
+    if na < min_samples or nb < min_samples:
         return result("insufficient", None,
-                      f"{a.size} canary and {b.size} control samples; {min_samples} needed")
+                      f"{na} canary and {nb} control samples; {min_samples} needed")
     if direction == "lower_is_better":
         if d.diff > tolerance and d.p_greater < alpha:
             return result("fail", d.p_greater, f"canary {d.diff:+.1%} worse, tolerated "
@@ -184,29 +212,25 @@ def judge_rate(metric: str, canary: Sample, control: Sample, tolerance: float,
                   f"interval [{d.low:+.1%}, {d.high:+.1%}] reaches past ±{tolerance:.1%}")
 
 
-def _cost_values(s: Sample) -> np.ndarray:
-    """Per-request cost spread over successes: sum(tokens)/successes equals the mean of this."""
-    rate = float(s.success.mean()) if s.n else 0.0
-    return s.attempt_tokens / rate if rate > 0 else np.full(s.n, np.inf)
-
-
 def judge_ratio(metric: str, canary: Sample, control: Sample, tolerance: float,
                 min_samples: int, alpha: float = 0.05) -> GateResult:
     stat = RATIO_METRICS[metric]
     if stat == "cost":
-        a, b, which = _cost_values(canary), _cost_values(control), "mean"
+        a, b, which = canary.cost_per_success(), control.cost_per_success(), "mean"
     else:
-        a, b, which = canary.latency_s, control.latency_s, stat
-    if a.size < min_samples or b.size < min_samples:
-        return GateResult(metric, "insufficient", None, None, None, None, None, int(a.size),
-                          int(b.size), None, tolerance,
-                          f"{a.size} canary and {b.size} control samples; {min_samples} needed")
+        a, b, which = canary.latency, control.latency, stat
+    if a.n < min_samples or b.n < min_samples:
+        return GateResult(metric, "insufficient", None, None, None, None, None, a.n, b.n, None,
+                          tolerance,
+                          f"{a.n} canary and {b.n} control samples; {min_samples} needed",
+                          RATIO_METHODS[stat])
     r = ratio_estimate(a, b, which, confidence=1 - alpha)
     limit = 1 + tolerance
 
     def result(verdict: Verdict, reason: str) -> GateResult:
         return GateResult(metric, verdict, r.ratio, r.low, r.high, r.canary, r.control,
-                          r.canary_n, r.control_n, r.p_greater, tolerance, reason)
+                          r.canary_n, r.control_n, r.p_greater, tolerance, reason,
+                          RATIO_METHODS[stat])
 
     if r.ratio > limit and r.p_greater < alpha:
         return result("fail", f"canary {which} {r.ratio:.2f}x the control, tolerated "
@@ -219,8 +243,7 @@ def judge_ratio(metric: str, canary: Sample, control: Sample, tolerance: float,
 
 def judge(metric: str, canary: Sample, control: Sample, tolerance: float, min_samples: int,
           alpha: float = 0.05) -> GateResult:
-    if metric == "tool_call_success_rate" and not canary.tool_call_ok.size \
-            and not control.tool_call_ok.size:
+    if metric == "tool_call_success_rate" and not canary.tool_calls and not control.tool_calls:
         # No tool calls on either side: the metric does not apply to this traffic.
         return GateResult(metric, "n/a", None, None, None, None, None, 0, 0, None, tolerance,
                           "no tool-call traffic on either side")

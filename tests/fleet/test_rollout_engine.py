@@ -1,4 +1,5 @@
-"""The rollout engine over a real store, with devices simulated at the store's edge.
+"""The rollout engine over a real store (SQLite and PostgreSQL), with devices simulated at
+the store's edge.
 
 Each "device" answers desired state the way the agent's updater does (a
 state report), and serves traffic whose quality depends on the variant it
@@ -10,7 +11,6 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -114,8 +114,9 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
+def world(store_url: str) -> Iterator[World]:
+    """The engine over each store engine (the gates' aggregation is SQL)."""
+    store = Store(store_url)
     yield World(store)
     store.close()
 

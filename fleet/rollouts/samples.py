@@ -1,0 +1,131 @@
+"""What each judged group of devices did over a window, aggregated by the database.
+
+The engine decides which devices are judged and on which side (canary or
+control, per stratum); this module hands that membership to the store as a
+temporary table and lets SQL do the counting, so a step decision at 10,000
+devices reads a few hundred rows instead of every request:
+
+- per group and latency bin (``stats.latency_bin``, computed in SQL): the
+  requests, their smallest and largest latency, and the counts behind every
+  rate (validation failures, tool calls and their successes, refusals,
+  fallbacks, errors, successes);
+- per group and token count: the requests (cost per success is judged on the
+  exact values).
+
+The same SQLAlchemy Core runs on SQLite and PostgreSQL; ``Sample.from_requests``
+computes the same from per-request values, and the tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    and_,
+    case,
+    delete,
+    false,
+    func,
+    literal,
+    select,
+    text,
+)
+from sqlalchemy.schema import CreateTable
+
+from quantfleet.fleet.store import schema
+
+from .gates import Sample
+from .stats import LATENCY_BIN_FLOOR_S, LN_LATENCY_BIN_GROWTH, Binned
+
+#: Per-connection scratch table: who is judged, with which variant, in which group
+#: (a number standing for side and stratum: SQLite groups integers faster than text).
+_judged = Table(
+    "qf_judged", MetaData(),
+    Column("device_id", String(64), primary_key=True),
+    Column("variant", String(128), nullable=False),
+    Column("grp", Integer, nullable=False),
+    prefixes=["TEMPORARY"],
+)
+
+
+@dataclass(frozen=True)
+class Member:
+    side: str  # "canary" | "control"
+    variant: str  # the variant whose requests count for this device
+    stratum: str
+
+
+def _latency_bin_sql(latency: Any) -> Any:
+    x = func.coalesce(latency, 0.0)
+    return case(
+        (x < LATENCY_BIN_FLOOR_S, literal(0)),
+        else_=1 + func.floor(func.ln(x / LATENCY_BIN_FLOOR_S)
+                             / literal(LN_LATENCY_BIN_GROWTH, Float)),
+    )
+
+
+def read_samples(conn: Connection, members: Mapping[str, Member],
+                 window: tuple[float, float]) -> dict[tuple[str, str], Sample]:
+    """Samples per (side, stratum) of the members' requests with ``window[0] <= ts <
+    window[1]`` that their assigned variant answered. Groups without requests are absent."""
+    conn.execute(CreateTable(_judged, if_not_exists=True))
+    conn.execute(delete(_judged))  # what an earlier call on this connection left
+    if not members:
+        return {}
+    groups = sorted({(m.side, m.stratum) for m in members.values()})
+    number = {g: i for i, g in enumerate(groups)}
+    conn.execute(_judged.insert(), [
+        {"device_id": d, "variant": m.variant, "grp": number[(m.side, m.stratum)]}
+        for d, m in members.items()])
+    if conn.dialect.name == "postgresql":
+        # Autovacuum never sees temporary tables: without statistics the planner
+        # guesses a few hundred members and sorts where it should hash.
+        conn.execute(text(f"ANALYZE {_judged.name}"))
+    e, j = schema.events, _judged
+    variants = sorted({m.variant for m in members.values()})
+    # kind, variant and the window select from ix_events_request_signals, which
+    # holds every column read here; the judged table is probed by device.
+    source = e.join(j, and_(j.c.device_id == e.c.device_id, j.c.variant == e.c.variant))
+    where = and_(e.c.kind == "request", e.c.variant.in_(variants), e.c.ts >= window[0],
+                 e.c.ts < window[1])
+    latency = func.coalesce(e.c.latency_s, 0.0)
+    vf = func.coalesce(e.c.validation_failed, false())
+    bin_ = _latency_bin_sql(e.c.latency_s).label("bin")
+    by_bin = (select(j.c.grp, bin_, func.count(), func.min(latency), func.max(latency),
+                     func.count().filter(e.c.validation_failed), func.count(e.c.tool_call_ok),
+                     func.count().filter(e.c.tool_call_ok), func.count().filter(e.c.refused),
+                     func.count().filter(e.c.fallback), func.count().filter(e.c.status >= 400),
+                     func.count().filter(and_(func.coalesce(e.c.status, 0) < 400, ~vf)))
+              .select_from(source).where(where).group_by(j.c.grp, bin_))
+    tokens = func.coalesce(e.c.attempt_tokens, 0).label("tokens")
+    by_tokens = (select(j.c.grp, tokens, func.count()).select_from(source).where(where)
+                 .group_by(j.c.grp, tokens))
+    bins: dict[int, list[Any]] = {}
+    for row in conn.execute(by_bin):
+        bins.setdefault(row[0], []).append(row[1:])
+    token_rows: dict[int, list[tuple[float, int, float, float]]] = {}
+    for grp, value, n in conn.execute(by_tokens):
+        token_rows.setdefault(grp, []).append((value, n, value, value))
+    conn.execute(delete(_judged))
+    out = {}
+    for grp, rows in bins.items():
+        # rows: (bin, requests, min, max, then the rate counts in select order)
+        (failures, tool_calls, tool_ok, refusals, fallbacks, errors,
+         successes) = (sum(int(r[i]) for r in rows) for i in range(4, 11))
+        out[groups[grp]] = Sample(
+            requests=sum(int(r[1]) for r in rows), validation_failures=failures,
+            tool_calls=tool_calls, tool_calls_ok=tool_ok, refusals=refusals,
+            fallbacks=fallbacks, errors=errors, successes=successes,
+            latency=Binned.from_rows([(float(r[0]), int(r[1]), float(r[2]), float(r[3]))
+                                      for r in rows]),
+            attempt_tokens=Binned.from_rows(token_rows.get(grp, [])))
+    return out
