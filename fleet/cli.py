@@ -148,19 +148,14 @@ def models_register(models_dir: Path, path: Path, name: str) -> None:
                   f"{entry.n_parameters / 1e6:.0f}M parameters)")
 
 
-@cli.command(name="demo")
-@models_dir_option
-@click.option("--prompt", default="In one sentence, what is quantization of a neural network?",
-              show_default=True)
-@click.option("--max-tokens", default=48, show_default=True, type=click.IntRange(1, 1024))
-def demo_cmd(models_dir: Path, prompt: str, max_tokens: int) -> None:
-    """The end-to-end job: build the ladder, then ask every variant the same prompt."""
-    from .demo import run_ladder_demo
+# -- the README's demo (fleet/demo.py) -----------------------------------------
+def _add_demo_command() -> None:
+    from .demo import demo_command
 
-    try:
-        run_ladder_demo(models_dir, prompt, max_tokens, console)
-    except (CatalogError, ModelFileError) as exc:
-        raise _fail(exc) from None
+    cli.add_command(demo_command())
+
+
+_add_demo_command()
 
 
 # -- fleet operations (fleet/commands.py) ------------------------------------

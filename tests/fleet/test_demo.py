@@ -1,0 +1,179 @@
+"""The README's demo, run for real at a small size: a private broker, `quantfleet serve`,
+a real agent on the real ladder, simulated devices, traffic, two staged rollouts — and
+nothing left running afterwards, also when it is interrupted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from quantfleet.fleet.demo_broker import amqtt_available, start_broker
+from quantfleet.fleet.demo_processes import ProcessGroup
+from quantfleet.fleet.rollouts.engine import RolloutEngine
+from quantfleet.fleet.store import Store
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of running processes that contain ``text`` (what `pgrep -f` finds)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def demo_argv(ladder_dir: Path, runs: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "quantfleet.fleet.cli", "demo", "--models-dir",
+            str(ladder_dir), "--run-dir", str(runs), "--agents", "1", "--devices", "40",
+            "--rate", "3", "--bake", "6", "--min-samples", "60", *extra]
+
+
+def never_assign(ids: object, variant: str, rollout_id: str) -> None:
+    raise AssertionError("reading only")
+
+
+@pytest.mark.slow
+def test_demo_promotes_q4km_catches_q2k_and_stops_everything(ladder_dir: Path,
+                                                              tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    result = subprocess.run(demo_argv(ladder_dir, runs), capture_output=True, text=True,
+                            timeout=560, env={**os.environ, "COLUMNS": "160"})
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    (run_dir,) = list(runs.iterdir())
+    assert processes_naming(str(run_dir)) == [], "the demo left processes running"
+
+    store = Store(f"sqlite:///{run_dir / 'fleet.db'}")
+    engine = RolloutEngine(store, never_assign)
+    try:
+        good, bad = engine.get("demo-q4km"), engine.get("demo-q2k")
+        assert (good["state"], good["step"]) == ("completed", 2), good
+        assert (bad["state"], bad["step"]) == ("rolled_back", 0), bad
+        # Caught by a gate at the canary step (or by a real agent refusing Q2_K in its
+        # pre-flight, which the fleet counts as a failed device update).
+        assert "validation_failure_rate" in bad["reason"] or "pre-flight" in bad["reason"]
+        assert [p["variant"] for p in engine.pins()] == ["smollm2-135m-Q2_K"]
+        devices = {d["device_id"]: d for d in store.devices()}
+        assert len(devices) == 41
+        assert not any(d["variant"] == "smollm2-135m-Q2_K" for d in devices.values())
+        # The real agent took part like any device: a canary ends on Q4_K_M, reported
+        # healthy by its own updater; a control stays on Q8_0.
+        role = {m["device_id"]: m["role"] for m in engine.members("demo-q4km")}["agent-1"]
+        agent = devices["agent-1"]
+        if role == "canary":
+            assert (agent["variant"], agent["update_state"]) == ("smollm2-135m-Q4_K_M",
+                                                                 "healthy")
+        else:
+            assert agent["variant"] == "smollm2-135m-Q8_0"
+        assert store.event_count("request") > 1000
+    finally:
+        store.close()
+
+    for command in ("$ quantfleet keys generate", "$ quantfleet serve --config",
+                    "$ quantfleet-agent serve --config", "$ quantfleet rollout create",
+                    "$ quantfleet rollout history", "$ quantfleet signals"):
+        assert command in out, command
+    assert "rollout.rolled_back" in out and "rollout.complete" in out
+    assert "injected:" in out
+
+
+@pytest.mark.slow
+def test_interrupted_demo_stops_every_process(ladder_dir: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    log = tmp_path / "demo.log"
+    with log.open("wb") as fh:
+        demo = subprocess.Popen(demo_argv(ladder_dir, runs), stdout=fh,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        # Interrupt once the fleet, the agent and the simulator run and a rollout has begun.
+        while "rollout.create" not in log.read_text(errors="replace"):
+            assert demo.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        (run_dir,) = list(runs.iterdir())
+        running = processes_naming(str(run_dir))
+        assert len(running) == 3, running  # broker, fleet, agent
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 130, log.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert processes_naming(str(run_dir)) == [], log.read_text()
+    assert "stopped every process the demo started" in log.read_text()
+
+
+def test_a_child_that_ignores_sigterm_is_killed(tmp_path: Path) -> None:
+    procs = ProcessGroup(tmp_path / "logs")
+    child = procs.start("stubborn", [sys.executable, "-c",
+                                     "import signal, time; "
+                                     "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                     "print('up', flush=True); time.sleep(600)"])
+    deadline = time.monotonic() + 10
+    while "up" not in (tmp_path / "logs" / "stubborn.log").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    started = time.monotonic()
+    procs.stop_all(grace_s=1)
+    assert child.proc.returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 5
+    assert procs.children == []
+
+
+@pytest.mark.skipif(not amqtt_available(), reason="amqtt is not installed")
+def test_embedded_broker_delivers_shared_subscriptions_and_retained_messages(
+        tmp_path: Path) -> None:
+    procs = ProcessGroup(tmp_path / "logs")
+    try:
+        broker = start_broker(procs, tmp_path, "amqtt")
+        assert broker.protocol == "3.1.1"
+        port = int(broker.url.rsplit(":", 1)[1])
+        got: list[str] = []
+
+        def client(name: str) -> mqtt.Client:
+            c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name,
+                            protocol=mqtt.MQTTv311)
+            c.on_message = lambda c, u, m: got.append(f"{m.topic}={m.payload.decode()}")
+            c.connect("127.0.0.1", port)
+            c.loop_start()
+            return c
+
+        pub = client("device")
+        pub.publish("qf/devices/d1/state", b"healthy", qos=1, retain=True).wait_for_publish(5)
+        sub = client("fleet")
+        subscribed = sub.subscribe([("$share/fleet/qf/devices/+/telemetry", 1),
+                                    ("qf/devices/+/state", 1)])
+        assert subscribed[0] == mqtt.MQTT_ERR_SUCCESS
+        time.sleep(0.5)
+        pub.publish("qf/devices/d1/telemetry", b"batch", qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(got) == ["qf/devices/d1/state=healthy", "qf/devices/d1/telemetry=batch"]
+        # A client that connects gets no retained message it did not subscribe to
+        # (amqtt 0.12.1 on its own sends those of every client's subscriptions).
+        got.clear()
+        other = client("device-2")
+        time.sleep(1)
+        assert got == []
+        for c in (pub, sub, other):
+            c.disconnect()
+            c.loop_stop()
+    finally:
+        procs.stop_all()
+    assert processes_naming(str(tmp_path / "broker")) == []
