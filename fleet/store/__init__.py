@@ -8,6 +8,7 @@ an event is identified by ``(device_id, boot_epoch, seq)`` and a duplicate
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Engine, bindparam, create_engine, event, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from quantfleet.agent.wire import (
@@ -170,21 +171,27 @@ class Store:
             # The statement's own rowcount counts what the conflict clause let
             # through (a count(*) before and after is wrong with concurrent writers).
             inserted = int(conn.execute(stmt, rows).rowcount)
-            for device_id in {b.device_id for b in batches}:
-                self._touch(conn, device_id, now)
+            self._touch(conn, sorted({b.device_id for b in batches}), now)
             for b in batches:
                 health = [ev.body for ev in b.events if isinstance(ev.body, HealthPayload)]
                 if health:
                     self._set_hardware(conn, b.device_id, health[-1])
         return IngestResult(inserted=inserted, duplicates=len(rows) - inserted)
 
-    def _touch(self, conn: Any, device_id: str, now: float) -> None:
+    def _touch(self, conn: Any, device_ids: str | Sequence[str], now: float) -> None:
+        """Create the devices not seen before; mark every one seen now."""
+        ids = [device_ids] if isinstance(device_ids, str) else device_ids
+        conn.execute(self._touch_stmt, [{"device_id": d, "now": now} for d in ids])
+
+    @functools.cached_property
+    def _touch_stmt(self) -> Any:
+        # Built once: constructing an upsert per device cost more than ingesting its events.
         stmt = self._insert(schema.devices).values(
-            device_id=device_id, labels={}, hardware={}, online=False, boot_epoch=0,
-            status_reason="", agent_version="", first_seen=now, last_seen=now,
-        )
-        conn.execute(stmt.on_conflict_do_update(
-            index_elements=["device_id"], set_={"last_seen": now}))
+            device_id=bindparam("device_id"), labels={}, hardware={}, online=False,
+            boot_epoch=0, status_reason="", agent_version="", first_seen=bindparam("now"),
+            last_seen=bindparam("now"))
+        return stmt.on_conflict_do_update(index_elements=["device_id"],
+                                          set_={"last_seen": stmt.excluded.last_seen})
 
     def _set_hardware(self, conn: Any, device_id: str, h: HealthPayload) -> None:
         conn.execute(update(schema.devices).where(schema.devices.c.device_id == device_id)

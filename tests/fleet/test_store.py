@@ -95,6 +95,16 @@ def test_ingest_is_idempotent(store: Store) -> None:
     assert [d["device_id"] for d in store.devices()] == ["dev-1", "dev-2"]
 
 
+def test_ingest_creates_devices_and_marks_every_one_seen(store: Store) -> None:
+    store.ingest_batch(batch("dev-1", [request_event(1)]), received_at=100.0)
+    store.ingest_batches([batch("dev-1", [request_event(2)]),
+                          batch("dev-2", [request_event(1, device="dev-2")]),
+                          batch("dev-3", [request_event(1, device="dev-3")])], received_at=200.0)
+    seen = {d["device_id"]: (d["first_seen"], d["last_seen"])
+            for d in store.devices(columns=("device_id", "first_seen", "last_seen"))}
+    assert seen == {"dev-1": (100.0, 200.0), "dev-2": (200.0, 200.0), "dev-3": (200.0, 200.0)}
+
+
 def test_request_signals_become_columns(store: Store) -> None:
     store.ingest_batch(batch("dev-1", [request_event(1), request_event(2, ok=False)]))
     with store.engine.connect() as conn:
