@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -90,22 +91,44 @@ def devices_group() -> None:
 @config_option
 @click.option("--selector", default="*", show_default=True, help="Only devices matching.")
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
-def devices_list(config_path: Path, selector: str, as_json: bool) -> None:
+@click.option("--watch", "watch_s", type=click.FloatRange(0.2, 3600), default=None,
+              metavar="SECONDS", help="Redraw every SECONDS until Ctrl-C.")
+def devices_list(config_path: Path, selector: str, as_json: bool,
+                 watch_s: float | None) -> None:
     """List devices with their labels, liveness, variant and update state.
 
     \b
-    Example:
+    Examples:
       quantfleet devices list --selector hw=rpi5
+      quantfleet devices list --selector cohort=canary --watch 2
     """
     sel = _selector(selector)
     store = _store(_config(config_path))
-    rows = store.devices()
-    keep = set(sel.select(rows))
-    rows = [r for r in rows if r["device_id"] in keep]
+
+    def rows() -> list[dict[str, Any]]:
+        found = store.devices()
+        keep = set(sel.select(found))
+        return [r for r in found if r["device_id"] in keep]
+
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))
+        click.echo(json.dumps(rows(), indent=2, default=str))
         return
-    table = Table(title=f"devices ({sel})")
+    if watch_s is None:
+        console.print(_devices_table(rows(), str(sel)))
+        return
+    from rich.live import Live
+
+    with Live(_devices_table(rows(), str(sel)), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(watch_s)
+                live.update(_devices_table(rows(), str(sel)), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+def _devices_table(rows: list[dict[str, Any]], selector: str) -> Table:
+    table = Table(title=f"devices ({selector}) at {time.strftime('%H:%M:%S')}")
     for col in ("device", "labels", "online", "variant", "update", "target", "detail",
                 "last seen"):
         table.add_column(col, overflow="fold")
@@ -120,7 +143,7 @@ def devices_list(config_path: Path, selector: str, as_json: bool) -> None:
                       r["variant"] or "-", r["update_state"] or "-",
                       state.get("target") or "-", detail,
                       f"{now - r['last_seen']:.0f} s ago")
-    console.print(table)
+    return table
 
 
 @devices_group.command(name="history")

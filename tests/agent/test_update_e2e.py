@@ -158,6 +158,8 @@ class Traffic:
                     self.outcomes.append((time.time(), r.status_code, model))
                 except httpx.HTTPError as exc:
                     self.outcomes.append((time.time(), 0, repr(exc)))
+                # Steady, not flat out: two cores also run the pre-flights and the swaps.
+                self.stop.wait(0.25)
 
     def finish(self) -> list[tuple[float, int, str]]:
         self.stop.set()
@@ -298,6 +300,12 @@ def test_a_cohort_moves_to_q4_k_m_and_a_killed_download_resumes(world: World,
     q4 = catalog.resolve("Q4_K_M").name
     agents = list(world.agents.values())
     revision = world.set_variant("Q4_K_M", cohort="cohort=main")
+    # The operator watches the cohort from a terminal while it moves.
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "quantfleet.fleet.cli", "devices", "list", "--config",
+         str(world.fleet.config), "--selector", "cohort=main", "--watch", "0.5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "250"})
     # agent-2 downloads at 12 MB/s: kill it part-way, start it again.
     a2 = world.agents["agent-2"]
     world.states.wait("agent-2", lambda s: s.update_state == "downloading"
@@ -310,6 +318,11 @@ def test_a_cohort_moves_to_q4_k_m_and_a_killed_download_resumes(world: World,
         world.states.wait(name, lambda s: s.update_state == "healthy" and s.variant == q4,
                           300, agents)
     # The operator's view, through the CLI.
+    time.sleep(1.0)
+    watcher.send_signal(signal.SIGINT)
+    watched, _ = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, watched
+    assert "agent-2" in watched and "healthy" in watched and "agent-3" not in watched, watched
     devices = world.devices()
     for name in ("agent-1", "agent-2"):
         d = devices[name]
