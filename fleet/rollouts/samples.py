@@ -36,8 +36,10 @@ from sqlalchemy import (
     false,
     func,
     literal,
+    null,
     select,
     text,
+    union_all,
 )
 from sqlalchemy.schema import CreateTable
 
@@ -54,6 +56,7 @@ _judged = Table(
     Column("variant", String(128), nullable=False),
     Column("grp", Integer, nullable=False),
     prefixes=["TEMPORARY"],
+    sqlite_with_rowid=False,  # probed once per request: one B-tree search, not two
 )
 
 
@@ -73,6 +76,20 @@ def _latency_bin_sql(latency: Any) -> Any:
     )
 
 
+def _fill(conn: Connection, rows: list[tuple[str, str, int]]) -> None:
+    """The judged devices into the scratch table, the cheapest way each driver has:
+    SQLAlchemy's per-row parameter handling cost more than the whole query."""
+    if conn.dialect.name == "postgresql":
+        ids, variants, groups = (list(c) for c in zip(*rows, strict=True))
+        conn.execute(text(
+            f"INSERT INTO {_judged.name} (device_id, variant, grp) SELECT * FROM "
+            "unnest(CAST(:ids AS text[]), CAST(:variants AS text[]), CAST(:groups AS integer[]))"
+        ), {"ids": ids, "variants": variants, "groups": groups})
+    else:
+        conn.exec_driver_sql(
+            f"INSERT INTO {_judged.name} (device_id, variant, grp) VALUES (?, ?, ?)", rows)
+
+
 def read_samples(conn: Connection, members: Mapping[str, Member],
                  window: tuple[float, float]) -> dict[tuple[str, str], Sample]:
     """Samples per (side, stratum) of the members' requests with ``window[0] <= ts <
@@ -83,9 +100,7 @@ def read_samples(conn: Connection, members: Mapping[str, Member],
         return {}
     groups = sorted({(m.side, m.stratum) for m in members.values()})
     number = {g: i for i, g in enumerate(groups)}
-    conn.execute(_judged.insert(), [
-        {"device_id": d, "variant": m.variant, "grp": number[(m.side, m.stratum)]}
-        for d, m in members.items()])
+    _fill(conn, [(d, m.variant, number[(m.side, m.stratum)]) for d, m in members.items()])
     if conn.dialect.name == "postgresql":
         # Autovacuum never sees temporary tables: without statistics the planner
         # guesses a few hundred members and sorts where it should hash.
@@ -93,28 +108,36 @@ def read_samples(conn: Connection, members: Mapping[str, Member],
     e, j = schema.events, _judged
     variants = sorted({m.variant for m in members.values()})
     # kind, variant and the window select from ix_events_request_signals, which
-    # holds every column read here; the judged table is probed by device.
-    source = e.join(j, and_(j.c.device_id == e.c.device_id, j.c.variant == e.c.variant))
-    where = and_(e.c.kind == "request", e.c.variant.in_(variants), e.c.ts >= window[0],
-                 e.c.ts < window[1])
-    latency = func.coalesce(e.c.latency_s, 0.0)
-    vf = func.coalesce(e.c.validation_failed, false())
-    bin_ = _latency_bin_sql(e.c.latency_s).label("bin")
-    by_bin = (select(j.c.grp, bin_, func.count(), func.min(latency), func.max(latency),
-                     func.count().filter(e.c.validation_failed), func.count(e.c.tool_call_ok),
-                     func.count().filter(e.c.tool_call_ok), func.count().filter(e.c.refused),
-                     func.count().filter(e.c.fallback), func.count().filter(e.c.status >= 400),
-                     func.count().filter(and_(func.coalesce(e.c.status, 0) < 400, ~vf)))
-              .select_from(source).where(where).group_by(j.c.grp, bin_))
-    tokens = func.coalesce(e.c.attempt_tokens, 0).label("tokens")
-    by_tokens = (select(j.c.grp, tokens, func.count()).select_from(source).where(where)
-                 .group_by(j.c.grp, tokens))
+    # holds every column read here; the judged table is probed by device. Both
+    # engines materialize a CTE read twice: the window is read once.
+    requests = (
+        select(j.c.grp, _latency_bin_sql(e.c.latency_s).label("bin"),
+               func.coalesce(e.c.latency_s, 0.0).label("latency"),
+               func.coalesce(e.c.attempt_tokens, 0).label("tokens"),
+               e.c.status, e.c.validation_failed, e.c.tool_call_ok, e.c.refused, e.c.fallback)
+        .select_from(e.join(j, and_(j.c.device_id == e.c.device_id,
+                                    j.c.variant == e.c.variant)))
+        .where(e.c.kind == "request", e.c.variant.in_(variants), e.c.ts >= window[0],
+               e.c.ts < window[1])
+        .cte("judged_requests"))
+    r = requests.c
+    vf = func.coalesce(r.validation_failed, false())
+    by_bin = (select(literal(0), r.grp, r.bin, func.count(), func.min(r.latency),
+                     func.max(r.latency), func.count().filter(r.validation_failed),
+                     func.count(r.tool_call_ok), func.count().filter(r.tool_call_ok),
+                     func.count().filter(r.refused), func.count().filter(r.fallback),
+                     func.count().filter(r.status >= 400),
+                     func.count().filter(and_(func.coalesce(r.status, 0) < 400, ~vf)))
+              .group_by(r.grp, r.bin))
+    by_tokens = (select(literal(1), r.grp, r.tokens, func.count(), *[null()] * 9)
+                 .group_by(r.grp, r.tokens))
     bins: dict[int, list[Any]] = {}
-    for row in conn.execute(by_bin):
-        bins.setdefault(row[0], []).append(row[1:])
     token_rows: dict[int, list[tuple[float, int, float, float]]] = {}
-    for grp, value, n in conn.execute(by_tokens):
-        token_rows.setdefault(grp, []).append((value, n, value, value))
+    for row in conn.execute(union_all(by_bin, by_tokens)):
+        if row[0] == 0:
+            bins.setdefault(row[1], []).append(row[2:])
+        else:
+            token_rows.setdefault(row[1], []).append((row[2], row[3], row[2], row[2]))
     conn.execute(delete(_judged))
     out = {}
     for grp, rows in bins.items():
