@@ -47,7 +47,14 @@ from quantfleet.models.catalog import Catalog, VariantEntry
 
 from .demo_broker import start_broker
 from .demo_processes import DemoError, ProcessGroup
-from .demo_site import TOPIC_ROOT, AgentSite, write_agent, write_fleet_config, write_spec
+from .demo_site import (
+    TOPIC_ROOT,
+    AgentSite,
+    remove_agent_models,
+    write_agent,
+    write_fleet_config,
+    write_spec,
+)
 from .demo_traffic import TrafficDriver
 from .demo_view import TERMINAL, RolloutWatch, short
 from .simulate import DEFAULT_PROFILE, Faults, FleetSimulator
@@ -196,7 +203,7 @@ def watch_rollout(console: Console, watch: RolloutWatch, rollout_id: str,
             procs.check()
             for line in watch.new_audit_lines(rollout_id):
                 console.print(line, highlight=False)
-            state = watch.status(rollout_id)["state"]
+            state: str = watch.status(rollout_id)["state"]
             if console.is_terminal:
                 live.update(watch.render(rollout_id, traffic.snapshot()))
             if state in TERMINAL:
@@ -313,7 +320,9 @@ def run_demo(opts: DemoOptions, console: Console) -> DemoOutcome:
             console.rule("7. the audit trail and the signals")
             for rollout_id in outcome.rollouts:
                 operator(console, "rollout", "history", "--config", cfg, rollout_id)
+            console.print("every device of the cohort, simulated and real:")
             operator(console, "signals", "--config", cfg, "--cohort", COHORT, "--window", "1h")
+            console.print("the real agents alone — their own measurements, nothing injected:")
             operator(console, "signals", "--config", cfg, "--cohort", f"hw={AGENT_HW}",
                      "--window", "1h")
             outcome.agent_variants = {d: short(a["variant"])
@@ -333,6 +342,9 @@ def run_demo(opts: DemoOptions, console: Console) -> DemoOutcome:
             procs.stop_all()
             console.print(f"stopped every process the demo started; logs in "
                           f"{_display(str(run_dir / 'logs'))}")
+            freed = remove_agent_models(run_dir)
+            console.print(f"removed the agents' model files ({freed / 1e6:.0f} MB); the "
+                          "fleet's files stay")
     return outcome
 
 

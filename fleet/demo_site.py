@@ -88,7 +88,12 @@ def write_agent(run_dir: Path, device_id: str, baseline: VariantEntry, source: C
     home = run_dir / "agents" / device_id
     models = home / "models"
     models.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(baseline.path(source.dir), models / baseline.file)
+    try:
+        # A hard link is a copy that costs no space; the agent never writes into a
+        # variant file (downloads land in new files), and pruning it only unlinks.
+        (models / baseline.file).hardlink_to(baseline.path(source.dir))
+    except OSError:  # another file system
+        shutil.copy2(baseline.path(source.dir), models / baseline.file)
     catalog = Catalog(models)
     catalog.put_variant(baseline.model_copy())
     catalog.save()
@@ -133,3 +138,18 @@ def write_spec(path: Path, name: str, cohort: str, frm: str, to: str, *,
                   {"metric": "p95_latency", "tolerance": 0.5}],
     }, sort_keys=False))
     return path
+
+
+def remove_agent_models(run_dir: Path) -> int:
+    """Delete the agents' variant files once they are stopped; returns the bytes freed.
+
+    The fleet's files (config, store, specs, logs) stay, so every command the demo
+    printed still works; the agents' copies of the ladder are all a run would
+    otherwise leave behind in hundreds of megabytes.
+    """
+    freed = 0
+    for path in run_dir.glob("agents/*/models/*"):
+        if path.is_file() and path.name != "catalog.json":
+            freed += path.stat().st_size if path.stat().st_nlink == 1 else 0
+            path.unlink()
+    return freed

@@ -56,6 +56,9 @@ def test_demo_promotes_q4km_catches_q2k_and_stops_everything(ladder_dir: Path,
     assert result.returncode == 0, out
     (run_dir,) = list(runs.iterdir())
     assert processes_naming(str(run_dir)) == [], "the demo left processes running"
+    # The agents' model copies are gone, the fleet's files stay for the printed commands.
+    assert [p.name for p in run_dir.glob("agents/*/models/*")] == ["catalog.json"]
+    assert (ladder_dir / "smollm2-135m-Q8_0.gguf").exists()
 
     store = Store(f"sqlite:///{run_dir / 'fleet.db'}")
     engine = RolloutEngine(store, never_assign)
