@@ -317,16 +317,19 @@ def signals_cmd(config_path: Path, selector: str, window_text: str,
                                "drift": drift.to_json() if drift else None}, indent=2))
         return
 
-    def rate(r: signals.Rate) -> str:
-        return "-" if r.value is None else f"{r.value:.1%} [{r.low:.1%},{r.high:.1%}]"
+    def rate(r: signals.Rate) -> str:  # the estimate, its 95 % interval below it
+        return "-" if r.value is None else f"{r.value:.1%}\n[{r.low:.1%},{r.high:.1%}]"
 
     def secs(v: float | None) -> str:
         return "-" if v is None else f"{v * 1000:.0f}"
 
-    table = Table(title=f"signals of {sel} over {window_text}")
-    for col in ("variant", "requests", "validation fail", "tool-call ok", "refusal",
-                "fallback", "p50 ms", "p95 ms", "p99 ms", "tokens/success"):
-        table.add_column(col)
+    table = Table(title=f"signals of {sel} over {window_text} (latency in ms)")
+    width = max([len(s.group) for s in rows] + [7])
+    # The variant's name is never cut; a narrow terminal folds the other cells.
+    table.add_column("variant", no_wrap=True, min_width=width)
+    for col in ("requests", "validation fail", "tool-call ok", "refusal", "fallback", "p50",
+                "p95", "p99", "tokens/success"):
+        table.add_column(col, overflow="fold")
     for s in rows:
         cost = "-" if s.cost_per_success_tokens is None else f"{s.cost_per_success_tokens:.0f}"
         table.add_row(s.group, str(s.requests), rate(s.validation_failure),

@@ -168,6 +168,15 @@ def test_an_operator_sees_groups_and_points_the_fleet(setup: tuple[Fleet, str, P
         # cost per successful request: 50 tokens per attempt over the successes
         assert by["smollm2-135m-Q4_K_M"]["cost_per_success_tokens"] == pytest.approx(
             50 * 50 / 35)
+        # The human table on an 80-column terminal keeps every variant's name whole.
+        from quantfleet.fleet.commands import console
+        width = console.width
+        console.width = 80
+        try:
+            table = run("signals", "--config", cfg, "--window", "1h")
+        finally:
+            console.width = width
+        assert "smollm2-135m-Q8_0" in table and "smollm2-135m-Q4_K_M" in table, table
         eu = json.loads(run("signals", "--config", cfg, "--cohort", "region=eu", "--json"))
         assert {s["group"]: s["requests"] for s in eu["variants"]} == {
             "smollm2-135m-Q8_0": 50, "smollm2-135m-Q4_K_M": 50}
