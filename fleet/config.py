@@ -33,9 +33,11 @@ class StoreConfig(_Base):
 
 
 class IngestConfig(_Base):
-    share_group: str = Field("quantfleet", pattern=r"^[A-Za-z0-9_-]{1,64}$",
+    share_group: str = Field("quantfleet", pattern=r"^[A-Za-z0-9_-]{0,64}$",
                              description="Shared-subscription group: fleet instances with the "
-                             "same group split the telemetry between them.")
+                             "same group split the telemetry between them. Empty: a plain "
+                             "subscription, for one instance on a broker without $share "
+                             "(e.g. amqtt).")
     client_id: str = Field("quantfleet-fleet", min_length=1, max_length=64,
                            description="MQTT client id; unique per fleet instance (the broker "
                            "keeps this instance's session while it restarts).")

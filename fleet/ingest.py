@@ -105,8 +105,11 @@ class FleetIngest:
             log.error("fleet ingest: connection refused: %s", rc)
             return
         devices = f"{self.root}/devices/+"
+        telemetry = f"{devices}/telemetry"
+        if self.share_group:  # empty: one fleet instance on a broker without $share
+            telemetry = f"$share/{self.share_group}/{telemetry}"
         client.subscribe([
-            (f"$share/{self.share_group}/{devices}/telemetry", 1),
+            (telemetry, 1),
             (f"{devices}/status", 1),
             (f"{devices}/state", 1),
         ])

@@ -96,11 +96,13 @@ def wait_for(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-de
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "plain"])
 def test_batches_are_stored_once_and_garbage_is_counted(
-    store: Store, root: str, device_client: mqtt.Client
+    store: Store, root: str, device_client: mqtt.Client, shared: bool
 ) -> None:
+    # plain: share_group = "" subscribes without $share (one instance, e.g. on amqtt).
     ingest = FleetIngest(store, cfg(root), client_id=f"fleet-{uuid.uuid4().hex[:6]}",
-                         share_group=uuid.uuid4().hex[:6]).start()
+                         share_group=uuid.uuid4().hex[:6] if shared else "").start()
     try:
         topic = device_topic("dev-1", "telemetry", root)
         b1 = batch("dev-1", range(1, 101)).model_dump_json()
