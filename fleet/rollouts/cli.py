@@ -223,11 +223,38 @@ def rollout_history(config_path: Path, rollout_id: str, as_json: bool) -> None:
         ev = a["evidence"]
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a["ts"]))
         line = f"{when}  {a['actor']:<8} {a['action']:<20}"
-        if a["action"] == "rollout.verdict":
-            gates = ", ".join(f"{g['metric']}={g['verdict']}" for g in ev["gates"])
-            line += f" step {ev.get('step', 0) + 1}: {ev['verdict']} ({gates})"
-        elif ev.get("reason"):
-            line += f" {ev['reason']}"
-        elif "devices" in ev and isinstance(ev["devices"], list):
-            line += f" {len(ev['devices'])} devices"
-        console.print(line)
+        # A log line: not wrapped, and brackets in reasons are text, not markup.
+        console.print(line + " " + _history_detail(a["action"], ev), soft_wrap=True,
+                      markup=False, highlight=False)
+
+
+def _history_detail(action: str, ev: dict[str, Any]) -> str:
+    """One line of a history entry's evidence (``--json`` has all of it)."""
+    step = f"step {ev['step'] + 1}" if isinstance(ev.get("step"), int) else ""
+    if action == "rollout.verdict":
+        gates = ", ".join(f"{g['metric']}={g['verdict']}" for g in ev["gates"])
+        return f"{step}: {ev['verdict']} ({gates})"
+    if action == "rollout.create":
+        spec = ev.get("spec", {})
+        steps = " → ".join(str(x) for x in spec.get("steps", []))
+        return (f"{spec.get('from')} → {spec.get('to')} on {spec.get('cohort')!r}, "
+                f"steps {steps}" + (" (unpinned)" if ev.get("unpinned") else ""))
+    if action == "rollout.device":
+        outcomes = ", ".join(f"{o['device']} {o['outcome']}"
+                             + (f" ({o['reason']})" if o.get("reason") else "")
+                             for o in ev.get("outcomes", []))
+        return f"{step}: {outcomes}"
+    if action == "rollout.bake":
+        return f"{step}: {ev.get('healthy', 0)} canaries healthy, baking"
+    if action == "rollout.step":
+        return f"to step {ev['step'] + 1} (target {ev.get('target')})"
+    if action == "rollout.complete":
+        return f"all {ev.get('steps')} steps passed"
+    if ev.get("reason"):
+        devices = ev.get("devices")
+        return str(ev["reason"]) + (f" ({len(devices)} devices)" if isinstance(devices, list)
+                                    else "")
+    if isinstance(ev.get("devices"), list):
+        return f"{step + ': ' if step else ''}{len(ev['devices'])} devices" + (
+            " (re-sent after a restart)" if ev.get("resumed") else "")
+    return step

@@ -114,3 +114,8 @@ def test_good_precision_promoted_bad_precision_rolled_back(world) -> None:  # ty
     history = runner.invoke(cli, ["rollout", "history", "--config", cfg, "q2k"])
     assert "rollout.verdict" in history.output and "validation_failure_rate=fail" in history.output
     assert "rollout.rolled_back" in history.output
+    # Every line says what happened, not only its kind.
+    lines = {ln.split()[3]: ln for ln in history.output.splitlines() if "rollout." in ln}
+    assert "smollm2-135m-Q2_K on '*'" in lines["rollout.create"], lines
+    assert "canaries healthy" in lines["rollout.bake"], lines
+    assert "healthy" in lines["rollout.device"], lines
