@@ -273,6 +273,17 @@ class RolloutEngine:
             self._audit(rollout_id, "rollout.assign", {
                 "step": r["step"], "devices": [d["device_id"] for d in picked],
                 "target": target, "controls": controls})
+        if not canaries and not picked:
+            # Nobody to judge: baking 0 canaries against the control would only run
+            # out its extensions. Stay at assignment, paused, until an operator resumes.
+            on_from = sum(1 for d in cohort if d["variant"] == spec.from_variant)
+            reason = (f"no device of cohort {spec.cohort!r} can take step {r['step'] + 1}: "
+                      f"{len(cohort)} in the cohort, {on_from} on {spec.from_variant}, "
+                      f"{controls} held back as control; resume when devices are back")
+            self._set(rollout_id, state="paused", reason=reason)
+            self._audit(rollout_id, "rollout.pause", {"step": r["step"], "reason": reason,
+                                                      "cohort_size": len(cohort)})
+            return
         short = len(canaries) + len(picked) < target and not candidates[len(picked):]
         self._set(rollout_id, phase="waiting", phase_started_at=now,
                   reason=(f"only {len(canaries) + len(picked)} of {target} devices could be "

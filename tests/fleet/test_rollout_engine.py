@@ -279,3 +279,17 @@ def _desired(device: str, revision: int, variant: str) -> DesiredPayload:
     return DesiredPayload(device_id=device, revision=revision, variant=variant,
                           backend="llama.cpp", sha256="0" * 64, size_bytes=1,
                           url="http://fleet/x", signature="s", issued_at=0.0)
+
+
+def test_a_cohort_with_no_device_on_the_baseline_pauses_at_once(world: World) -> None:
+    world.add(5, labels={"region": "us"})  # nobody in region=eu
+    engine = RolloutEngine(world.store, world.assign, clock=world.clock)
+    engine.create(spec())
+    assert world.run(engine, "r1", rounds=3) == "paused"
+    r = engine.get("r1")
+    assert r["phase"] == "assigning" and "0 in the cohort" in r["reason"], r
+    assert "rollout.verdict" not in actions(world) and world.pending == []
+    # Devices arrive; the operator resumes; the rollout goes on from its first step.
+    world.add(20, prefix="eu")
+    engine.resume("r1")
+    assert world.run(engine, "r1") == "completed"
