@@ -3,7 +3,7 @@
 The engine decides which devices are judged and on which side (canary or
 control, per stratum); this module hands that membership to the store as a
 temporary table and lets SQL do the counting, so a step decision at 10,000
-devices reads a few hundred rows instead of every request:
+devices reads a few thousand rows instead of 200,000 requests:
 
 - per group and latency bin (``stats.latency_bin``, computed in SQL): the
   requests, their smallest and largest latency, and the counts behind every

@@ -166,6 +166,14 @@ def test_a_clear_regression_fails_and_a_good_canary_passes() -> None:
                  100).verdict == "fail"
 
 
+def test_a_canary_without_a_single_success_fails_on_cost() -> None:
+    control = sample(2000, seed=1)
+    broken = sample(500, fail_rate=1.0, seed=2)  # every answer fails validation
+    r = judge("cost_per_success", broken, control, tolerance=0.15, min_samples=100)
+    assert r.verdict == "fail" and r.canary == float("inf")
+    assert r.to_json()["canary"] is None  # JSON has no infinity
+
+
 def test_too_little_data_is_insufficient_never_a_pass() -> None:
     control = sample(2000, seed=1)
     few = sample(30, seed=2)
