@@ -118,10 +118,13 @@ class FleetSimulator:
         self.client = make_client(mqtt_cfg, f"qf-simulator-{seed}-{self.boot_epoch}")
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
-        self.published = 0
+        self.client.on_publish = self._on_publish
+        self.published = 0  # handed to the client
+        self.delivered = 0  # acknowledged by the broker (PUBACK)
         self.updates: dict[str, int] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._counting = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)
         self._work: list[tuple[float, Callable[[], None]]] = []
 
@@ -136,15 +139,21 @@ class FleetSimulator:
         self._thread.start()
         return self
 
-    def stop(self, *, clear_retained: bool = True) -> None:
+    def stop(self, *, clear_retained: bool = True, drain_s: float = 60.0) -> None:
+        """Stop the traffic, let the broker acknowledge what was published (up to
+        ``drain_s``: a disconnect drops the client's queue), then disconnect."""
         self._stop.set()
         self._thread.join(10)
         if clear_retained:
             for d in self.devices.values():
                 for leaf in ("status", "state", "desired"):
-                    self.client.publish(device_topic(d.device_id, leaf, self.root), b"",
-                                        qos=1, retain=True)
-        time.sleep(0.2)
+                    self._publish(device_topic(d.device_id, leaf, self.root), "", retain=True)
+        deadline = time.monotonic() + drain_s
+        while self.delivered < self.published and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.delivered < self.published:
+            log.warning("simulator: %d messages not acknowledged when stopping",
+                        self.published - self.delivered)
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -171,9 +180,16 @@ class FleetSimulator:
             d.last_revision = desired.revision
             self._schedule_update(d, desired)
 
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, rc: Any,
+                    props: Any) -> None:
+        with self._counting:
+            self.delivered += 1
+
     def _publish(self, topic: str, payload: str, retain: bool = False) -> None:
+        # Counted before publishing: the PUBACK can come back before publish() returns.
+        with self._counting:  # paho's thread publishes too (answers to desired state)
+            self.published += 1
         self.client.publish(topic, payload, qos=1, retain=retain)
-        self.published += 1
 
     def _birth(self, d: SimDevice) -> None:
         self._publish(device_topic(d.device_id, "status", self.root), StatusPayload(
