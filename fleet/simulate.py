@@ -96,6 +96,11 @@ def load_profile(path: Path | None) -> dict[str, dict[str, float]]:
     return profile
 
 
+#: Messages published but not yet acknowledged by the broker, at most (see
+#: ``FleetSimulator._wait_for_room``).
+MAX_UNACKED = 10_000
+
+
 class FleetSimulator:
     def __init__(self, mqtt_cfg: MqttConfig, n_devices: int, *, baseline: str,
                  labels: Callable[[int], dict[str, str]] | None = None,
@@ -124,7 +129,7 @@ class FleetSimulator:
         self.updates: dict[str, int] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._counting = threading.Lock()
+        self._counting = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)
         self._work: list[tuple[float, Callable[[], None]]] = []
 
@@ -134,6 +139,7 @@ class FleetSimulator:
         self.client.connect(host, port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
         for d in self.devices.values():
+            self._wait_for_room()
             self._birth(d)
             self._state(d, "healthy")
         self._thread.start()
@@ -144,11 +150,12 @@ class FleetSimulator:
         ``drain_s``: a disconnect drops the client's queue), then disconnect."""
         self._stop.set()
         self._thread.join(10)
+        deadline = time.monotonic() + drain_s
         if clear_retained:
             for d in self.devices.values():
                 for leaf in ("status", "state", "desired"):
+                    self._wait_for_room(deadline)
                     self._publish(device_topic(d.device_id, leaf, self.root), "", retain=True)
-        deadline = time.monotonic() + drain_s
         while self.delivered < self.published and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.delivered < self.published:
@@ -184,6 +191,24 @@ class FleetSimulator:
                     props: Any) -> None:
         with self._counting:
             self.delivered += 1
+            if self.published - self.delivered < MAX_UNACKED:
+                self._counting.notify_all()
+
+    def _wait_for_room(self, deadline: float | None = None) -> None:
+        """Hold the traffic while the broker has not acknowledged ``MAX_UNACKED`` messages.
+
+        paho numbers unacknowledged messages with 16-bit ids and silently replaces
+        one whose id comes round again: past 65,535 queued, messages were lost. Only
+        the simulator's own threads wait here; paho's (answering desired state) never
+        does, or it could not read the acknowledgements it waits for.
+        """
+        with self._counting:
+            while self.published - self.delivered >= MAX_UNACKED:
+                if deadline is None and self._stop.is_set():
+                    return  # stopping: stop() waits for the acknowledgements
+                if deadline is not None and time.monotonic() > deadline:
+                    return
+                self._counting.wait(0.1)
 
     def _publish(self, topic: str, payload: str, retain: bool = False) -> None:
         # Counted before publishing: the PUBACK can come back before publish() returns.
@@ -263,6 +288,7 @@ class FleetSimulator:
                 )
                 events.append(TelemetryEvent(boot_epoch=self.boot_epoch, seq=d.seq,
                                              kind="request", ts=now, body=body))
+            self._wait_for_room()
             self._publish(device_topic(d.device_id, "telemetry", self.root), TelemetryBatch(
                 device_id=d.device_id, sent_at=now, events=events).model_dump_json())
 
