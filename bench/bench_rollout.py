@@ -2,6 +2,7 @@
 
     python bench/bench_rollout.py [--devices 1000,10000] [--stores sqlite,postgresql]
                                   [--events-per-device 20] [--history-windows 3]
+                                  [--pg-vacuum-window]
 
 For each store and fleet size: devices in one cohort, 10 % of them canaries
 on the candidate, and the telemetry a real fleet would have stored — every
