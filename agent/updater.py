@@ -125,6 +125,8 @@ class Updater:
         if current is not None:
             self.memory.current = current
             self.memory.known_good = self.memory.known_good or current
+        if self.memory.known_good and self.memory.known_good not in self.memory.history:
+            self.memory.history.insert(0, self.memory.known_good)
         self._lock = threading.Lock()
         self._busy = threading.Event()
         self._stop = threading.Event()
@@ -272,8 +274,15 @@ class Updater:
             entry.path(self.models_dir).unlink(missing_ok=True)
             self._end("failed", d, f"verification failed: {problem}; file deleted", d.variant)
             return
-        self.report("preflight", target=d.variant, revision=d.revision)
-        verdict = self.hooks.preflight(entry, entry.path(self.models_dir))
+        if d.variant in self.memory.history:
+            # Going back to a variant that passed its soak here (a fleet rollback):
+            # shift back quickly; the soak still watches it.
+            self.report("preflight", target=d.variant, revision=d.revision,
+                        reason=f"skipped: {d.variant} passed its soak on this device before")
+            verdict = Check(True)
+        else:
+            self.report("preflight", target=d.variant, revision=d.revision)
+            verdict = self.hooks.preflight(entry, entry.path(self.models_dir))
         if self._stop.is_set():
             return  # shutting down: the retained desired state resumes it next start
         if not verdict.ok:

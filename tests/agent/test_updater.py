@@ -26,8 +26,10 @@ class DeviceHooks:
     soak_answers: list[tuple[SoakAnswer, str]] = field(default_factory=list)
     preflight_ok: bool = True
     activated: list[str] = field(default_factory=list)
+    preflights: list[str] = field(default_factory=list)
 
     def preflight(self, entry: VariantEntry, path: Path) -> Check:
+        self.preflights.append(entry.name)
         backend = load_backend(entry.backend, path, LoadOptions(n_ctx=256))
         try:
             out = backend.generate(GenerationRequest(
@@ -196,3 +198,23 @@ def test_a_device_stopped_mid_download_resumes_the_same_revision(device, fleet, 
     assert again.wait(60)
     assert states[-1].update_state == "healthy"
     assert not list(updater.models_dir.glob("*.partial"))
+
+
+def test_going_back_to_a_variant_healthy_here_before_skips_the_preflight(  # type: ignore[no-untyped-def]
+        device, fleet, catalog) -> None:
+    updater, hooks, states = device
+    updater.handle(desired(fleet, catalog, "Q4_K_M", 1))
+    assert updater.wait(60) and states[-1].update_state == "healthy"
+    assert hooks.preflights == ["smollm2-135m-Q4_K_M"]
+    # The fleet rolls the device back to its factory variant: no second pre-flight.
+    states.clear()
+    updater.handle(desired(fleet, catalog, "Q8_0", 2))
+    assert updater.wait(60)
+    assert walk(states) == ["verifying", "preflight", "activating", "soaking", "healthy"]
+    assert "skipped" in next(s.reason for s in states if s.update_state == "preflight")
+    assert hooks.preflights == ["smollm2-135m-Q4_K_M"]
+    assert hooks.activated == ["smollm2-135m-Q4_K_M", "smollm2-135m-Q8_0"]
+    # A variant never healthy here still gets its pre-flight.
+    updater.handle(desired(fleet, catalog, "Q2_K", 3))
+    assert updater.wait(60)
+    assert hooks.preflights == ["smollm2-135m-Q4_K_M", "smollm2-135m-Q2_K"]
