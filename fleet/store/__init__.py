@@ -133,6 +133,22 @@ _EVENT_INSERT = text(
 )
 
 
+@dataclass
+class _Liveness:
+    """A device's liveness columns while a group of statuses is folded into them."""
+
+    boot_epoch: int
+    status_reason: str
+    online: bool
+    agent_version: str
+    labels: dict[str, str] | None
+
+
+def _liveness_params(device_id: str, cur: _Liveness) -> dict[str, Any]:
+    return {"b_device_id": device_id, "b_online": cur.online, "b_boot_epoch": cur.boot_epoch,
+            "b_status_reason": cur.status_reason, "b_agent_version": cur.agent_version}
+
+
 class Store:
     def __init__(self, url: str = "sqlite:///fleet.db", *, echo: bool = False) -> None:
         self.url = url
@@ -204,19 +220,60 @@ class Store:
 
     def apply_state(self, state: DeviceStatePayload, received_at: float | None = None) -> bool:
         """Record where a device's update stands; an older state than the stored one is ignored."""
+        return self.apply_states([state], received_at)[0]
+
+    def apply_states(self, states: Sequence[DeviceStatePayload],
+                     received_at: float | None = None) -> list[bool]:
+        """Apply several states in one transaction, as ``apply_state`` one by one in order would.
+
+        Returns, for each state, whether it was applied (not older than the stored one).
+        """
+        if not states:
+            return []
         now = received_at if received_at is not None else time.time()
+        d = schema.devices
+        ids = sorted({s.device_id for s in states})
+        applied: list[bool] = []
         with self.engine.begin() as conn:
-            self._touch(conn, state.device_id, now)
-            current = conn.execute(select(schema.devices.c.state_ts)
-                                   .where(schema.devices.c.device_id == state.device_id)
-                                   ).scalar_one()
-            if current is not None and state.ts < current:
-                return False
-            conn.execute(update(schema.devices)
-                         .where(schema.devices.c.device_id == state.device_id)
-                         .values(variant=state.variant, update_state=state.update_state,
-                                 state=state.model_dump(mode="json"), state_ts=state.ts))
-        return True
+            # The touch locks the rows (PostgreSQL) or the database (SQLite) before
+            # they are read, so what is read stays true until the commit.
+            self._touch(conn, ids, now)
+            current = dict(self._rows(conn, ids, d.c.state_ts))
+            last: dict[str, DeviceStatePayload] = {}
+            for state in states:
+                ts = current[state.device_id]
+                if ts is not None and state.ts < ts:
+                    applied.append(False)
+                    continue
+                current[state.device_id] = state.ts
+                last[state.device_id] = state
+                applied.append(True)
+            if last:
+                conn.execute(self._state_stmt, [
+                    {"b_device_id": s.device_id, "b_variant": s.variant,
+                     "b_update_state": s.update_state, "b_state": s.model_dump(mode="json"),
+                     "b_state_ts": s.ts} for s in last.values()])
+        return applied
+
+    @functools.cached_property
+    def _state_stmt(self) -> Any:
+        d = schema.devices
+        return (update(d).where(d.c.device_id == bindparam("b_device_id"))
+                .values(variant=bindparam("b_variant"), update_state=bindparam("b_update_state"),
+                        state=bindparam("b_state", type_=d.c.state.type),
+                        state_ts=bindparam("b_state_ts")))
+
+    @staticmethod
+    def _rows(conn: Any, device_ids: Sequence[str], *columns: Any) -> list[Any]:
+        """``(device_id, *columns)`` of the given devices, read in chunks of the IN list
+        (SQLite builds before 3.32 take at most 999 parameters)."""
+        d = schema.devices
+        out: list[Any] = []
+        for i in range(0, len(device_ids), 500):
+            chunk = list(device_ids[i:i + 500])
+            out.extend(conn.execute(select(d.c.device_id, *columns)
+                                    .where(d.c.device_id.in_(chunk))).all())
+        return out
 
     # -- desired state --------------------------------------------------
     def put_desired(self, device_id: str, make: Any) -> DesiredPayload:
@@ -259,33 +316,70 @@ class Store:
 
         Returns whether it changed the device's liveness.
         """
+        return self.apply_statuses([status], received_at)[0]
+
+    def apply_statuses(self, statuses: Sequence[StatusPayload],
+                       received_at: float | None = None) -> list[bool]:
+        """Apply several statuses in one transaction, as ``apply_status`` one by one in order
+        would: by boot epoch, a Will never overriding a clean shutdown of the same start,
+        birth labels merged over the stored ones.
+
+        Returns, for each status, whether it was applied.
+        """
+        if not statuses:
+            return []
         now = received_at if received_at is not None else time.time()
-        online = status.state == "online"
+        d = schema.devices
+        ids = sorted({s.device_id for s in statuses})
+        applied: list[bool] = []
         with self.engine.begin() as conn:
-            self._touch(conn, status.device_id, now)
-            current = conn.execute(
-                select(schema.devices.c.boot_epoch, schema.devices.c.status_reason)
-                .where(schema.devices.c.device_id == status.device_id)
-            ).one()
-            # A Will from an earlier start can arrive after the newer birth: never let it win.
-            if status.boot_epoch < current.boot_epoch:
-                return False
-            if (status.boot_epoch == current.boot_epoch and current.status_reason == "shutdown"
-                    and status.reason == "will"):
-                return False
-            values: dict[str, Any] = {
-                "online": online, "boot_epoch": status.boot_epoch,
-                "status_reason": status.reason, "agent_version": status.agent_version}
-            if status.reason == "birth" and status.labels:
-                # The device's config is the truth for the keys it reports; keys
-                # an operator added that the device does not report stay.
-                labels = conn.execute(select(schema.devices.c.labels).where(
-                    schema.devices.c.device_id == status.device_id)).scalar_one() or {}
-                values["labels"] = {**labels, **status.labels}
-            conn.execute(update(schema.devices)
-                         .where(schema.devices.c.device_id == status.device_id)
-                         .values(**values))
-        return True
+            self._touch(conn, ids, now)  # locks the rows before they are read (see apply_states)
+            current = {r.device_id: _Liveness(r.boot_epoch, r.status_reason, r.online,
+                                              r.agent_version, r.labels)
+                       for r in self._rows(conn, ids, d.c.boot_epoch, d.c.status_reason,
+                                           d.c.online, d.c.agent_version, d.c.labels)}
+            changed: set[str] = set()
+            relabelled: set[str] = set()
+            for status in statuses:
+                cur = current[status.device_id]
+                # A Will from an earlier start can arrive after the newer birth: never let it win.
+                if status.boot_epoch < cur.boot_epoch or (
+                        status.boot_epoch == cur.boot_epoch and cur.status_reason == "shutdown"
+                        and status.reason == "will"):
+                    applied.append(False)
+                    continue
+                cur.online = status.state == "online"
+                cur.boot_epoch = status.boot_epoch
+                cur.status_reason = status.reason
+                cur.agent_version = status.agent_version
+                if status.reason == "birth" and status.labels:
+                    # The device's config is the truth for the keys it reports; keys
+                    # an operator added that the device does not report stay.
+                    cur.labels = {**(cur.labels or {}), **status.labels}
+                    relabelled.add(status.device_id)
+                changed.add(status.device_id)
+                applied.append(True)
+            plain = [_liveness_params(i, current[i]) for i in sorted(changed - relabelled)]
+            if plain:
+                conn.execute(self._status_stmt, plain)
+            labelled = [{**_liveness_params(i, current[i]), "b_labels": current[i].labels}
+                        for i in sorted(relabelled)]
+            if labelled:
+                conn.execute(self._status_labels_stmt, labelled)
+        return applied
+
+    @functools.cached_property
+    def _status_stmt(self) -> Any:
+        d = schema.devices
+        return (update(d).where(d.c.device_id == bindparam("b_device_id"))
+                .values(online=bindparam("b_online"), boot_epoch=bindparam("b_boot_epoch"),
+                        status_reason=bindparam("b_status_reason"),
+                        agent_version=bindparam("b_agent_version")))
+
+    @functools.cached_property
+    def _status_labels_stmt(self) -> Any:
+        labels = bindparam("b_labels", type_=schema.devices.c.labels.type)
+        return self._status_stmt.values(labels=labels)
 
     def record_rejection(self, topic: str, reason: str, ts: float | None = None) -> None:
         with self.engine.begin() as conn:

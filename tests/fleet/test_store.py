@@ -6,6 +6,7 @@ import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from sqlalchemy import inspect, text
 
 from quantfleet.agent.wire import (
+    DeviceStatePayload,
     GapRecord,
     RequestEvent,
     StatusPayload,
@@ -174,6 +176,92 @@ def test_a_birth_brings_the_devices_own_labels(store: Store) -> None:
     assert store.devices()[0]["labels"] == {"canary": "yes", "hw": "rpi5"}
     assert store.devices(columns=("device_id", "labels")) == [
         {"device_id": "dev-1", "labels": {"canary": "yes", "hw": "rpi5"}}]
+
+
+_status = st.builds(
+    StatusPayload, device_id=st.sampled_from(["d0", "d1"]),
+    state=st.sampled_from(["online", "offline"]), boot_epoch=st.integers(0, 3),
+    reason=st.sampled_from(["birth", "will", "shutdown"]), ts=st.just(1.0),
+    agent_version=st.sampled_from(["", "0.1", "0.2"]),
+    labels=st.dictionaries(st.sampled_from(["hw", "region"]), st.sampled_from(["a", "b"]),
+                           max_size=2))
+_state = st.builds(
+    DeviceStatePayload, device_id=st.sampled_from(["d0", "d1"]), boot_epoch=st.integers(0, 3),
+    variant=st.sampled_from([None, "v1", "v2"]),
+    update_state=st.sampled_from(["idle", "downloading", "healthy", "failed"]),
+    ts=st.integers(0, 4).map(float))
+_COMPARED = ("labels", "online", "boot_epoch", "status_reason", "agent_version", "variant",
+             "update_state", "state", "state_ts")
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(before=st.lists(st.one_of(_status, _state), max_size=3),
+       group=st.lists(st.one_of(_status, _state), min_size=1, max_size=8),
+       operator_labels=st.booleans())
+def test_a_group_of_statuses_and_states_ends_where_one_by_one_ends(
+    store: Store, before: list[StatusPayload | DeviceStatePayload],
+    group: list[StatusPayload | DeviceStatePayload], operator_labels: bool,
+) -> None:
+    """Out-of-order epochs, Wills after shutdowns, older states: the grouped apply of the
+    ingest's writer and one message per transaction leave every device the same."""
+    run = uuid.uuid4().hex[:8]
+
+    def renamed(msgs: list[Any], prefix: str) -> list[Any]:
+        return [m.model_copy(update={"device_id": f"{prefix}-{run}-{m.device_id}"})
+                for m in msgs]
+
+    results: dict[str, list[bool]] = {}
+    for prefix in ("one", "grp"):
+        if operator_labels:
+            store.set_labels(f"{prefix}-{run}-d0", {"canary": "yes", "hw": "old"})
+        for m in renamed(before, prefix):  # what the store already held
+            (store.apply_status if isinstance(m, StatusPayload) else store.apply_state)(m)
+    one = renamed(group, "one")
+    results["one"] = [store.apply_status(m) if isinstance(m, StatusPayload)
+                      else store.apply_state(m) for m in one]
+    grp = renamed(group, "grp")
+    statuses = [m for m in grp if isinstance(m, StatusPayload)]
+    states = [m for m in grp if isinstance(m, DeviceStatePayload)]
+    status_ok = iter(store.apply_statuses(statuses))
+    state_ok = iter(store.apply_states(states))
+    results["grp"] = [next(status_ok) if isinstance(m, StatusPayload) else next(state_ok)
+                      for m in grp]
+    assert results["grp"] == results["one"]
+    rows = {r["device_id"]: r for r in store.devices() if run in r["device_id"]}
+    for d in {m.device_id for m in group} | ({"d0"} if operator_labels else set()):
+        a, b = rows[f"one-{run}-{d}"], rows[f"grp-{run}-{d}"]
+        state_a, state_b = a["state"], b["state"]
+        if state_a is not None:  # the state names its own device
+            assert state_b["device_id"] == f"grp-{run}-{d}"
+            state_a, state_b = {**state_a, "device_id": d}, {**state_b, "device_id": d}
+        assert ({c: a[c] for c in _COMPARED if c != "state"}, state_a) == \
+            ({c: b[c] for c in _COMPARED if c != "state"}, state_b)
+
+
+def test_a_group_applies_in_arrival_order(store: Store) -> None:
+    """Concrete cases of the property above, with their expected ends."""
+    def status(state: str, epoch: int, reason: str, **labels: str) -> StatusPayload:
+        return StatusPayload(device_id="dev-1", state=state, boot_epoch=epoch,  # type: ignore[arg-type]
+                             reason=reason, ts=float(epoch), labels=labels)  # type: ignore[arg-type]
+
+    def state(ts: float, variant: str) -> DeviceStatePayload:
+        return DeviceStatePayload(device_id="dev-1", boot_epoch=1, variant=variant,
+                                  update_state="healthy", ts=ts)
+
+    assert store.apply_statuses([
+        status("online", 5, "birth", hw="rpi5"), status("offline", 4, "will"),
+        status("offline", 5, "shutdown"), status("offline", 5, "will"),
+        status("online", 3, "birth", hw="old")]) == [True, False, True, False, False]
+    (device,) = store.devices()
+    assert (device["online"], device["boot_epoch"], device["status_reason"],
+            device["labels"]) == (False, 5, "shutdown", {"hw": "rpi5"})
+    assert store.apply_states([state(10.0, "v2"), state(9.0, "v1"), state(10.0, "v3")]) \
+        == [True, False, True]
+    assert store.apply_states([state(9.5, "v1")]) == [False]
+    (device,) = store.devices()
+    assert (device["variant"], device["state_ts"]) == ("v3", 10.0)
+    assert store.apply_statuses([]) == [] and store.apply_states([]) == []
 
 
 def test_sqlite_without_math_functions_gets_them() -> None:
