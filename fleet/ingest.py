@@ -9,7 +9,9 @@ A QoS 1 message is acknowledged to the broker only after its events are
 committed (paho's manual acks): a fleet killed between receipt and commit
 gets the message again from its persistent session, and the store's
 uniqueness on the event triple drops the copy. One writer thread
-group-commits whatever arrived since its last commit.
+group-commits whatever arrived since its last commit (up to ``max_group``
+messages): the group's statuses in one transaction, its states in one, its
+telemetry in one, and only then acknowledges them.
 """
 
 from __future__ import annotations
@@ -163,7 +165,15 @@ class FleetIngest:
         log.info("fleet ingest: writer stopped")
 
     def _commit(self, group: list[mqtt.MQTTMessage]) -> None:
+        """Apply a group: its statuses, states and telemetry, each kind in one transaction.
+
+        Within a kind, messages are applied in arrival order (the store folds several
+        for one device as one by one would); the kinds touch different columns, so
+        their order between each other does not matter.
+        """
         batches: list[TelemetryBatch] = []
+        statuses: list[StatusPayload] = []
+        states: list[DeviceStatePayload] = []
         for msg in group:
             self.stats.received += 1
             parsed = parse_message(msg.topic, bytes(msg.payload), self.root)
@@ -176,11 +186,15 @@ class FleetIngest:
             elif isinstance(parsed, TelemetryBatch):
                 batches.append(parsed)
             elif isinstance(parsed, StatusPayload):
-                self.store.apply_status(parsed)
-                self.stats.statuses += 1
+                statuses.append(parsed)
             elif isinstance(parsed, DeviceStatePayload):
-                self.store.apply_state(parsed)
-                self.stats.states += 1
+                states.append(parsed)
+        if statuses:
+            self.store.apply_statuses(statuses)
+            self.stats.statuses += len(statuses)
+        if states:
+            self.store.apply_states(states)
+            self.stats.states += len(states)
         if batches:
             result = self.store.ingest_batches(batches)
             self.stats.events_inserted += result.inserted

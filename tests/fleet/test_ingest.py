@@ -19,6 +19,7 @@ from quantfleet.agent.signing import generate_keypair, load_private_key, load_pu
 from quantfleet.agent.telemetry.config import MqttConfig
 from quantfleet.agent.wire import (
     DesiredPayload,
+    DeviceStatePayload,
     RequestEvent,
     StatusPayload,
     TelemetryBatch,
@@ -139,6 +140,67 @@ def test_liveness_through_the_broker(store: Store, root: str, device_client: mqt
         assert device["online"] is True and device["boot_epoch"] == 9
     finally:
         ingest.stop()
+
+
+class GatedStore(Store):
+    """A store whose first status commit waits for the test: what arrives meanwhile
+    queues up and reaches the writer as one group."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.gate = threading.Event()
+        self.waiting = threading.Event()
+
+    def apply_statuses(self, statuses, received_at=None):  # type: ignore[no-untyped-def]
+        self.waiting.set()
+        assert self.gate.wait(10)
+        return super().apply_statuses(statuses, received_at)
+
+
+def test_a_group_of_statuses_and_states_ends_as_one_by_one(
+    tmp_path: Path, root: str, device_client: mqtt.Client
+) -> None:
+    def status(device: str, state: str, epoch: int, reason: str, **labels: str) -> str:
+        return StatusPayload(device_id=device, state=state, boot_epoch=epoch,  # type: ignore[arg-type]
+                             reason=reason, ts=1.0, labels=labels).model_dump_json()  # type: ignore[arg-type]
+
+    def state(device: str, ts: float, variant: str) -> str:
+        return DeviceStatePayload(device_id=device, boot_epoch=2, variant=variant,
+                                  update_state="healthy", ts=ts).model_dump_json()
+
+    store = GatedStore(f"sqlite:///{tmp_path / 'fleet.db'}")
+    ingest = FleetIngest(store, cfg(root), client_id=f"fleet-{uuid.uuid4().hex[:6]}").start()
+    try:
+        publish(device_client, device_topic("dev-b", "status", root),
+                status("dev-b", "online", 1, "birth"))  # the writer holds this one at the gate
+        assert store.waiting.wait(10)
+        rest = [
+            ("dev-a", "status", status("dev-a", "online", 2, "birth", hw="rpi5")),
+            ("dev-a", "state", state("dev-a", 5.0, "v2")),
+            ("dev-a", "status", status("dev-a", "offline", 1, "will")),  # an older start's Will
+            ("dev-a", "state", state("dev-a", 3.0, "v1")),  # older than the stored state
+            ("dev-a", "status", "{not json"),
+            ("dev-a", "status", status("dev-a", "offline", 2, "shutdown")),
+            ("dev-a", "status", status("dev-a", "offline", 2, "will")),  # after the shutdown
+            ("dev-b", "status", status("dev-b", "offline", 1, "shutdown")),
+            ("dev-b", "status", status("dev-b", "online", 2, "birth", hw="x86")),
+            ("dev-b", "state", state("dev-b", 1.0, "v1")),
+        ]
+        for device, leaf, payload in rest:
+            publish(device_client, device_topic(device, leaf, root), payload)
+        wait_for(lambda: ingest._queue.qsize() == len(rest))
+        store.gate.set()
+        wait_for(lambda: ingest.stats.received == 1 + len(rest))
+        wait_for(lambda: ingest.stats.commits == 2)
+        assert (ingest.stats.statuses, ingest.stats.states) == (7, 3)
+        assert store.rejection_counts() == {"not_json": 1}
+        got = {d["device_id"]: (d["online"], d["boot_epoch"], d["status_reason"], d["labels"],
+                                d["variant"], d["state_ts"]) for d in store.devices()}
+        assert got == {"dev-a": (False, 2, "shutdown", {"hw": "rpi5"}, "v2", 5.0),
+                       "dev-b": (True, 2, "birth", {"hw": "x86"}, "v1", 1.0)}
+    finally:
+        ingest.stop()
+        store.close()
 
 
 def test_nothing_is_lost_across_a_fleet_restart(
