@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
@@ -37,7 +37,7 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.argument("prompt")
 def generate_cmd(models_dir: Path, variant: str, system: str | None, max_tokens: int,
-                 temperature: float, seed: int, schema_file: click.utils.LazyFile | None,
+                 temperature: float, seed: int, schema_file: IO[str] | None,
                  n_ctx: int, threads: int | None, as_json: bool, prompt: str) -> None:
     """Load one variant and answer PROMPT, with time to first token and tokens/s.
 
@@ -209,4 +209,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()
