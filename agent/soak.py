@@ -27,8 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from quantfleet.agent.wire import RequestEvent
-
-Z95 = 1.959963984540054
+from quantfleet.fleet.evaluation.stats import wilson_interval
 
 
 @dataclass(frozen=True)
@@ -52,17 +51,6 @@ class SoakVerdict:
     breach: bool
     reason: str
     requests: int
-
-
-def wilson_lower(k: int, n: int) -> float:
-    """Lower end of the Wilson 95 % interval of k/n (0 when n is 0)."""
-    if n == 0:
-        return 0.0
-    p = k / n
-    z2 = Z95 * Z95
-    centre = p + z2 / (2 * n)
-    spread = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, (centre - spread) / (1 + z2 / n))
 
 
 def p95(values: list[float]) -> float:
@@ -124,22 +112,20 @@ class SoakWatch:
                                f"{policy.min_requests})", n)
         problems: list[str] = []
         notes: list[str] = []
-        for what, pick, limit in (
-                ("validation failure", lambda o: o.valid is False, policy.max_validation_increase),
-                ("error", lambda o: o.error, policy.max_error_increase)):
-            if what == "validation failure":
-                judged = [o for o in cur if o.valid is not None]
-                judged_base = [o for o in base if o.valid is not None]
-            else:
-                judged, judged_base = cur, base
-            if not judged:
+        rates = (  # (what, the new variant's outcomes, the previous one's, tolerated increase)
+            ("validation failure", [o.valid is False for o in cur if o.valid is not None],
+             [o.valid is False for o in base if o.valid is not None],
+             policy.max_validation_increase),
+            ("error", [o.error for o in cur], [o.error for o in base],
+             policy.max_error_increase))
+        for what, now_bad, before_bad, limit in rates:
+            if not now_bad:
                 continue
-            k = sum(1 for o in judged if pick(o))
-            k0 = sum(1 for o in judged_base if pick(o))
-            base_rate = k0 / len(judged_base) if judged_base else 0.0
-            lower = wilson_lower(k, len(judged))
-            line = (f"{what} rate {k}/{len(judged)} (lower bound {lower:.1%}) vs "
-                    f"{base_rate:.1%} on {previous or 'nothing'} ({len(judged_base)}), "
+            k = sum(now_bad)
+            base_rate = sum(before_bad) / len(before_bad) if before_bad else 0.0
+            lower = wilson_interval(k, len(now_bad)).low
+            line = (f"{what} rate {k}/{len(now_bad)} (lower bound {lower:.1%}) vs "
+                    f"{base_rate:.1%} on {previous or 'nothing'} ({len(before_bad)}), "
                     f"limit +{limit:.0%}")
             (problems if lower > base_rate + limit else notes).append(line)
         lat = [o.latency_s for o in cur if o.latency_s is not None]

@@ -136,14 +136,19 @@ def _devices_table(rows: list[dict[str, Any]], selector: str) -> Table:
     for r in rows:
         labels = ",".join(f"{k}={v}" for k, v in sorted((r["labels"] or {}).items()))
         state = r.get("state") or {}
-        detail = state.get("reason") or ""
-        if state.get("update_state") == "downloading" and state.get("progress") is not None:
-            detail = f"{state['progress']:.0%} {detail}".strip()
         table.add_row(r["device_id"], labels, "yes" if r["online"] else "no",
                       r["variant"] or "-", r["update_state"] or "-",
-                      state.get("target") or "-", detail,
+                      state.get("target") or "-", _state_detail(state),
                       f"{now - r['last_seen']:.0f} s ago")
     return table
+
+
+def _state_detail(state: dict[str, Any]) -> str:
+    """A device state's detail: download progress, or why it failed or rolled back."""
+    detail = str(state.get("reason") or "")
+    if state.get("update_state") == "downloading" and state.get("progress") is not None:
+        detail = f"{state['progress']:.0%} {detail}".strip()
+    return detail
 
 
 @devices_group.command(name="history")
@@ -179,12 +184,9 @@ def devices_history(config_path: Path, device_id: str, limit: int, as_json: bool
     for col in ("time", "state", "target", "serving", "revision", "detail"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        detail = r.get("reason") or ""
-        if r.get("update_state") == "downloading" and r.get("progress") is not None:
-            detail = f"{r['progress']:.0%} {detail}".strip()
         table.add_row(time.strftime("%H:%M:%S", time.localtime(r["ts"])), r["update_state"],
                       r.get("target") or "-", r.get("variant") or "-",
-                      str(r.get("desired_revision") or "-"), detail)
+                      str(r.get("desired_revision") or "-"), _state_detail(r))
     console.print(table)
 
 

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .demo_traffic import AgentTraffic
+from .rollouts.cli import gate_table
 from .rollouts.engine import RolloutEngine
 from .store import Store
 
@@ -138,24 +139,3 @@ class RolloutWatch:
                            str(errors), "-" if median is None else f"{median:.1f}")
         parts.append(agents)
         return Group(*parts)
-
-
-def gate_table(verdict: dict[str, Any]) -> Table:
-    table = Table(title=f"last verdict: step {verdict.get('step', 0) + 1} "
-                  f"{verdict['verdict']} ({verdict['canary_devices']} canary vs "
-                  f"{verdict['control_devices']} control devices)", title_justify="left")
-    for col in ("gate", "verdict", "canary", "control", "estimate", "95% interval",
-                "n canary/control", "p"):
-        table.add_column(col)
-
-    def f(v: Any, pct: bool) -> str:
-        if v is None:
-            return "-"
-        return f"{v:.1%}" if pct else f"{v:.3g}"
-
-    for g in verdict["gates"]:
-        pct = g["metric"].endswith("_rate")
-        table.add_row(g["metric"], g["verdict"], f(g["canary"], pct), f(g["control"], pct),
-                      f(g["estimate"], pct), f"[{f(g['low'], pct)}, {f(g['high'], pct)}]",
-                      f"{g['canary_n']}/{g['control_n']}", f(g["p_value"], False))
-    return table

@@ -150,24 +150,29 @@ def _print_status(st: dict[str, Any]) -> None:
     console.print("devices: " + ", ".join(f"{k} {v}" for k, v in sorted(st["devices"].items())))
     verdict = st["last_verdict"]
     if verdict:
-        table = Table(title=f"last verdict: {verdict['verdict']} ({verdict['canary_devices']} "
-                      f"canary vs {verdict['control_devices']} control devices)")
-        for col in ("gate", "verdict", "canary", "control", "estimate", "interval", "n",
-                    "p"):
-            table.add_column(col)
+        console.print(gate_table(verdict))
 
-        def f(v: Any, pct: bool = False) -> str:
-            if v is None:
-                return "-"
-            return f"{v:.1%}" if pct else f"{v:.3g}"
 
-        for g in verdict["gates"]:
-            pct = g["metric"].endswith("_rate")
-            table.add_row(g["metric"], g["verdict"], f(g["canary"], pct), f(g["control"], pct),
-                          f(g["estimate"], pct),
-                          f"[{f(g['low'], pct)}, {f(g['high'], pct)}]",
-                          f"{g['canary_n']}/{g['control_n']}", f(g["p_value"]))
-        console.print(table)
+def gate_table(verdict: dict[str, Any]) -> Table:
+    """Each gate of a verdict: estimate, interval, sample sizes and p (status, demo)."""
+    table = Table(title=f"last verdict: step {verdict.get('step', 0) + 1} "
+                  f"{verdict['verdict']} ({verdict['canary_devices']} canary vs "
+                  f"{verdict['control_devices']} control devices)", title_justify="left")
+    for col in ("gate", "verdict", "canary", "control", "estimate", "95% interval",
+                "n canary/control", "p"):
+        table.add_column(col)
+
+    def f(v: Any, pct: bool) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.1%}" if pct else f"{v:.3g}"
+
+    for g in verdict["gates"]:
+        pct = g["metric"].endswith("_rate")
+        table.add_row(g["metric"], g["verdict"], f(g["canary"], pct), f(g["control"], pct),
+                      f(g["estimate"], pct), f"[{f(g['low'], pct)}, {f(g['high'], pct)}]",
+                      f"{g['canary_n']}/{g['control_n']}", f(g["p_value"], False))
+    return table
 
 
 def _control(action: str) -> Any:

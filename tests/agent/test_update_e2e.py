@@ -34,6 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from quantfleet.agent.wire import DeviceStatePayload
 from quantfleet.fleet.cli import cli
 from quantfleet.models.catalog import Catalog
+from tests.agent.test_updater import walk
 from tests.fleet.test_service import Fleet, make_fleet
 from tests.support import Mosquitto, free_port
 
@@ -285,14 +286,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Iterato
         watcher.loop_stop()
         fleet.stop()
         broker.stop()
-
-
-def walk(states: list[DeviceStatePayload]) -> list[str]:
-    out: list[str] = []
-    for s in states:
-        if not out or out[-1] != s.update_state:
-            out.append(s.update_state)
-    return out
 
 
 def test_a_cohort_moves_to_q4_k_m_and_a_killed_download_resumes(world: World,
