@@ -39,7 +39,7 @@ def processes_naming(text: str) -> list[str]:
 def demo_argv(ladder_dir: Path, runs: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "quantfleet.fleet.cli", "demo", "--models-dir",
             str(ladder_dir), "--run-dir", str(runs), "--agents", "1", "--devices", "40",
-            "--rate", "3", "--bake", "6", "--min-samples", "60", *extra]
+            "--rate", "3", "--bake", "6", "--min-samples", "150", *extra]
 
 
 def never_assign(ids: object, variant: str, rollout_id: str) -> None:
