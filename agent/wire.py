@@ -8,10 +8,13 @@ refuse what it does not understand instead of misreading it.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: The version of every payload that has not changed shape since the first
+#: release. A payload that grew fields has its own, higher ``SCHEMA_VERSION``;
+#: readers accept every version from 1 up to it (``accepts_version``).
 WIRE_VERSION = 1
 TOPIC_ROOT = "quantfleet/v1"
 
@@ -26,7 +29,15 @@ class WirePayload(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: The newest shape of this payload; older ones still parse.
+    SCHEMA_VERSION: ClassVar[int] = WIRE_VERSION
+
     schema_version: int = Field(WIRE_VERSION, description="Version of this payload's schema.")
+
+    @classmethod
+    def accepts_version(cls, version: int) -> bool:
+        """Whether a reader of this module understands ``version`` of this payload."""
+        return 1 <= version <= cls.SCHEMA_VERSION
 
 
 ValidationKind = Literal[
@@ -296,13 +307,103 @@ class TelemetryBatch(WirePayload):
     events: list[TelemetryEvent] = Field(min_length=1, description="Events, ascending seq.")
 
 
+# ---------------------------------------------------------------------------
+# Hardware: which kernels a device runs (owner: agent/hardware.py reads it,
+# the fleet derives cohort labels from it with ``hardware_labels``).
+# ---------------------------------------------------------------------------
+
+#: Hardware classes, most capable first within an architecture. A class groups
+#: devices that run the same int8/fp kernels of llama.cpp and onnxruntime.
+CPU_CLASSES: tuple[str, ...] = (
+    "x86-amx", "x86-avx512-vnni", "x86-avx512", "x86-avx2-vnni", "x86-avx2", "x86-sse",
+    "arm-i8mm", "arm-dotprod", "arm-neon",
+)
+
+
+def cpu_class(arch: str, features: list[str] | tuple[str, ...] | set[str]) -> str:
+    """The hardware class of an architecture and its kernel-relevant features.
+
+    x86: AMX int8 tiles, then AVX-512 with VNNI, AVX-512, AVX2 with AVX-VNNI,
+    AVX2, else SSE. ARM: i8mm, dot-product, else NEON. Anything else is its
+    architecture's name.
+    """
+    f = set(features)
+    if arch == "x86_64":
+        if "amx_int8" in f:
+            return "x86-amx"
+        if "avx512f" in f:
+            return "x86-avx512-vnni" if "avx512_vnni" in f else "x86-avx512"
+        if "avx2" in f:
+            return "x86-avx2-vnni" if "avx_vnni" in f else "x86-avx2"
+        return "x86-sse"
+    if arch == "aarch64":
+        if "i8mm" in f:
+            return "arm-i8mm"
+        return "arm-dotprod" if "dotprod" in f else "arm-neon"
+    return arch or "unknown"
+
+
+class HardwareFingerprint(BaseModel):
+    """What a device is, as far as its kernels are concerned (sent with the birth)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field(max_length=32, description="CPU architecture: x86_64, aarch64, ...")
+    cpu_model: str = Field(max_length=256, description="The CPU's model name.")
+    cpu_vendor: str = Field("", max_length=64, description="GenuineIntel, AuthenticAMD, an "
+                            "ARM implementer code, ...")
+    features: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="ISA features that change kernels (x86: avx2, fma, f16c, avx512f, "
+        "avx512_vnni, avx_vnni, amx_int8, ...; ARM: asimd, dotprod, i8mm, sve, ...).",
+    )
+    cpu_class: str = Field(max_length=32, description="The hardware class (``cpu_class``).")
+    logical_cores: int = Field(ge=1, description="CPUs the OS schedules on.")
+    physical_cores: int | None = Field(None, ge=1, description="Physical cores, if known.")
+    memory_bytes: int = Field(ge=0, description="Physical memory.")
+    llama_cpp_system_info: str = Field(
+        "", max_length=2048,
+        description="llama.cpp's system info string: the kernels its build uses.")
+    llama_cpp_python: str = Field("", max_length=32, description="llama-cpp-python version.")
+    onnxruntime: str = Field("", max_length=32, description="onnxruntime version.")
+    kernel: str = Field("", max_length=128, description="OS kernel release.")
+
+    def labels(self) -> dict[str, str]:
+        return hardware_labels(self)
+
+
+#: Labels the fleet derives from a fingerprint; they override a device's own
+#: labels of the same name (a fact is not configuration).
+HARDWARE_LABEL_KEYS = ("cpu.arch", "cpu.class", "cpu.vnni", "cpu.avx512", "cpu.dotprod",
+                       "cpu.i8mm")
+
+
+def hardware_labels(hw: HardwareFingerprint) -> dict[str, str]:
+    """``cpu.arch``, ``cpu.class`` and the yes/no features cohorts select on."""
+    f = set(hw.features)
+    out = {"cpu.arch": hw.arch or "unknown", "cpu.class": hw.cpu_class}
+    if hw.arch == "x86_64":
+        out["cpu.vnni"] = str(bool(f & {"avx512_vnni", "avx_vnni", "amx_int8"})).lower()
+        out["cpu.avx512"] = str("avx512f" in f).lower()
+    elif hw.arch == "aarch64":
+        out["cpu.dotprod"] = str("dotprod" in f).lower()
+        out["cpu.i8mm"] = str("i8mm" in f).lower()
+    return out
+
+
 class StatusPayload(WirePayload):
     """Retained liveness on ``…/status``: birth on connect, Will on loss, offline on stop.
 
     A consumer keeps the message with the highest ``boot_epoch``; a Will that
     arrives late from an older start never overrides a newer birth.
+
+    Version 2 added ``hardware`` (version 1 births still parse, without it).
     """
 
+    SCHEMA_VERSION: ClassVar[int] = 2
+
+    schema_version: int = Field(2, description="Version of this payload's schema (2 added "
+                                "hardware).")
     type: Literal["status"] = "status"
     device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="The device.")
     state: Literal["online", "offline"] = Field(description="Whether the agent is connected.")
@@ -316,6 +417,9 @@ class StatusPayload(WirePayload):
         default_factory=dict,
         description="The device's own labels (from its config: hw, region, ...); the fleet's "
         "cohorts select on them. Sent with the birth.",
+    )
+    hardware: HardwareFingerprint | None = Field(
+        None, description="The device's hardware fingerprint, sent with the birth (version 2)."
     )
 
 
@@ -359,6 +463,7 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "gap-record": GapRecord,
     "desired": DesiredPayload,
     "device-state": DeviceStatePayload,
+    "hardware": HardwareFingerprint,
 }
 
 

@@ -160,9 +160,10 @@ class TelemetryStore:
                 status = StatusPayload.model_validate_json(payload, strict=True)
             except ValidationError as exc:
                 return self._reject(self._classify(payload), topic, str(exc.errors()[:1]))
-            if status.schema_version != WIRE_VERSION:
+            if not status.accepts_version(status.schema_version):
                 return self._reject("unsupported_version", topic,
-                                    f"this consumer reads schema_version {WIRE_VERSION}")
+                                    "this consumer reads status schema_version up to "
+                                    f"{StatusPayload.SCHEMA_VERSION}")
             if status.device_id != device:
                 return self._reject("topic_mismatch", topic, f"payload says {status.device_id}")
             self.store_status(status)

@@ -50,16 +50,27 @@ _MODELS: dict[str, type[Payload]] = {
 }
 
 
-def classify_payload(payload: bytes) -> str:
+def classify_payload(payload: bytes, model: type[Payload] | None = None) -> str:
     """Why a payload failed validation: not JSON, a newer schema, or the wrong shape."""
     try:
         doc = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
         return "not_json"
-    if isinstance(doc, dict) and isinstance(doc.get("schema_version"), int) \
-            and doc["schema_version"] != WIRE_VERSION:
-        return "unsupported_version"
+    if isinstance(doc, dict) and isinstance(doc.get("schema_version"), int):
+        known = model.accepts_version(doc["schema_version"]) if model else \
+            doc["schema_version"] == WIRE_VERSION
+        if not known:
+            return "unsupported_version"
     return "invalid_payload"
+
+
+def _unread_versions(parsed: Payload) -> list[int]:
+    """The schema versions in ``parsed`` (its own and its events') this fleet cannot read."""
+    bad = set() if parsed.accepts_version(parsed.schema_version) else {parsed.schema_version}
+    if isinstance(parsed, TelemetryBatch):
+        bad.update(e.body.schema_version for e in parsed.events
+                   if not e.body.accepts_version(e.body.schema_version))
+    return sorted(bad)
 
 
 def parse_message(topic: str, payload: bytes,
@@ -78,14 +89,12 @@ def parse_message(topic: str, payload: bytes,
     except ValidationError as exc:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
         where = ".".join(str(p) for p in first["loc"]) or "payload"
-        return Rejected(classify_payload(payload), f"{topic}: {where}: {first['msg']}")
-    versions = {parsed.schema_version}
-    if isinstance(parsed, TelemetryBatch):
-        versions.update(e.body.schema_version for e in parsed.events)
-    if versions != {WIRE_VERSION}:
+        return Rejected(classify_payload(payload, model), f"{topic}: {where}: {first['msg']}")
+    unread = _unread_versions(parsed)
+    if unread:
         return Rejected("unsupported_version",
-                        f"{topic}: schema_version {sorted(versions)}, the fleet reads "
-                        f"{WIRE_VERSION}")
+                        f"{topic}: schema_version {unread}, the fleet reads "
+                        f"{model.__name__} up to version {model.SCHEMA_VERSION}")
     if parsed.device_id != device:
         return Rejected("topic_mismatch",
                         f"{topic}: payload is for device {parsed.device_id!r}")
