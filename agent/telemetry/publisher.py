@@ -35,7 +35,12 @@ from paho.mqtt.properties import Properties
 
 from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig, parse_broker_url
 from quantfleet.agent.telemetry.outbox import Outbox
-from quantfleet.agent.wire import WIRE_VERSION, StatusPayload, device_topic
+from quantfleet.agent.wire import (
+    WIRE_VERSION,
+    HardwareFingerprint,
+    StatusPayload,
+    device_topic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +84,10 @@ class Publisher:
 
     def __init__(self, outbox: Outbox, mqtt_cfg: MqttConfig, cfg: PublisherConfig, *,
                  labels: dict[str, str] | None = None,
+                 hardware: HardwareFingerprint | None = None,
                  rng: random.Random | None = None) -> None:
         self.labels = dict(labels or {})
+        self.hardware = hardware
         self.outbox = outbox
         self.mqtt_cfg = mqtt_cfg
         self.cfg = cfg
@@ -151,6 +158,7 @@ class Publisher:
             "device_id": self.device_id, "state": state, "boot_epoch": self.outbox.boot_epoch,
             "reason": reason, "ts": time.time(), "agent_version": _version(),
             "labels": self.labels if reason == "birth" else {},
+            "hardware": self.hardware if reason == "birth" else None,
         })
         return bytes(status.model_dump_json(), "utf-8")
 

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from quantfleet.agent.hardware import fingerprint
 from quantfleet.agent.telemetry.aggregates import MinuteAggregator
 from quantfleet.agent.telemetry.config import TelemetryConfig
 from quantfleet.agent.telemetry.health import HealthSampler
@@ -32,7 +33,8 @@ class TelemetryService:
         o = cfg.outbox
         self.outbox = Outbox(cfg.outbox_path(), cfg.device_id, max_bytes=o.max_bytes,
                              commit_interval_s=o.commit_interval_s, max_buffered=o.max_buffered)
-        self.publisher = Publisher(self.outbox, cfg.mqtt, cfg.publisher, labels=cfg.labels)
+        self.publisher = Publisher(self.outbox, cfg.mqtt, cfg.publisher, labels=cfg.labels,
+                                   hardware=fingerprint())
         self.aggregator = MinuteAggregator(self.outbox.append)
         self.health = HealthSampler(cfg.outbox_path()) if cfg.health_interval_s > 0 else None
         self._stop = threading.Event()

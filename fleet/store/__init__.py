@@ -24,7 +24,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from quantfleet.agent.wire import (
     DesiredPayload,
     DeviceStatePayload,
-    HealthPayload,
     RequestEvent,
     StatusPayload,
     TelemetryBatch,
@@ -142,6 +141,7 @@ class _Liveness:
     online: bool
     agent_version: str
     labels: dict[str, str] | None
+    hardware: dict[str, Any] | None
 
 
 def _liveness_params(device_id: str, cur: _Liveness) -> dict[str, Any]:
@@ -188,10 +188,6 @@ class Store:
             # through (a count(*) before and after is wrong with concurrent writers).
             inserted = int(conn.execute(stmt, rows).rowcount)
             self._touch(conn, sorted({b.device_id for b in batches}), now)
-            for b in batches:
-                health = [ev.body for ev in b.events if isinstance(ev.body, HealthPayload)]
-                if health:
-                    self._set_hardware(conn, b.device_id, health[-1])
         return IngestResult(inserted=inserted, duplicates=len(rows) - inserted)
 
     def _touch(self, conn: Any, device_ids: str | Sequence[str], now: float) -> None:
@@ -208,15 +204,6 @@ class Store:
             last_seen=bindparam("now"))
         return stmt.on_conflict_do_update(index_elements=["device_id"],
                                           set_={"last_seen": stmt.excluded.last_seen})
-
-    def _set_hardware(self, conn: Any, device_id: str, h: HealthPayload) -> None:
-        conn.execute(update(schema.devices).where(schema.devices.c.device_id == device_id)
-                     .values(hardware={
-                         "memory_total_bytes": h.memory_total_bytes,
-                         "disk_total_bytes": h.disk_total_bytes,
-                         "disk_free_bytes": h.disk_free_bytes,
-                         "sensors": sorted(h.temperatures_c),
-                     }))
 
     def apply_state(self, state: DeviceStatePayload, received_at: float | None = None) -> bool:
         """Record where a device's update stands; an older state than the stored one is ignored."""
@@ -335,9 +322,10 @@ class Store:
         with self.engine.begin() as conn:
             self._touch(conn, ids, now)  # locks the rows before they are read (see apply_states)
             current = {r.device_id: _Liveness(r.boot_epoch, r.status_reason, r.online,
-                                              r.agent_version, r.labels)
+                                              r.agent_version, r.labels, r.hardware)
                        for r in self._rows(conn, ids, d.c.boot_epoch, d.c.status_reason,
-                                           d.c.online, d.c.agent_version, d.c.labels)}
+                                           d.c.online, d.c.agent_version, d.c.labels,
+                                           d.c.hardware)}
             changed: set[str] = set()
             relabelled: set[str] = set()
             for status in statuses:
@@ -352,18 +340,22 @@ class Store:
                 cur.boot_epoch = status.boot_epoch
                 cur.status_reason = status.reason
                 cur.agent_version = status.agent_version
-                if status.reason == "birth" and status.labels:
+                if status.reason == "birth" and (status.labels or status.hardware):
                     # The device's config is the truth for the keys it reports; keys
-                    # an operator added that the device does not report stay.
-                    cur.labels = {**(cur.labels or {}), **status.labels}
+                    # an operator added that the device does not report stay. Labels
+                    # derived from the hardware fingerprint (cpu.*) are facts and win.
+                    derived = status.hardware.labels() if status.hardware else {}
+                    cur.labels = {**(cur.labels or {}), **status.labels, **derived}
+                    if status.hardware:
+                        cur.hardware = status.hardware.model_dump(mode="json")
                     relabelled.add(status.device_id)
                 changed.add(status.device_id)
                 applied.append(True)
             plain = [_liveness_params(i, current[i]) for i in sorted(changed - relabelled)]
             if plain:
                 conn.execute(self._status_stmt, plain)
-            labelled = [{**_liveness_params(i, current[i]), "b_labels": current[i].labels}
-                        for i in sorted(relabelled)]
+            labelled = [{**_liveness_params(i, current[i]), "b_labels": current[i].labels,
+                         "b_hardware": current[i].hardware or {}} for i in sorted(relabelled)]
             if labelled:
                 conn.execute(self._status_labels_stmt, labelled)
         return applied
@@ -379,7 +371,8 @@ class Store:
     @functools.cached_property
     def _status_labels_stmt(self) -> Any:
         labels = bindparam("b_labels", type_=schema.devices.c.labels.type)
-        return self._status_stmt.values(labels=labels)
+        hardware = bindparam("b_hardware", type_=schema.devices.c.hardware.type)
+        return self._status_stmt.values(labels=labels, hardware=hardware)
 
     def record_rejection(self, topic: str, reason: str, ts: float | None = None) -> None:
         with self.engine.begin() as conn:

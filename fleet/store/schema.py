@@ -36,7 +36,7 @@ devices = Table(
     "devices", metadata,
     Column("device_id", String(64), primary_key=True),
     Column("labels", JSON, nullable=False, default=dict),
-    Column("hardware", JSON, nullable=False, default=dict),
+    Column("hardware", JSON, nullable=False, default=dict),  # the last birth's fingerprint
     Column("online", Boolean, nullable=False, default=False),
     Column("boot_epoch", BigInteger, nullable=False, default=0),
     Column("status_reason", String(16), nullable=False, default=""),

@@ -16,6 +16,7 @@ from sqlalchemy import inspect, text
 from quantfleet.agent.wire import (
     DeviceStatePayload,
     GapRecord,
+    HardwareFingerprint,
     RequestEvent,
     StatusPayload,
     TelemetryBatch,
@@ -176,6 +177,28 @@ def test_a_birth_brings_the_devices_own_labels(store: Store) -> None:
     assert store.devices()[0]["labels"] == {"canary": "yes", "hw": "rpi5"}
     assert store.devices(columns=("device_id", "labels")) == [
         {"device_id": "dev-1", "labels": {"canary": "yes", "hw": "rpi5"}}]
+
+
+def test_a_birth_brings_the_hardware_and_the_labels_derived_from_it(store: Store) -> None:
+    hw = HardwareFingerprint(arch="x86_64", cpu_model="AMD EPYC 7B13", features=["avx2", "fma"],
+                             cpu_class="x86-avx2", logical_cores=2, memory_bytes=8 << 30)
+    store.set_labels("dev-1", {"cpu.class": "made-up", "canary": "yes"})
+    store.apply_status(StatusPayload(device_id="dev-1", state="online", boot_epoch=1,
+                                     reason="birth", ts=1.0, labels={"hw": "rpi5"},
+                                     hardware=hw))
+    [device] = store.devices()
+    # the fingerprint's labels are facts: they win over an operator's label of the same key
+    assert device["labels"] == {"canary": "yes", "hw": "rpi5", "cpu.arch": "x86_64",
+                                "cpu.class": "x86-avx2", "cpu.vnni": "false",
+                                "cpu.avx512": "false"}
+    assert device["hardware"] == hw.model_dump(mode="json")
+    # a version-1 birth (an agent from before fingerprints) keeps what the fleet knew
+    old = StatusPayload.model_validate({"schema_version": 1, "device_id": "dev-1",
+                                        "state": "online", "boot_epoch": 2, "reason": "birth",
+                                        "ts": 2.0, "labels": {"hw": "rpi5"}})
+    store.apply_status(old)
+    [device] = store.devices()
+    assert device["labels"]["cpu.class"] == "x86-avx2" and device["hardware"]["arch"] == "x86_64"
 
 
 _status = st.builds(
