@@ -47,19 +47,23 @@ from quantfleet.models.catalog import Catalog, CatalogError, VariantEntry
 log = logging.getLogger(__name__)
 
 #: The pre-flight's verdict policy on a device, before ``[update] preflight_policy``.
-#: A device checks a small sample, so per-property drops (a property may sit on one
-#: or two items) are not judged; the overall drop, McNemar's test and the KLD p99
-#: limits are. The KLD is measured per token, hundreds of them even on a few items,
-#: and separates the ladder's rungs clearly (docs/reports/starter-ladder.md).
+#: A device checks a dozen items, so no raw pass-rate drop is judged (three items
+#: are 25 points, and which three flip depends on the CPU's kernels). It decides
+#: with McNemar's one-sided test on the items' paired pass/fail and with the KLD
+#: of the candidate from the serving variant on every token of the serving
+#: variant's answers: hundreds of tokens even on a few items, a far stronger
+#: signal. The limits sit far from both a sound and a broken rung on every
+#: instruction set measured (docs/updates.md, bench/bench_preflight.py).
 DEVICE_PREFLIGHT_POLICY: dict[str, Any] = {
     "min_property_items": 1,
-    "max_drop": 1.0,
-    "max_overall_drop": 0.25,
+    "max_drop": None,
+    "max_overall_drop": None,
     "max_flips": None,
     "alpha": 0.05,
+    "max_kld_mean": 0.2,
     "max_kld_p99_structured": 1.0,
     "max_kld_p99_prose": 1.0,
-    "min_tokens": 20,
+    "min_tokens": 50,
 }
 
 
@@ -145,8 +149,9 @@ class ServingHooks:
             cand.close()
             base.close()
         verdict = judge(comparison, policy)
-        log.info("pre-flight in %.0f s: %s", time.monotonic() - started, verdict.summary())
-        return Check(verdict.decision == "pass", f"{verdict.summary()} on {len(items)} items")
+        log.info("pre-flight in %.0f s: %s", time.monotonic() - started, verdict.evidence())
+        return Check(verdict.decision == "pass",
+                     f"{len(items)} items vs {baseline}: {verdict.evidence()}")
 
     def activate(self, entry: VariantEntry) -> None:
         timeout = 600.0 + self.config.concurrency.deadline_s

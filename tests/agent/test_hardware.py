@@ -64,7 +64,7 @@ def test_classes_follow_the_kernel_deciding_features() -> None:
 
 
 def test_labels_say_class_arch_and_the_int8_features() -> None:
-    _, vendor, features = parse_cpuinfo(EPYC, "x86_64")
+    features = parse_cpuinfo(EPYC, "x86_64")[2]
     hw = HardwareFingerprint(arch="x86_64", cpu_model="EPYC", features=features,
                              cpu_class=cpu_class("x86_64", features), logical_cores=2,
                              memory_bytes=1)
@@ -87,5 +87,6 @@ def test_this_machine_fingerprints_itself(tmp_path: Path) -> None:
 @given(st.text(max_size=2000), st.sampled_from(["x86_64", "aarch64", "riscv64"]))
 def test_any_cpuinfo_text_parses_without_error(text: str, arch: str) -> None:
     model, vendor, features = parse_cpuinfo(text, arch)
+    assert isinstance(model, str) and isinstance(vendor, str) and "\n" not in model
     assert features == sorted(set(features))
     assert cpu_class(arch, features)

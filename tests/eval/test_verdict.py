@@ -103,3 +103,47 @@ def test_the_device_side_modules_need_no_operator_dependencies() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_device_policy_decides_on_paired_flips_and_kld_far_from_its_limits(
+        evaluation: EvalReport) -> None:
+    """The pre-flight's policy on a dozen items: no raw pass-rate drop is judged; McNemar
+    and the token-level KLD decide, each far from its limit for a sound and a broken rung
+    (the margins measured on several CPUs are in docs/updates.md)."""
+    from quantfleet.agent.updates import DEVICE_PREFLIGHT_POLICY
+
+    policy = VerdictPolicy.model_validate({**DEVICE_PREFLIGHT_POLICY, "min_items": 10})
+    sound, broken = judge(comparison(evaluation, "Q8_0"), policy), judge(
+        comparison(evaluation, "Q2_K"), policy)
+    for v in (sound, broken):
+        names = [c.name for c in v.checks]
+        assert not any(n.startswith("drop:") for n in names), names
+        assert {"mcnemar", "kld_mean:all", "kld_p99:structured", "kld_p99:prose"} <= set(names)
+    assert sound.decision == "pass", sound.evidence()
+    assert broken.decision == "fail", broken.evidence()
+    checks = {c.name: c for c in sound.checks}
+    mean = checks["kld_mean:all"]
+    assert mean.observed is not None and mean.limit is not None
+    assert mean.observed < mean.limit / 5  # Q8_0 sits far inside
+    failing = [c for c in broken.failed if c.name.startswith("kld")]
+    assert failing and max(c.observed / c.limit for c in failing  # type: ignore[operator]
+                           ) > 1.5, broken.evidence()
+    # the evidence a device reports names every figure against its limit
+    text = broken.evidence()
+    assert text.startswith("fail: McNemar one-sided exact p=") and "kld_mean:all" in text
+    assert "FAIL" in text and " > " in text
+
+
+def test_a_policy_without_drop_limits_judges_no_drop(evaluation: EvalReport) -> None:
+    q2 = comparison(evaluation, "Q2_K")
+    lenient = SMALL.model_copy(update={"max_flips": None, "alpha": None, "max_drop": None,
+                                       "max_overall_drop": None,
+                                       "max_kld_p99_structured": None})
+    v = judge(q2, lenient)
+    assert v.decision == "pass" and not [c for c in v.checks if c.name.startswith("drop:")]
+    # a per-property override is still judged
+    worst = max(q2.properties, key=lambda p: q2.properties[p].drop)
+    strict = lenient.model_copy(update={"max_drop_by_property": {worst: 0.0}})
+    checks = [c for c in judge(q2, strict).checks if c.name.startswith("drop:")]
+    assert [c.name for c in checks] == [f"drop:{worst}"]
+    assert (checks[0].status == "fail") == (q2.properties[worst].drop > 0)
