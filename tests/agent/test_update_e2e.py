@@ -299,21 +299,26 @@ def test_a_cohort_moves_to_q4_k_m_and_a_killed_download_resumes(world: World,
          str(world.fleet.config), "--selector", "cohort=main", "--watch", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "COLUMNS": "250"})
-    # agent-2 downloads at 12 MB/s: kill it part-way, start it again.
-    a2 = world.agents["agent-2"]
-    world.states.wait("agent-2", lambda s: s.update_state == "downloading"
-                      and (s.progress or 0) >= 0.2, 90, agents)
-    a2.kill()
-    partial = a2.dir / "models" / f"{q4}.gguf.partial"
-    assert partial.exists() and partial.stat().st_size > 0
-    a2.start()
-    for name in ("agent-1", "agent-2"):
-        world.states.wait(name, lambda s: s.update_state == "healthy" and s.variant == q4,
-                          300, agents)
-    # The operator's view, through the CLI.
-    time.sleep(1.0)
-    watcher.send_signal(signal.SIGINT)
-    watched, _ = watcher.communicate(timeout=30)
+    try:
+        # agent-2 downloads at 12 MB/s: kill it part-way, start it again.
+        a2 = world.agents["agent-2"]
+        world.states.wait("agent-2", lambda s: s.update_state == "downloading"
+                          and (s.progress or 0) >= 0.2, 90, agents)
+        a2.kill()
+        partial = a2.dir / "models" / f"{q4}.gguf.partial"
+        assert partial.exists() and partial.stat().st_size > 0
+        a2.start()
+        for name in ("agent-1", "agent-2"):
+            world.states.wait(name, lambda s: s.update_state == "healthy" and s.variant == q4,
+                              300, agents)
+        # The operator's view, through the CLI.
+        time.sleep(1.0)
+        watcher.send_signal(signal.SIGINT)
+        watched, _ = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:  # the test failed before the operator stopped it
+            watcher.kill()
+            watcher.communicate()
     assert watcher.returncode == 0, watched
     assert "agent-2" in watched and "healthy" in watched and "agent-3" not in watched, watched
     devices = world.devices()
@@ -358,6 +363,8 @@ def test_a_variant_failing_its_preflight_is_never_activated(world: World,
                               300, list(world.agents.values()))
     assert final.update_state == "failed", final
     assert final.target == q2 and "pre-flight failed" in final.reason, final.reason
+    # the state message carries the evidence: the paired test and the KLD against limits
+    assert "McNemar" in final.reason and "kld_mean:all" in final.reason, final.reason
     steps = walk(world.states.of("agent-1", revision))
     assert "preflight" in steps and "activating" not in steps, steps
     assert a1.active() == before and final.variant == before
