@@ -13,6 +13,20 @@ from quantfleet.models.build import build_ladder
 from quantfleet.models.catalog import Catalog
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which kernels this run exercises: the CI log says it on its first lines."""
+    from quantfleet.agent.hardware import fingerprint
+
+    hw = fingerprint()
+    return [
+        f"cpu: {hw.cpu_model} ({hw.arch}, class {hw.cpu_class}; {' '.join(hw.features)})",
+        f"llama.cpp kernels: {hw.llama_cpp_system_info or 'not installed'} (the portable "
+        "build of scripts/bootstrap.sh: the same on every CPU of the class)",
+        f"onnxruntime {hw.onnxruntime}: this CPU's kernels natively; the AVX2 path without "
+        "VNNI under qemu-x86_64 -cpu Haswell (tests/onnx)",
+    ]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads or writes the user's real state directories."""
