@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from quantfleet.fleet.cli_options import (
     _config,
@@ -159,47 +160,48 @@ def _groups(verdict: dict[str, Any]) -> list[dict[str, Any]]:
     classes = list((verdict.get("classes") or {}).values())
     if len(classes) < 2 and not any(c.get("required") for c in classes):
         classes = []
-    return classes + list((verdict.get("stratum_verdicts") or {}).values())
+    rank = {"fail": 0, "insufficient": 1}  # what decided first
+    return sorted(classes, key=lambda g: rank.get(g["verdict"], 2)) + sorted(
+        (verdict.get("stratum_verdicts") or {}).values(),
+        key=lambda g: rank.get(g["verdict"], 2))
 
 
-def gate_table(verdict: dict[str, Any], *, reason: bool = True) -> Table:
+def gate_table(verdict: dict[str, Any], *, reason: bool = True) -> RenderableType:
     """Each gate of a verdict: estimate, interval, sample sizes and p (status, demo) —
-    pooled, then for each hardware class and stratum judged on its own; the verdict's
-    reason under it (``reason``)."""
-    table = Table(title=f"last verdict: step {verdict.get('step', 0) + 1} "
-                  f"{verdict['verdict']} ({verdict['canary_devices']} canary vs "
-                  f"{verdict['control_devices']} control devices)", title_justify="left",
-                  caption=(verdict.get("reason") or None) if reason else None,
-                  caption_justify="left")
-    groups = _groups(verdict)
-    if groups:
-        table.add_column("group")
-    for col in ("gate", "verdict", "canary", "control", "estimate", "95% interval",
-                "n canary/control", "p"):
-        table.add_column(col)
+    pooled, then a table for each hardware class and stratum judged on its own (its
+    name and verdict in the title, which wraps on a narrow terminal where a column
+    would be cut); the verdict's reason under them (``reason``)."""
 
     def f(v: Any, pct: bool) -> str:
         if v is None:
             return "-"
         return f"{v:.1%}" if pct else f"{v:.3g}"
 
-    def rows(gates: list[dict[str, Any]], group: list[str]) -> None:
+    def table(title: str, gates: list[dict[str, Any]]) -> Table:
+        t = Table(title=title, title_justify="left")
+        for col in ("gate", "verdict", "canary", "control", "estimate", "95% interval",
+                    "n canary/control", "p"):
+            t.add_column(col)
         for g in gates:
             pct = g["metric"].endswith("_rate")
-            table.add_row(*group, g["metric"], g["verdict"], f(g["canary"], pct),
-                          f(g["control"], pct), f(g["estimate"], pct),
-                          f"[{f(g['low'], pct)}, {f(g['high'], pct)}]",
-                          f"{g['canary_n']}/{g['control_n']}", f(g["p_value"], False))
-            group = [""] * len(group)
+            t.add_row(g["metric"], g["verdict"], f(g["canary"], pct), f(g["control"], pct),
+                      f(g["estimate"], pct), f"[{f(g['low'], pct)}, {f(g['high'], pct)}]",
+                      f"{g['canary_n']}/{g['control_n']}", f(g["p_value"], False))
+        return t
 
-    rows(verdict["gates"], ["pooled"] if groups else [])
+    groups = _groups(verdict)
+    parts: list[RenderableType] = [table(
+        f"last verdict: step {verdict.get('step', 0) + 1} {verdict['verdict']} "
+        f"({verdict['canary_devices']} canary vs {verdict['control_devices']} control "
+        f"devices){', pooled' if groups else ''}", verdict["gates"])]
     for grp in groups:
-        table.add_section()
-        required = f", {grp['required']} required" if grp.get("required") else ""
-        rows(grp["gates"], [f"{grp['label']}={grp['value']}\n{grp['verdict']} "
-                            f"({grp['canary_devices']} canary, {grp['control_devices']} "
-                            f"control{required})"])
-    return table
+        required = f", {grp['required']} canaries required" if grp.get("required") else ""
+        parts.append(table(f"{grp['label']}={grp['value']}: {grp['verdict']} "
+                           f"({grp['canary_devices']} canary vs {grp['control_devices']} "
+                           f"control devices{required})", grp["gates"]))
+    if reason and verdict.get("reason"):
+        parts.append(Text(verdict["reason"]))
+    return parts[0] if len(parts) == 1 else Group(*parts)
 
 
 def _control(action: str) -> Any:
