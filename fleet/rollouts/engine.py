@@ -48,6 +48,7 @@ from .verdict import (
     GroupSamples,
     StepVerdict,
     cell_of,
+    cell_reader,
     decide,
     dimensions,
     merge_cells,
@@ -231,8 +232,9 @@ class RolloutEngine:
         """Online devices first, then round-robin across cells (hardware class and
         stratum), in a stable order."""
         buckets: dict[tuple[bool, Cell], list[dict[str, Any]]] = {}
+        cell = cell_reader(spec)
         for d in sorted(devices, key=lambda d: _order(rollout_id, d["device_id"])):
-            buckets.setdefault((not d["online"], cell_of(spec, d["labels"])), []).append(d)
+            buckets.setdefault((not d["online"], cell(d["labels"])), []).append(d)
         out: list[dict[str, Any]] = []
         for offline in (False, True):
             groups = [v for (off, _), v in sorted(buckets.items()) if off == offline]
@@ -437,24 +439,21 @@ class RolloutEngine:
         labels = {d["device_id"]: d["labels"] or {} for d in devices}
         cohort = [d for d in devices if sel.matches(d["labels"] or {})]
         ever_canary = {m["device_id"] for m in members if m["role"] == "canary"}
+        cell = cell_reader(spec)
         judged = {m["device_id"]: Member("canary", spec.to_variant,
-                                         cell_of(spec, labels.get(m["device_id"])))
+                                         cell(labels.get(m["device_id"])))
                   for m in members if m["role"] == "canary" and m["outcome"] == "healthy"}
-        judged.update({d["device_id"]: Member("control", spec.from_variant,
-                                              cell_of(spec, d["labels"])) for d in cohort
-                       if d["device_id"] not in ever_canary
+        judged.update({d["device_id"]: Member("control", spec.from_variant, cell(d["labels"]))
+                       for d in cohort if d["device_id"] not in ever_canary
                        and d["variant"] == spec.from_variant})
         with self.store.engine.begin() as conn:
             read = read_samples(conn, judged, window)
-        cells: dict[Cell, GroupSamples] = {}
-        for m in judged.values():
-            g = cells.setdefault(m.cell, GroupSamples())
-            if m.side == "canary":
-                g.canary_devices += 1
-            else:
-                g.control_devices += 1
-        for (side, cell), sample in read.items():
-            setattr(cells[cell], side, sample)
+        devices = Counter((m.side, m.cell) for m in judged.values())
+        cells = {c: GroupSamples(canary_devices=devices[("canary", c)],
+                                 control_devices=devices[("control", c)])
+                 for c in {c for _, c in devices}}
+        for (side, c), sample in read.items():
+            setattr(cells[c], side, sample)
         return (merge_cells(cells, dimensions(spec)),
                 self._class_minimum(spec, cohort, members))
 

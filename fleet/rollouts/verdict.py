@@ -27,7 +27,7 @@ so both dimensions come from the one read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,11 +50,22 @@ def dimensions(spec: RolloutSpec) -> list[str]:
     return dims
 
 
+def cell_reader(spec: RolloutSpec) -> Callable[[Mapping[str, str] | None], Cell]:
+    """The cell of a device from its labels (a device without the hardware label is
+    ``(unknown)``, without the stratum label ``(none)``), for many devices."""
+    keys = [(k, UNKNOWN_CLASS if k == spec.hardware_label else "(none)")
+            for k in dimensions(spec)]
+
+    def cell(labels: Mapping[str, str] | None) -> Cell:
+        labels = labels or {}
+        return tuple(str(labels.get(k, missing)) for k, missing in keys)
+
+    return cell
+
+
 def cell_of(spec: RolloutSpec, labels: Mapping[str, str] | None) -> Cell:
     """The cell of a device with these labels."""
-    labels = labels or {}
-    missing = {spec.hardware_label: UNKNOWN_CLASS}
-    return tuple(str(labels.get(k, missing.get(k, "(none)"))) for k in dimensions(spec))
+    return cell_reader(spec)(labels)
 
 
 @dataclass
