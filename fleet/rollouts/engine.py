@@ -244,6 +244,34 @@ class RolloutEngine:
                         out.append(g.pop(0))
         return out
 
+    def _holdback(self, rollout_id: str, spec: RolloutSpec,
+                  on_base: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The devices kept on the baseline as the concurrent control, in spread order.
+
+        Per hardware class: a percentage of each class (rounded up), a count given to
+        the classes in turn — never a class's last device, so a class is never held
+        back whole and never goes without a device that can be a canary.
+        """
+        order = self._spread(rollout_id, spec, on_base)
+        if not spec.hardware_label:
+            return order[:resolve_count(spec.holdback, len(order))]
+        by_class: dict[str, list[dict[str, Any]]] = {}
+        for d in order:
+            by_class.setdefault(self._class(spec, d), []).append(d)
+        room = {c: len(ds) - 1 for c, ds in by_class.items()}
+        if isinstance(spec.holdback, str):
+            take = {c: min(room[c], resolve_count(spec.holdback, len(ds)))
+                    for c, ds in by_class.items()}
+        else:
+            take = dict.fromkeys(by_class, 0)
+            left = min(spec.holdback, sum(room.values()))
+            while left:
+                for c in sorted(by_class):
+                    if left and take[c] < room[c]:
+                        take[c], left = take[c] + 1, left - 1
+        held = {d["device_id"] for c, ds in by_class.items() for d in ds[:take[c]]}
+        return [d for d in order if d["device_id"] in held]
+
     def _class_minimum(self, spec: RolloutSpec, cohort: Sequence[dict[str, Any]],
                        members: Iterable[Mapping[str, Any]]) -> dict[str, int]:
         """Healthy canaries each required class needs; the classes of the cohort are those
@@ -288,8 +316,7 @@ class RolloutEngine:
         rows = []
         if r["step"] == 0 and not any(m["role"] == "control" for m in members.values()):
             on_base = [d for d in cohort if d["variant"] in (spec.from_variant, None)]
-            n_hold = resolve_count(spec.holdback, len(on_base))
-            for d in self._spread(rollout_id, spec, on_base)[:n_hold]:
+            for d in self._holdback(rollout_id, spec, on_base):
                 rows.append({"rollout_id": rollout_id, "device_id": d["device_id"],
                              "role": "control", "step": 0, "stratum": self._stratum(spec, d),
                              "assigned_at": now, "outcome": "control", "reason": ""})
@@ -487,7 +514,7 @@ class RolloutEngine:
                                                           "insufficient": [
                                                               g.name for g in result.insufficient]})
         else:
-            self._advance(rollout_id, spec, r["step"])
+            self._advance(rollout_id, spec, r["step"], note=result.reason)
 
     def _failure(self, spec: RolloutSpec, result: StepVerdict) -> dict[str, Any]:
         """What the rollback record says about the failure: which groups failed, with the
@@ -513,15 +540,18 @@ class RolloutEngine:
                 out["cohort_without_failed_classes"] = ",".join(terms)
         return out
 
-    def _advance(self, rollout_id: str, spec: RolloutSpec, step: int) -> None:
+    def _advance(self, rollout_id: str, spec: RolloutSpec, step: int, note: str = "") -> None:
+        """The next step; ``note``: what the passing verdict said (classes it passed short
+        of data), kept in the reason while the rollout waits or is done."""
+        after = f" ({note})" if note else ""
         if step + 1 >= len(spec.steps):
-            self._set(rollout_id, state="completed", reason="every step passed")
+            self._set(rollout_id, state="completed", reason="every step passed" + after)
             self._audit(rollout_id, "rollout.complete", {"steps": len(spec.steps)})
             return
         r = self.get(rollout_id)
         if spec.manual_approval and r["state"] == "running":
             self._set(rollout_id, state="awaiting_approval",
-                      reason=f"step {step + 1} passed; `rollout promote` to continue")
+                      reason=f"step {step + 1} passed{after}; `rollout promote` to continue")
             return
         self._set(rollout_id, state="running", step=step + 1, phase="assigning",
                   phase_started_at=self.clock(), bake_extensions=0, reason="")

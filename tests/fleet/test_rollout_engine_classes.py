@@ -148,3 +148,34 @@ def test_judging_per_class_can_be_turned_off(world: World) -> None:
     # Pooled only: the regression is averaged away, as before this judging existed.
     assert world.run(engine, "r1") == "completed"
     assert all(v["classes"] == {} for v in audit(world, "rollout.verdict"))
+
+
+def test_a_class_short_of_data_is_named_and_holds_nothing_up(world: World) -> None:
+    world.add(30, prefix="x-", cpu_class="x86-avx2")
+    world.add(2, prefix="n-", cpu_class="arm-neon")  # one canary, one control: too little
+    engine = RolloutEngine(world.store, world.assign, clock=world.clock)
+    engine.create(class_spec())
+    assert world.run(engine, "r1") == "completed"
+    verdicts = audit(world, "rollout.verdict")
+    assert [v["verdict"] for v in verdicts] == ["pass", "pass"]
+    assert all(v["insufficient"] == ["cpu.class=arm-neon"] for v in verdicts)
+    reason = engine.get("r1")["reason"]
+    assert reason.startswith("every step passed (passed; insufficient for cpu.class=arm-neon: "
+                             "validation_failure_rate: "), reason
+    assert "150 needed" in reason
+    # The holdback is taken per class, never a class's last device: one control, one canary.
+    roles = Counter((world.cpu_class[m["device_id"]], m["role"]) for m in engine.members("r1"))
+    assert roles == {("arm-neon", "control"): 1, ("arm-neon", "canary"): 1,
+                     ("x86-avx2", "control"): 6, ("x86-avx2", "canary"): 24}
+
+
+def test_a_holdback_count_is_given_to_the_classes_in_turn(world: World) -> None:
+    fleet(world, per_class=4)
+    world.add(1, prefix="solo-", cpu_class="arm-neon")
+    engine = RolloutEngine(world.store, world.assign, clock=world.clock)
+    engine.create(class_spec(holdback=7, steps=["100%"]))
+    engine.tick()
+    held = Counter(world.cpu_class[m["device_id"]] for m in engine.members("r1")
+                   if m["role"] == "control")
+    # 7 over four classes in turn; the lone arm-neon device is never held back.
+    assert held == {"arm-dotprod": 3, "x86-avx2": 2, "x86-avx512-vnni": 2}
