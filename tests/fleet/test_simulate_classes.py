@@ -205,8 +205,8 @@ def test_births_carry_the_class_and_only_that_class_regresses(broker: str) -> No
                 cls = hw.cpu_class if hw else NO_HARDWARE
                 for e in batch.events:
                     body = e.body
-                    fails[(cls, body.validations[0].passed)] += 1  # type: ignore[union-attr]
-                    slow.setdefault(cls, []).append(body.latency_s)  # type: ignore[union-attr]
+                    fails[(cls, body.validations[0].passed)] += 1
+                    slow.setdefault(cls, []).append(body.latency_s)
 
     sub = make_client(cfg, f"qf-test-sub-{uuid.uuid4().hex[:6]}")
     sub.on_message = on_message
