@@ -2,18 +2,21 @@
 
     python bench/bench_rollout.py [--devices 1000,10000] [--stores sqlite,postgresql]
                                   [--events-per-device 20] [--history-windows 3]
-                                  [--pg-vacuum-window]
+                                  [--classes 3] [--pg-vacuum-window]
 
 For each store and fleet size: devices in one cohort, 10 % of them canaries
-on the candidate, and the telemetry a real fleet would have stored — every
-device sends a batch of its requests every minute (ingested in arrival order)
-for the bake window (``--events-per-device`` requests each) and for
-``--history-windows`` windows before it. Requests carry JSON and tool-call
+on the candidate, spread evenly over ``--classes`` hardware classes (their
+``cpu.class`` label; 0: none), and the telemetry a real fleet would have
+stored — every device sends a batch of its requests every minute (ingested in
+arrival order) for the bake window (``--events-per-device`` requests each) and
+for ``--history-windows`` windows before it. Requests carry JSON and tool-call
 validations, refusals, fallbacks and varied token counts, so every default
 gate has data. Then, each the median of three runs after one warm-up:
 
-- read: the store aggregates canary and control over the window (SQL);
-- gates: every gate of the default spec judged on that (statistics only);
+- read: the store aggregates canary and control over the window (SQL), per
+  side and hardware class, summed into the pool and the classes;
+- gates: every gate of the default spec judged on that — pooled and per class
+  (statistics only);
 - step decision: one engine tick of the baking rollout (read state, judge,
   record the verdict, advance);
 - every row, for reference: fetching the window's requests into Python, as
@@ -21,6 +24,10 @@ gate has data. Then, each the median of three runs after one warm-up:
 
 Target: a step decision under one second at 10,000 devices. PostgreSQL gets a
 database of its own (created and dropped); see ``build`` for its maintenance.
+
+The script also runs against the code before per-class judging (2a52c52:
+``engine.samples`` returned pooled samples, the gates were judged pooled
+only), so that before and after can be measured on the same data.
 """
 
 from __future__ import annotations
@@ -54,19 +61,23 @@ from quantfleet.fleet.rollouts.spec import RolloutSpec
 from quantfleet.fleet.store import Store, schema
 
 BASE, CAND = "m-Q8_0", "m-Q4_K_M"
+CLASSES = ("x86-avx512-vnni", "x86-avx2", "arm-dotprod", "x86-avx2-vnni", "arm-i8mm",
+           "x86-avx512", "arm-neon", "x86-amx", "x86-sse")
 BAKE_S = 600.0
 NOW = 2_000_000.0
 SWITCH = NOW - BAKE_S - 300  # when the canaries moved to the candidate
 
 
-def _devices(store: Store, n: int) -> None:
-    """Device rows as births and healthy states leave them (bulk: setup, not measured)."""
+def _devices(store: Store, n: int, classes: int) -> None:
+    """Device rows as births and healthy states leave them (bulk: setup, not measured);
+    device ``i`` of class ``i % classes``, so the canaries (every tenth) are spread too."""
     rows = []
     for i in range(n):
         dev = f"d{i:05d}"
         variant = CAND if i % 10 == 0 else BASE
+        labels = {"fleet": "a", **({"cpu.class": CLASSES[i % classes]} if classes else {})}
         birth = StatusPayload(device_id=dev, state="online", boot_epoch=1, reason="birth",
-                              ts=SWITCH - 600, labels={"fleet": "a"})
+                              ts=SWITCH - 600, labels=labels)
         state = DeviceStatePayload(device_id=dev, boot_epoch=1, variant=variant,
                                    known_good=variant, update_state="healthy", ts=SWITCH)
         rows.append({"device_id": dev, "labels": birth.labels, "hardware": {}, "online": True,
@@ -95,7 +106,8 @@ def _request(rng: random.Random, dev: str, seq: int, variant: str, ts: float) ->
 
 
 def build(store: Store, n: int, per_device: int, history_windows: int,
-          progress: Callable[[str], None], vacuum_window: bool = False) -> int:
+          progress: Callable[[str], None], vacuum_window: bool = False,
+          classes: int = 0) -> int:
     """Every device sends its last minute's requests once a minute, oldest first.
 
     On PostgreSQL the history is then vacuumed and analyzed, as autovacuum would
@@ -103,7 +115,7 @@ def build(store: Store, n: int, per_device: int, history_windows: int,
     threshold (20 % of the table) has typically not come round for the newest rows
     (``vacuum_window``: it has, as with the setting docs/store.md suggests).
     """
-    _devices(store, n)
+    _devices(store, n, classes)
     rng = random.Random(1)
     per_minute = per_device * 60 / BAKE_S
     seq = [0] * n
@@ -188,10 +200,37 @@ def _reset(store: Store) -> None:
             bake_extensions=0, reason=""))
 
 
+def read_and_judge(engine: RolloutEngine, spec: RolloutSpec, window: tuple[float, float]
+                   ) -> tuple[Callable[[], Any], Callable[[Any], tuple[str, dict[str, str], int]]]:
+    """(read, gates) for this code or the code before per-class judging: ``read`` what
+    the engine reads for a step, ``gates`` judge it (verdict, pooled gate verdicts,
+    requests in the pool)."""
+    if not hasattr(engine, "_class_minimum"):  # before: pooled samples, pooled gates
+        def gates_before(read: Any) -> tuple[str, dict[str, str], int]:
+            canary, control = read[0]["*"], read[1]["*"]
+            results = [judge(g.metric, canary, control, g.tolerance,
+                             g.min_samples or spec.min_samples, g.alpha) for g in spec.gates]
+            return combine(results), {r.metric: r.verdict for r in results}, \
+                canary.n + control.n
+
+        return (lambda: engine.samples("bench", spec, window)), gates_before
+
+    from quantfleet.fleet.rollouts.verdict import POOL, decide
+
+    def gates_now(read: Any) -> tuple[str, dict[str, str], int]:
+        groups, required = read
+        v = decide(spec, groups, window, required)
+        pool = groups[POOL]
+        return v.verdict, {g.metric: g.verdict for g in v.gates} | {
+            c.name: c.verdict for c in v.classes}, pool.canary.n + pool.control.n
+
+    return (lambda: engine.samples("bench", spec, window)), gates_now
+
+
 def measure(store: Store, kind: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     stored = build(store, n, args.events_per_device, args.history_windows, print,
-                   args.pg_vacuum_window)
+                   args.pg_vacuum_window, args.classes)
     load_s = time.perf_counter() - t
     spec = RolloutSpec.model_validate({
         "name": "bench", "cohort": "fleet=a", "from": BASE, "to": CAND,
@@ -204,30 +243,30 @@ def measure(store: Store, kind: str, n: int, args: argparse.Namespace) -> dict[s
     with store.engine.begin() as conn:
         conn.execute(schema.rollout_devices.insert(), canaries)
     window = (NOW - BAKE_S, NOW)
+    read, gates = read_and_judge(engine, spec, window)
     engine.judge_step("bench", spec, window)  # warm-up: caches, scipy's first calls
-    reads, gates, ticks, fetches = [], [], [], []
+    reads, judged, ticks, fetches = [], [], [], []
     for _ in range(3):
         t = time.perf_counter()
         fetch_every_request(store, window)
         fetches.append(time.perf_counter() - t)
         t = time.perf_counter()
-        canary, control, _nc, _nb = engine.samples("bench", spec, window)
+        data = read()
         reads.append(time.perf_counter() - t)
         t = time.perf_counter()
-        results = [judge(g.metric, canary["*"], control["*"], g.tolerance,
-                         g.min_samples or spec.min_samples, g.alpha) for g in spec.gates]
-        gates.append(time.perf_counter() - t)
+        verdict, gate_verdicts, in_window = gates(data)
+        judged.append(time.perf_counter() - t)
         _reset(store)
         t = time.perf_counter()
         engine.tick()
         ticks.append(time.perf_counter() - t)
     after = engine.get("bench")
-    return {"store": kind, "devices": n, "stored": stored, "window": canary["*"].n
-            + control["*"].n, "load_s": load_s, "read_s": statistics.median(reads),
-            "gates_s": statistics.median(gates), "tick_s": statistics.median(ticks),
-            "fetch_s": statistics.median(fetches),
-            "verdict": combine(results), "gate_verdicts": {r.metric: r.verdict for r in results},
-            "after": f"step {after['step'] + 1}, {after['state']}"}
+    return {"store": kind, "devices": n, "stored": stored, "window": in_window,
+            "load_s": load_s, "read_s": statistics.median(reads),
+            "gates_s": statistics.median(judged), "tick_s": statistics.median(ticks),
+            "fetch_s": statistics.median(fetches), "verdict": verdict,
+            "gate_verdicts": gate_verdicts, "after": f"step {after['step'] + 1}, "
+            f"{after['state']}"}
 
 
 def main() -> None:
@@ -241,6 +280,10 @@ def main() -> None:
     ap.add_argument("--pg-admin", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     ap.add_argument("--pg-vacuum-window", action="store_true",
                     help="Vacuum the bake window too before measuring (PostgreSQL).")
+    ap.add_argument("--classes", type=int, default=3, choices=range(len(CLASSES) + 1),
+                    metavar=f"0..{len(CLASSES)}",
+                    help="Hardware classes the devices are spread over (0: no cpu.class "
+                    "label, as before the fingerprint).")
     args = ap.parse_args()
     for module in ("scipy.special", "scipy.stats"):  # a running fleet imports them once
         importlib.import_module(module)

@@ -362,28 +362,56 @@ def signals_cmd(config_path: Path, selector: str, window_text: str,
 @click.option("--offline-on-update", default=0.0, type=click.FloatRange(0, 1),
               help="Share of devices that go offline when asked to update.")
 @click.option("--prefix", default="sim", show_default=True, help="Device id prefix.")
+@click.option("--classes", default=None, metavar="CLASS=SHARE,...",
+              help="Hardware classes of the devices and their shares, e.g. "
+              "x86-avx512-vnni=0.6,x86-avx2=0.3,arm-dotprod=0.1 (unknown: no hardware "
+              "reported); each birth carries a fingerprint of its class. Default: none.")
+@click.option("--class-regression", "class_regressions", multiple=True,
+              metavar="VARIANT@CLASS:EFFECTS", help="Make a variant worse on one class: "
+              "json+P adds P to its validation-failure probability, latency*K multiplies "
+              "its latency, e.g. Q4_K_M@x86-avx2:json+0.3,latency*2 (repeatable).")
 def simulate_cmd(config_path: Path, n_devices: int, baseline: str, rate: float,
                  duration: float, profile: Path | None, fail_updates: float,
-                 offline_on_update: float, prefix: str) -> None:
+                 offline_on_update: float, prefix: str, classes: str | None,
+                 class_regressions: tuple[str, ...]) -> None:
     """Simulate devices on the real wire protocol: births, updates, telemetry.
 
     \b
     Example:
       quantfleet simulate --devices 300 --baseline Q8_0 --duration 600
+      quantfleet simulate --devices 300 --classes x86-avx2=0.5,arm-dotprod=0.5 \\
+          --class-regression Q4_K_M@x86-avx2:json+0.3
     """
     from quantfleet.models.catalog import Catalog, CatalogError
 
-    from .simulate import Faults, FleetSimulator, load_profile
+    from .simulate import (
+        Faults,
+        FleetSimulator,
+        SimulateOptionError,
+        load_profile,
+        parse_class_mix,
+        parse_class_regression,
+    )
 
+    try:
+        mix = parse_class_mix(classes) if classes is not None else None
+        regressions = [parse_class_regression(r) for r in class_regressions]
+    except SimulateOptionError as exc:
+        raise click.BadParameter(str(exc)) from None
     cfg = _config(config_path)
     try:
         base = Catalog(cfg.artifacts.models_dir).resolve(baseline).name
     except CatalogError as exc:
         raise click.ClickException(str(exc)) from None
-    sim = FleetSimulator(cfg.mqtt, n_devices, baseline=base, requests_per_s=rate,
-                         profile=load_profile(profile), prefix=prefix,
-                         faults=Faults(fail_update=fail_updates,
-                                       offline_on_update=offline_on_update)).start()
+    try:
+        sim = FleetSimulator(cfg.mqtt, n_devices, baseline=base, requests_per_s=rate,
+                             profile=load_profile(profile), prefix=prefix, classes=mix,
+                             faults=Faults(fail_update=fail_updates,
+                                           offline_on_update=offline_on_update,
+                                           class_regressions=regressions))
+    except SimulateOptionError as exc:
+        raise click.BadParameter(str(exc)) from None
+    sim.start()
     console.print(f"simulating {n_devices} devices on {base}")
     started = time.monotonic()
     try:

@@ -12,6 +12,13 @@ golden-set evaluation (``--profile eval.json`` from ``quantfleet eval
 fails JSON more often, devices that fail their update, devices that go
 offline when they are asked to update.
 
+Devices can be given hardware classes (``classes``, ``--classes
+x86-avx512-vnni=0.6,x86-avx2=0.3,arm-dotprod=0.1``): each then sends a
+realistic ``HardwareFingerprint`` of its class in its birth, and the fleet
+derives its ``cpu.*`` labels as from a real agent. A per-class regression
+(``ClassRegression``, ``--class-regression Q4_K_M@x86-avx2:json+0.3,latency*2``)
+makes a variant worse on one class only — what int8 without VNNI does.
+
 One MQTT connection carries every simulated device (so no per-device Will);
 the fleet's ingest and desired-state paths are exercised exactly as with real
 devices.
@@ -22,10 +29,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import random
+import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +45,10 @@ from pydantic import ValidationError
 from quantfleet.agent.telemetry.config import MqttConfig, parse_broker_url
 from quantfleet.agent.telemetry.publisher import make_client
 from quantfleet.agent.wire import (
+    CPU_CLASSES,
     DesiredPayload,
     DeviceStatePayload,
+    HardwareFingerprint,
     RequestEvent,
     StatusPayload,
     TelemetryBatch,
@@ -62,6 +73,11 @@ DEFAULT_PROFILE: dict[str, dict[str, float]] = {
 }
 
 
+#: The class of a simulated device that reports no hardware (an agent from before
+#: the fingerprint); the fleet calls it "(unknown)".
+NO_HARDWARE = "unknown"
+
+
 @dataclass
 class SimDevice:
     device_id: str
@@ -72,6 +88,26 @@ class SimDevice:
     online: bool = True
     busy: bool = False
     last_revision: int = 0
+    hardware: HardwareFingerprint | None = None
+    cpu_class: str = NO_HARDWARE
+
+
+class SimulateOptionError(ValueError):
+    """A simulator option that does not parse; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class ClassRegression:
+    """A variant that is worse on one hardware class only (int8 without VNNI)."""
+
+    variant: str  # a precision label (Q4_K_M) or a full variant name
+    cpu_class: str  # a cpu.class, or NO_HARDWARE for devices that report none
+    json_failure: float = 0.0  # added to the failure probability (0.3 = +30 points)
+    latency: float = 1.0  # latency multiplied by it
+
+    def matches(self, variant: str) -> bool:
+        """The variant by its full name, or by its precision label (the name's end)."""
+        return variant == self.variant or variant.endswith(f"-{self.variant}")
 
 
 @dataclass
@@ -79,6 +115,154 @@ class Faults:
     fail_update: float = 0.0  # share of devices whose update fails
     offline_on_update: float = 0.0  # share that go offline when asked to update
     extra_json_failure: dict[str, float] = field(default_factory=dict)  # by variant label
+    class_regressions: list[ClassRegression] = field(default_factory=list)
+
+
+# -- hardware classes --------------------------------------------------------
+#: A real machine of each class: (arch, CPU model, vendor, features as the agent
+#: reports them, logical cores, GiB of memory). ``cpu_class`` of the features is
+#: the class (tested).
+_X86_BASE = ("sse4_2", "avx", "avx2", "fma", "f16c", "bmi2")
+_AVX512 = ("avx512f", "avx512bw", "avx512vl")
+MACHINES: dict[str, tuple[str, str, str, tuple[str, ...], int, int]] = {
+    "x86-amx": ("x86_64", "Intel(R) Xeon(R) Platinum 8480+", "GenuineIntel",
+                (*_X86_BASE, *_AVX512, "avx512vbmi", "avx512_vnni", "avx512_bf16",
+                 "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"), 8, 32),
+    "x86-avx512-vnni": ("x86_64", "Intel(R) Xeon(R) Gold 6348 CPU @ 2.60GHz", "GenuineIntel",
+                        (*_X86_BASE, *_AVX512, "avx512vbmi", "avx512_vnni"), 4, 16),
+    "x86-avx512": ("x86_64", "Intel(R) Xeon(R) Gold 6148 CPU @ 2.40GHz", "GenuineIntel",
+                   (*_X86_BASE, *_AVX512), 4, 16),
+    "x86-avx2-vnni": ("x86_64", "12th Gen Intel(R) Core(TM) i5-1235U", "GenuineIntel",
+                      (*_X86_BASE, "avx_vnni"), 12, 16),
+    "x86-avx2": ("x86_64", "AMD EPYC 7B13", "AuthenticAMD", _X86_BASE, 2, 8),
+    "x86-sse": ("x86_64", "Intel(R) Atom(TM) CPU C2758 @ 2.40GHz", "GenuineIntel",
+                ("sse4_2",), 8, 8),
+    "arm-i8mm": ("aarch64", "Neoverse-V1", "0x41",
+                 ("asimd", "bf16", "dotprod", "fp16", "i8mm", "sve"), 4, 8),
+    "arm-dotprod": ("aarch64", "Cortex-A76", "0x41", ("asimd", "dotprod", "fp16"), 4, 8),
+    "arm-neon": ("aarch64", "Cortex-A72", "0x41", ("asimd",), 4, 4),
+}
+_LLAMA_FLAGS = {"sse4_2": "SSE3", "avx": "AVX", "avx2": "AVX2", "f16c": "F16C", "fma": "FMA",
+                "bmi2": "BMI2", "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI",
+                "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16",
+                "avx_vnni": "AVX_VNNI", "amx_int8": "AMX_INT8", "asimd": "NEON",
+                "dotprod": "DOTPROD", "i8mm": "MATMUL_INT8", "fp16": "FP16_VA", "sve": "SVE"}
+
+
+def fingerprint(cpu_class: str) -> HardwareFingerprint:
+    """What an agent on a machine of ``cpu_class`` reports in its birth."""
+    try:
+        arch, model, vendor, features, cores, gib = MACHINES[cpu_class]
+    except KeyError:
+        raise SimulateOptionError(f"no simulated machine of class {cpu_class!r} "
+                                  f"(known: {', '.join(MACHINES)})") from None
+    info = "CPU : " + " | ".join(f"{_LLAMA_FLAGS[f]} = 1" for f in features
+                                 if f in _LLAMA_FLAGS) + " | REPACK = 1 | "
+    return HardwareFingerprint(
+        arch=arch, cpu_model=model, cpu_vendor=vendor, features=sorted(features),
+        cpu_class=cpu_class, logical_cores=cores, physical_cores=cores,
+        memory_bytes=gib * 2**30, llama_cpp_system_info=info, llama_cpp_python="0.3.36",
+        onnxruntime="1.22.0", kernel="6.1.0-simulated")
+
+
+_KNOWN_CLASSES = (*CPU_CLASSES, NO_HARDWARE)
+
+
+def _known_class(name: str, where: str) -> str:
+    if name not in _KNOWN_CLASSES:
+        raise SimulateOptionError(f"{where}: unknown hardware class {name!r} (known: "
+                                  f"{', '.join(_KNOWN_CLASSES)})")
+    return name
+
+
+def _number(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise SimulateOptionError(f"{where}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise SimulateOptionError(f"{where}: {text!r} is not a finite number")
+    return value
+
+
+def parse_class_mix(text: str) -> dict[str, float]:
+    """``x86-avx512-vnni=0.6,x86-avx2=0.3,arm-dotprod=0.1``: each class's share of the
+    devices (shares in (0, 1], adding up to 1; ``unknown`` is devices without hardware)."""
+    if not text.strip():
+        raise SimulateOptionError("classes: empty (e.g. x86-avx2=0.5,arm-dotprod=0.5)")
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, share_text = (x.strip() for x in part.partition("="))
+        if not sep or not name:
+            raise SimulateOptionError(f"classes: {part.strip()!r} is not CLASS=SHARE "
+                                      "(e.g. x86-avx2=0.3)")
+        _known_class(name, "classes")
+        if name in mix:
+            raise SimulateOptionError(f"classes: {name!r} is listed twice")
+        share = _number(share_text, f"classes: share of {name}")
+        if not 0 < share <= 1:
+            raise SimulateOptionError(f"classes: share of {name} must be in (0, 1], "
+                                      f"got {share_text}")
+        mix[name] = share
+    total = sum(mix.values())
+    if abs(total - 1) > 1e-6:
+        raise SimulateOptionError(f"classes: the shares add up to {total:g}; they must "
+                                  "add up to 1")
+    return mix
+
+
+_REGRESSION = re.compile(r"^(?P<variant>[A-Za-z0-9][A-Za-z0-9._-]{0,127})@(?P<cls>[a-z0-9-]+)"
+                         r":(?P<effects>.+)$")
+
+
+def parse_class_regression(text: str) -> ClassRegression:
+    """``VARIANT@CLASS:EFFECT[,EFFECT]`` with effects ``json+P`` (the validation-failure
+    probability raised by P in (0, 1]: 0.3 is +30 points) and ``latency*K`` (K in
+    (0, 100]), e.g. ``Q4_K_M@x86-avx2:json+0.3,latency*2``."""
+    m = _REGRESSION.match(text.strip())
+    if m is None:
+        raise SimulateOptionError(f"class regression {text!r} is not VARIANT@CLASS:EFFECTS "
+                                  "(e.g. Q4_K_M@x86-avx2:json+0.3,latency*2)")
+    where = f"class regression {text.strip()!r}"
+    cls = _known_class(m["cls"], where)
+    json_failure, latency = 0.0, 1.0
+    seen: set[str] = set()
+    for effect in m["effects"].split(","):
+        e = effect.strip()
+        kind = "json" if e.startswith("json+") else "latency" if e.startswith("latency*") \
+            else None
+        if kind is None:
+            raise SimulateOptionError(f"{where}: effect {e!r} is neither json+P nor "
+                                      "latency*K")
+        if kind in seen:
+            raise SimulateOptionError(f"{where}: {kind} is given twice")
+        seen.add(kind)
+        value = _number(e.split("+" if kind == "json" else "*", 1)[1], f"{where}: {kind}")
+        if kind == "json":
+            if not 0 < value <= 1:
+                raise SimulateOptionError(f"{where}: json+P needs P in (0, 1] (a "
+                                          f"probability: 0.3 is +30 points), got {value:g}")
+            json_failure = value
+        else:
+            if not 0 < value <= 100:
+                raise SimulateOptionError(f"{where}: latency*K needs K in (0, 100], got "
+                                          f"{value:g}")
+            latency = value
+    return ClassRegression(m["variant"], cls, json_failure, latency)
+
+
+def spread_classes(n: int, mix: Mapping[str, float], seed: int = 0) -> list[str]:
+    """The class of each of ``n`` devices: each class's share of ``n`` rounded so the
+    counts add up to ``n`` (largest remainders), in a seeded random order — not a
+    pattern that labels derived from the device's index could line up with."""
+    exact = {k: share * n for k, share in mix.items()}
+    counts = {k: math.floor(v) for k, v in exact.items()}
+    by_remainder = sorted(mix, key=lambda k: (counts[k] - exact[k], list(mix).index(k)))
+    for k in by_remainder[:n - sum(counts.values())]:
+        counts[k] += 1
+    out = [k for k in mix for _ in range(counts[k])]
+    random.Random(seed).shuffle(out)
+    return out
 
 
 def load_profile(path: Path | None) -> dict[str, dict[str, float]]:
@@ -106,7 +290,8 @@ class FleetSimulator:
                  labels: Callable[[int], dict[str, str]] | None = None,
                  requests_per_s: float = 2.0, step_s: float = 0.2, seed: int = 0,
                  profile: dict[str, dict[str, float]] | None = None,
-                 faults: Faults | None = None, prefix: str = "sim") -> None:
+                 faults: Faults | None = None, prefix: str = "sim",
+                 classes: Mapping[str, float] | None = None) -> None:
         self.cfg = mqtt_cfg
         self.root = mqtt_cfg.topic_root
         self.rng = random.Random(seed)
@@ -120,6 +305,20 @@ class FleetSimulator:
         self.devices = {f"{prefix}-{i:04d}": SimDevice(f"{prefix}-{i:04d}", make_labels(i),
                                                        baseline, baseline)
                         for i in range(n_devices)}
+        if classes:
+            machines = {c: fingerprint(c) for c in classes if c != NO_HARDWARE}
+            # A generator of its own: the traffic's stays what it was without classes.
+            for d, cls in zip(self.devices.values(),
+                              spread_classes(n_devices, classes, seed), strict=True):
+                d.cpu_class, d.hardware = cls, machines.get(cls)
+        self._regressions: dict[str, list[ClassRegression]] = {}
+        present = {d.cpu_class for d in self.devices.values()}
+        for r in self.faults.class_regressions:
+            if r.cpu_class not in present:
+                raise SimulateOptionError(
+                    f"class regression of {r.variant} on {r.cpu_class}: no simulated device "
+                    f"is of that class (classes: {', '.join(sorted(present))})")
+            self._regressions.setdefault(r.cpu_class, []).append(r)
         self.client = make_client(mqtt_cfg, f"qf-simulator-{seed}-{self.boot_epoch}")
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -220,7 +419,7 @@ class FleetSimulator:
         self._publish(device_topic(d.device_id, "status", self.root), StatusPayload(
             device_id=d.device_id, state="online", boot_epoch=self.boot_epoch,
             reason="birth", ts=time.time(), agent_version="simulator",
-            labels=d.labels).model_dump_json(), retain=True)
+            labels=d.labels, hardware=d.hardware).model_dump_json(), retain=True)
 
     def _state(self, d: SimDevice, state: UpdateState, target: str | None = None,
                reason: str = "") -> None:
@@ -274,6 +473,10 @@ class FleetSimulator:
             label = self._label(d.variant)
             prof = self.profile.get(label, {"json_failure": 0.05, "latency": 1.0})
             fail_p = prof.get("json_failure", 0.05) + self.faults.extra_json_failure.get(label, 0)
+            slower = prof.get("latency", 1.0)
+            for r in self._regressions.get(d.cpu_class, ()):
+                if r.matches(d.variant):
+                    fail_p, slower = fail_p + r.json_failure, slower * r.latency
             events = []
             now = time.time()
             for _ in range(n):
@@ -281,7 +484,7 @@ class FleetSimulator:
                 ok = self.rng.random() >= fail_p
                 body = RequestEvent(
                     request_id=f"{d.device_id}-{d.seq}", ts=now, variant=d.variant,
-                    latency_s=self.rng.lognormvariate(-0.7, 0.3) * prof.get("latency", 1.0),
+                    latency_s=self.rng.lognormvariate(-0.7, 0.3) * slower,
                     prompt_tokens=self.rng.randint(20, 200), completion_tokens=40,
                     validations=[ValidationOutcome(kind="json_schema", passed=ok,
                                                    detail="" if ok else "schema")],
@@ -313,8 +516,17 @@ class FleetSimulator:
                 self._traffic(now - last)
             last = now
 
-    def variants(self) -> dict[str, int]:
+    def variants(self, cpu_class: str | None = None) -> dict[str, int]:
+        """Devices per variant (of one class only, if given)."""
         out: dict[str, int] = {}
         for d in self.devices.values():
-            out[d.variant] = out.get(d.variant, 0) + 1
+            if cpu_class is None or d.cpu_class == cpu_class:
+                out[d.variant] = out.get(d.variant, 0) + 1
+        return out
+
+    def classes(self) -> dict[str, int]:
+        """Devices per hardware class."""
+        out: dict[str, int] = {}
+        for d in self.devices.values():
+            out[d.cpu_class] = out.get(d.cpu_class, 0) + 1
         return out

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
+from rich.text import Text
 
 from quantfleet.fleet.cli_options import (
     _config,
@@ -145,34 +146,62 @@ def _print_status(st: dict[str, Any]) -> None:
     console.print(f"{st['from']} → {st['to']} on {st['cohort']}; step {st['step']} of "
                   f"{len(st['steps'])} {st['steps']} ({st['phase']}, bake extensions "
                   f"{st['bake_extensions']})")
-    if st["reason"]:
-        console.print(f"reason: {st['reason']}")
-    console.print("devices: " + ", ".join(f"{k} {v}" for k, v in sorted(st["devices"].items())))
     verdict = st["last_verdict"]
+    if st["reason"]:
+        console.print(f"reason: {st['reason']}", markup=False, highlight=False)
+    console.print("devices: " + ", ".join(f"{k} {v}" for k, v in sorted(st["devices"].items())))
     if verdict:
-        console.print(gate_table(verdict))
+        console.print(gate_table(verdict, reason=verdict.get("reason") != st["reason"]))
 
 
-def gate_table(verdict: dict[str, Any]) -> Table:
-    """Each gate of a verdict: estimate, interval, sample sizes and p (status, demo)."""
-    table = Table(title=f"last verdict: step {verdict.get('step', 0) + 1} "
-                  f"{verdict['verdict']} ({verdict['canary_devices']} canary vs "
-                  f"{verdict['control_devices']} control devices)", title_justify="left")
-    for col in ("gate", "verdict", "canary", "control", "estimate", "95% interval",
-                "n canary/control", "p"):
-        table.add_column(col)
+def _groups(verdict: dict[str, Any]) -> list[dict[str, Any]]:
+    """The classes and strata worth rows of their own: every stratum, and the hardware
+    classes when there is more than one (or one is required) — a lone class is the pool."""
+    classes = list((verdict.get("classes") or {}).values())
+    if len(classes) < 2 and not any(c.get("required") for c in classes):
+        classes = []
+    rank = {"fail": 0, "insufficient": 1}  # what decided first
+    return sorted(classes, key=lambda g: rank.get(g["verdict"], 2)) + sorted(
+        (verdict.get("stratum_verdicts") or {}).values(),
+        key=lambda g: rank.get(g["verdict"], 2))
+
+
+def gate_table(verdict: dict[str, Any], *, reason: bool = True) -> RenderableType:
+    """Each gate of a verdict: estimate, interval, sample sizes and p (status, demo) —
+    pooled, then a table for each hardware class and stratum judged on its own (its
+    name and verdict in the title, which wraps on a narrow terminal where a column
+    would be cut); the verdict's reason under them (``reason``)."""
 
     def f(v: Any, pct: bool) -> str:
         if v is None:
             return "-"
         return f"{v:.1%}" if pct else f"{v:.3g}"
 
-    for g in verdict["gates"]:
-        pct = g["metric"].endswith("_rate")
-        table.add_row(g["metric"], g["verdict"], f(g["canary"], pct), f(g["control"], pct),
+    def table(title: str, gates: list[dict[str, Any]]) -> Table:
+        t = Table(title=title, title_justify="left")
+        for col in ("gate", "verdict", "canary", "control", "estimate", "95% interval",
+                    "n canary/control", "p"):
+            t.add_column(col)
+        for g in gates:
+            pct = g["metric"].endswith("_rate")
+            t.add_row(g["metric"], g["verdict"], f(g["canary"], pct), f(g["control"], pct),
                       f(g["estimate"], pct), f"[{f(g['low'], pct)}, {f(g['high'], pct)}]",
                       f"{g['canary_n']}/{g['control_n']}", f(g["p_value"], False))
-    return table
+        return t
+
+    groups = _groups(verdict)
+    parts: list[RenderableType] = [table(
+        f"last verdict: step {verdict.get('step', 0) + 1} {verdict['verdict']} "
+        f"({verdict['canary_devices']} canary vs {verdict['control_devices']} control "
+        f"devices){', pooled' if groups else ''}", verdict["gates"])]
+    for grp in groups:
+        required = f", {grp['required']} canaries required" if grp.get("required") else ""
+        parts.append(table(f"{grp['label']}={grp['value']}: {grp['verdict']} "
+                           f"({grp['canary_devices']} canary vs {grp['control_devices']} "
+                           f"control devices{required})", grp["gates"]))
+    if reason and verdict.get("reason"):
+        parts.append(Text(verdict["reason"]))
+    return parts[0] if len(parts) == 1 else Group(*parts)
 
 
 def _control(action: str) -> Any:
@@ -238,7 +267,14 @@ def _history_detail(action: str, ev: dict[str, Any]) -> str:
     step = f"step {ev['step'] + 1}" if isinstance(ev.get("step"), int) else ""
     if action == "rollout.verdict":
         gates = ", ".join(f"{g['metric']}={g['verdict']}" for g in ev["gates"])
-        return f"{step}: {ev['verdict']} ({gates})"
+        line = f"{step}: {ev['verdict']} (pooled: {gates})" if _groups(ev) else \
+            f"{step}: {ev['verdict']} ({gates})"
+        for grp in _groups(ev):
+            failing = [g["metric"] for g in grp["gates"] if g["verdict"] == "fail"]
+            line += (f"; {grp['label']}={grp['value']} {grp['verdict']}"
+                     + (f" ({', '.join(m + '=fail' for m in failing)})" if failing else "")
+                     + (" (required)" if grp.get("required") else ""))
+        return line + (f" — {ev['reason']}" if ev.get("reason") else "")
     if action == "rollout.create":
         spec = ev.get("spec", {})
         steps = " → ".join(str(x) for x in spec.get("steps", []))
@@ -255,11 +291,20 @@ def _history_detail(action: str, ev: dict[str, Any]) -> str:
         return f"to step {ev['step'] + 1} (target {ev.get('target')})"
     if action == "rollout.complete":
         return f"all {ev.get('steps')} steps passed"
+    if action == "rollout.pause" and ev.get("detail"):
+        return f"{ev['reason']}: {ev['detail']}"
     if ev.get("reason"):
         devices = ev.get("devices")
-        return str(ev["reason"]) + (f" ({len(devices)} devices)" if isinstance(devices, list)
+        line = str(ev["reason"]) + (f" ({len(devices)} devices)" if isinstance(devices, list)
                                     else "")
+        if ev.get("cohort_without_failed_classes"):
+            line += (" — the other classes can be tried as cohort "
+                     f"{ev['cohort_without_failed_classes']!r}")
+        return line
     if isinstance(ev.get("devices"), list):
+        classes = ev.get("classes") or {}
         return f"{step + ': ' if step else ''}{len(ev['devices'])} devices" + (
-            " (re-sent after a restart)" if ev.get("resumed") else "")
+            " (re-sent after a restart)" if ev.get("resumed") else "") + (
+            " (" + ", ".join(f"{k} {v}" for k, v in classes.items()) + ")"
+            if len(classes) > 1 else "")
     return step

@@ -10,23 +10,28 @@ and carries on where it was. Per step:
                fails, refuses, rolls itself back, or misses its deadline counts
                as a failed update ("installed" is never "healthy");
 ``baking``     after ``bake_s``, judge canary against control over the same
-               window: pass → next step (or wait for approval), fail → roll
-               the canaries back, pin the candidate for the cohort and stop,
-               insufficient → extend the bake, up to ``max_bake_extensions``,
-               then pause for an operator. Nothing passes by default, and a
-               rolled-back rollout never restarts by itself.
+               window — pooled, per hardware class and per stratum
+               (``verdict.py``): pass → next step (or wait for approval), fail
+               → roll the canaries back, pin the candidate for the cohort and
+               stop, insufficient → extend the bake, up to
+               ``max_bake_extensions``, then pause for an operator. Nothing
+               passes by default, and a rolled-back rollout never restarts by
+               itself.
+
+Picks are spread round-robin over cells (hardware class x stratum), and a
+spec's per-class minimum of canaries is picked first.
 
 Every transition and verdict goes to the audit log with its evidence.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
+import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import and_, delete, select, update
@@ -34,9 +39,20 @@ from sqlalchemy import and_, delete, select, update
 from quantfleet.fleet.cohorts import Selector
 from quantfleet.fleet.store import Store, schema
 
-from .gates import GateResult, Sample, combine, judge
+from .gates import combine
 from .samples import Member, read_samples
-from .spec import RolloutSpec, resolve_count
+from .spec import UNKNOWN_CLASS, RolloutSpec, resolve_count
+from .verdict import (
+    Cell,
+    GroupKey,
+    GroupSamples,
+    StepVerdict,
+    cell_of,
+    cell_reader,
+    decide,
+    dimensions,
+    merge_cells,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +61,13 @@ Resolve = Callable[[str], str]  # variant label -> catalog name
 
 ACTIVE = ("running", "awaiting_approval", "paused")
 FAILED_OUTCOMES = ("failed", "timeout")
+_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")  # a selector's value (cohorts.py)
+
+__all__ = ["RolloutEngine", "RolloutError", "StepVerdict"]
 
 
 class RolloutError(ValueError):
     """An operator request that cannot be carried out; the message says why."""
-
-
-@dataclass
-class StepVerdict:
-    verdict: str
-    gates: list[GateResult]
-    strata: dict[str, list[GateResult]]
-    window: tuple[float, float]
-    canary_devices: int
-    control_devices: int
-
-    def evidence(self) -> dict[str, Any]:
-        return {
-            "verdict": self.verdict,
-            "window": list(self.window),
-            "canary_devices": self.canary_devices,
-            "control_devices": self.control_devices,
-            "gates": [g.to_json() for g in self.gates],
-            "strata": {k: [g.to_json() for g in v] for k, v in self.strata.items()},
-        }
 
 
 def _order(rollout_id: str, device_id: str) -> str:
@@ -218,17 +217,24 @@ class RolloutEngine:
         elif r["phase"] == "baking":
             self._bake_step(rollout_id, spec, r)
 
-    def _strata(self, spec: RolloutSpec, device: dict[str, Any]) -> str:
-        if not spec.stratify_by:
-            return "*"
-        return str((device["labels"] or {}).get(spec.stratify_by, "(none)"))
+    def _stratum(self, spec: RolloutSpec, device: dict[str, Any]) -> str:
+        """What ``rollout_devices.stratum`` records: the device's cell when it was picked
+        (hardware class and stratum, "|"-joined; "*" when neither is judged). A record
+        only: a step is judged on the labels the devices have then."""
+        return "|".join(cell_of(spec, device["labels"]))[:64] or "*"
+
+    def _class(self, spec: RolloutSpec, device: Mapping[str, Any] | None) -> str:
+        labels = (device or {}).get("labels") or {}
+        return str(labels.get(spec.hardware_label, UNKNOWN_CLASS))
 
     def _spread(self, rollout_id: str, spec: RolloutSpec,
                 devices: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Online devices first, then round-robin across strata, in a stable order."""
-        buckets: dict[tuple[bool, str], list[dict[str, Any]]] = {}
+        """Online devices first, then round-robin across cells (hardware class and
+        stratum), in a stable order."""
+        buckets: dict[tuple[bool, Cell], list[dict[str, Any]]] = {}
+        cell = cell_reader(spec)
         for d in sorted(devices, key=lambda d: _order(rollout_id, d["device_id"])):
-            buckets.setdefault((not d["online"], self._strata(spec, d)), []).append(d)
+            buckets.setdefault((not d["online"], cell(d["labels"])), []).append(d)
         out: list[dict[str, Any]] = []
         for offline in (False, True):
             groups = [v for (off, _), v in sorted(buckets.items()) if off == offline]
@@ -238,6 +244,71 @@ class RolloutEngine:
                         out.append(g.pop(0))
         return out
 
+    def _holdback(self, rollout_id: str, spec: RolloutSpec,
+                  on_base: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The devices kept on the baseline as the concurrent control, in spread order.
+
+        Per hardware class: a percentage of each class (rounded up), a count given to
+        the classes in turn — never a class's last device, so a class is never held
+        back whole and never goes without a device that can be a canary.
+        """
+        order = self._spread(rollout_id, spec, on_base)
+        if not spec.hardware_label:
+            return order[:resolve_count(spec.holdback, len(order))]
+        by_class: dict[str, list[dict[str, Any]]] = {}
+        for d in order:
+            by_class.setdefault(self._class(spec, d), []).append(d)
+        room = {c: len(ds) - 1 for c, ds in by_class.items()}
+        if isinstance(spec.holdback, str):
+            take = {c: min(room[c], resolve_count(spec.holdback, len(ds)))
+                    for c, ds in by_class.items()}
+        else:
+            take = dict.fromkeys(by_class, 0)
+            left = min(spec.holdback, sum(room.values()))
+            while left:
+                for c in sorted(by_class):
+                    if left and take[c] < room[c]:
+                        take[c], left = take[c] + 1, left - 1
+        held = {d["device_id"] for c, ds in by_class.items() for d in ds[:take[c]]}
+        return [d for d in order if d["device_id"] in held]
+
+    def _class_minimum(self, spec: RolloutSpec, cohort: Sequence[dict[str, Any]],
+                       members: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+        """Healthy canaries each required class needs; the classes of the cohort are those
+        of its devices on either variant or in the rollout."""
+        if not (spec.required_classes or spec.min_canaries_per_class):
+            return {}
+        known = {m["device_id"] for m in members}
+        return spec.class_minimum({
+            self._class(spec, d) for d in cohort
+            if d["variant"] in (spec.from_variant, spec.to_variant) or d["device_id"] in known})
+
+    def _class_picks(self, rollout_id: str, spec: RolloutSpec,
+                     cohort: Sequence[dict[str, Any]], members: Sequence[Mapping[str, Any]],
+                     candidates: Sequence[dict[str, Any]]
+                     ) -> tuple[list[dict[str, Any]], list[str]]:
+        """Candidates to pick first so that every required class reaches its minimum of
+        canaries (failed ones do not count: they are replaced), and the classes that
+        cannot reach it with the devices there are (for the reason)."""
+        minimum = self._class_minimum(spec, cohort, members)
+        if not minimum:
+            return [], []
+        by_id = {d["device_id"]: d for d in cohort}
+        have = Counter(self._class(spec, by_id.get(m["device_id"])) for m in members
+                       if m["role"] == "canary" and m["outcome"] not in FAILED_OUTCOMES)
+        order = self._spread(rollout_id, spec, candidates)
+        picks: list[dict[str, Any]] = []
+        short: list[str] = []
+        for cls, n in sorted(minimum.items()):
+            if have[cls] >= n:
+                continue
+            mine = [d for d in order if self._class(spec, d) == cls][:n - have[cls]]
+            picks += mine
+            if have[cls] + len(mine) < n:
+                short.append(f"{spec.hardware_label}={cls} can have {have[cls] + len(mine)} "
+                             f"of the {n} canaries it requires")
+        return picks, short
+
     def _assign_step(self, rollout_id: str, spec: RolloutSpec, r: dict[str, Any]) -> None:
         now = self.clock()
         cohort = self._cohort(spec)
@@ -245,10 +316,9 @@ class RolloutEngine:
         rows = []
         if r["step"] == 0 and not any(m["role"] == "control" for m in members.values()):
             on_base = [d for d in cohort if d["variant"] in (spec.from_variant, None)]
-            n_hold = resolve_count(spec.holdback, len(on_base))
-            for d in self._spread(rollout_id, spec, on_base)[:n_hold]:
+            for d in self._holdback(rollout_id, spec, on_base):
                 rows.append({"rollout_id": rollout_id, "device_id": d["device_id"],
-                             "role": "control", "step": 0, "stratum": self._strata(spec, d),
+                             "role": "control", "step": 0, "stratum": self._stratum(spec, d),
                              "assigned_at": now, "outcome": "control", "reason": ""})
                 members[d["device_id"]] = rows[-1]
         controls = sum(1 for m in members.values() if m["role"] == "control")
@@ -257,22 +327,32 @@ class RolloutEngine:
         canaries = [m for m in members.values() if m["role"] == "canary"]
         in_flight = sum(1 for m in canaries if m["outcome"] == "pending")
         budget = max(0, spec.max_parallel_downloads - in_flight)
-        need = min(max(0, target - len(canaries)), budget)
         candidates = [d for d in cohort if d["device_id"] not in members
                       and d["variant"] == spec.from_variant]
-        picked = self._spread(rollout_id, spec, candidates)[:need]
+        # A required class's minimum comes first, even past the step's own count.
+        first, class_short = self._class_picks(rollout_id, spec, cohort,
+                                               list(members.values()), candidates)
+        taken = {d["device_id"] for d in first}
+        rest = [d for d in self._spread(rollout_id, spec, candidates)
+                if d["device_id"] not in taken]
+        need = min(max(target - len(canaries), len(first)), budget)
+        picked = (first + rest)[:need]
         for d in picked:
             rows.append({"rollout_id": rollout_id, "device_id": d["device_id"], "role": "canary",
-                         "step": r["step"], "stratum": self._strata(spec, d),
+                         "step": r["step"], "stratum": self._stratum(spec, d),
                          "assigned_at": now, "outcome": "pending", "reason": ""})
         if rows:
             with self.store.engine.begin() as conn:
                 conn.execute(schema.rollout_devices.insert(), rows)
         if picked:
             self.assign([d["device_id"] for d in picked], spec.to_variant, rollout_id)
-            self._audit(rollout_id, "rollout.assign", {
+            evidence: dict[str, Any] = {
                 "step": r["step"], "devices": [d["device_id"] for d in picked],
-                "target": target, "controls": controls})
+                "target": target, "controls": controls}
+            if spec.hardware_label:
+                evidence["classes"] = dict(sorted(Counter(
+                    self._class(spec, d) for d in picked).items()))
+            self._audit(rollout_id, "rollout.assign", evidence)
         if not canaries and not picked:
             # Nobody to judge: baking 0 canaries against the control would only run
             # out its extensions. Stay at assignment, paused, until an operator resumes.
@@ -284,10 +364,12 @@ class RolloutEngine:
             self._audit(rollout_id, "rollout.pause", {"step": r["step"], "reason": reason,
                                                       "cohort_size": len(cohort)})
             return
-        short = len(canaries) + len(picked) < target and not candidates[len(picked):]
-        self._set(rollout_id, phase="waiting", phase_started_at=now,
-                  reason=(f"only {len(canaries) + len(picked)} of {target} devices could be "
-                          f"assigned (the rest are not on {spec.from_variant})") if short else "")
+        notes = []
+        if len(canaries) + len(picked) < target and len(picked) == len(candidates):
+            notes.append(f"only {len(canaries) + len(picked)} of {target} devices could be "
+                         f"assigned (the rest are not on {spec.from_variant})")
+        notes += class_short
+        self._set(rollout_id, phase="waiting", phase_started_at=now, reason="; ".join(notes))
 
     def _wait_step(self, rollout_id: str, spec: RolloutSpec, r: dict[str, Any]) -> None:
         now = self.clock()
@@ -337,9 +419,11 @@ class RolloutEngine:
         target = resolve_count(spec.steps[r["step"]], max(0, len(cohort) - controls))
         in_flight = sum(1 for m in canaries if m["outcome"] == "pending")
         known = {m["device_id"] for m in members}
-        more = any(d["device_id"] not in known and d["variant"] == spec.from_variant
-                   for d in cohort)
-        if len(canaries) < target and more and in_flight < spec.max_parallel_downloads:
+        candidates = [d for d in cohort
+                      if d["device_id"] not in known and d["variant"] == spec.from_variant]
+        class_first, _ = self._class_picks(rollout_id, spec, cohort, members, candidates)
+        if ((len(canaries) < target and candidates) or class_first) and \
+                in_flight < spec.max_parallel_downloads:
             self._set(rollout_id, phase="assigning")  # a download slot is free: assign more
             return
         if all(m["outcome"] != "pending" for m in canaries):
@@ -366,50 +450,45 @@ class RolloutEngine:
         self._audit(rollout_id, "rollout.assign", {"devices": lost, "resumed": True})
 
     def samples(self, rollout_id: str, spec: RolloutSpec, window: tuple[float, float]
-                ) -> tuple[dict[str, Sample], dict[str, Sample], int, int]:
-        """Canary and control samples per stratum ("*" is all) over the same window.
+                ) -> tuple[dict[GroupKey, GroupSamples], dict[str, int]]:
+        """Canary and control per group — the pool (``verdict.POOL``), each hardware class
+        and each stratum — over the same window, and the canaries each required class
+        needs.
 
         The canary is every healthy canary on the candidate; the control every device
-        of the cohort still on the baseline that was never a canary. The store
-        aggregates their requests (``samples.read_samples``).
+        of the cohort still on the baseline that was never a canary; each is in the
+        cell its labels say now. The store aggregates their requests per cell in one
+        read (``samples.read_samples``), which are summed into the groups here.
         """
         members = self.members(rollout_id)
-        canary = {m["device_id"]: m["stratum"] for m in members
-                  if m["role"] == "canary" and m["outcome"] == "healthy"}
+        devices = self.store.devices(columns=("device_id", "labels", "variant", "online"))
+        sel = Selector.parse(spec.cohort)
+        labels = {d["device_id"]: d["labels"] or {} for d in devices}
+        cohort = [d for d in devices if sel.matches(d["labels"] or {})]
         ever_canary = {m["device_id"] for m in members if m["role"] == "canary"}
-        control = {d["device_id"]: self._strata(spec, d) for d in self._cohort(spec)
-                   if d["device_id"] not in ever_canary and d["variant"] == spec.from_variant}
-        judged = {d: Member("canary", spec.to_variant, s) for d, s in canary.items()}
-        judged.update({d: Member("control", spec.from_variant, s) for d, s in control.items()})
+        cell = cell_reader(spec)
+        judged = {m["device_id"]: Member("canary", spec.to_variant,
+                                         cell(labels.get(m["device_id"])))
+                  for m in members if m["role"] == "canary" and m["outcome"] == "healthy"}
+        judged.update({d["device_id"]: Member("control", spec.from_variant, cell(d["labels"]))
+                       for d in cohort if d["device_id"] not in ever_canary
+                       and d["variant"] == spec.from_variant})
         with self.store.engine.begin() as conn:
-            groups = read_samples(conn, judged, window)
-
-        def side(name: str) -> dict[str, Sample]:
-            strata = {k: v for (s, k), v in groups.items() if s == name}
-            out = {"*": functools.reduce(Sample.merge, strata.values(), Sample())}
-            if spec.stratify_by:
-                out.update(strata)
-            return out
-
-        return side("canary"), side("control"), len(canary), len(control)
+            read = read_samples(conn, judged, window)
+        devices = Counter((m.side, m.cell) for m in judged.values())
+        cells = {c: GroupSamples(canary_devices=devices[("canary", c)],
+                                 control_devices=devices[("control", c)])
+                 for c in {c for _, c in devices}}
+        for (side, c), sample in read.items():
+            setattr(cells[c], side, sample)
+        return (merge_cells(cells, dimensions(spec)),
+                self._class_minimum(spec, cohort, members))
 
     def judge_step(self, rollout_id: str, spec: RolloutSpec,
                    window: tuple[float, float]) -> StepVerdict:
-        canary, control, n_canary, n_control = self.samples(rollout_id, spec, window)
-        gates = [judge(g.metric, canary["*"], control["*"], g.tolerance,
-                       g.min_samples or spec.min_samples, g.alpha) for g in spec.gates]
-        strata: dict[str, list[GateResult]] = {}
-        for key in sorted(k for k in canary if k != "*"):
-            if key in control:
-                strata[key] = [judge(g.metric, canary[key], control[key], g.tolerance,
-                                     g.min_samples or spec.min_samples, g.alpha)
-                               for g in spec.gates]
-        # A stratum that fails fails the step; strata with too little data of
-        # their own do not hold up a step the overall data decide.
-        verdict = combine(gates)
-        if any(combine(v) == "fail" for v in strata.values()):
-            verdict = "fail"
-        return StepVerdict(verdict, gates, strata, window, n_canary, n_control)
+        """Every gate on the pool, each hardware class and each stratum (``verdict``)."""
+        groups, required = self.samples(rollout_id, spec, window)
+        return decide(spec, groups, window, required)
 
     def _bake_step(self, rollout_id: str, spec: RolloutSpec, r: dict[str, Any]) -> None:
         now = self.clock()
@@ -419,32 +498,60 @@ class RolloutEngine:
         result = self.judge_step(rollout_id, spec, (r["phase_started_at"], now))
         self._audit(rollout_id, "rollout.verdict", {"step": r["step"], **result.evidence()})
         if result.verdict == "fail":
-            failing = [g for g in result.gates if g.verdict == "fail"] + [
-                g for gs in result.strata.values() for g in gs if g.verdict == "fail"]
             self._roll_back(rollout_id, spec, state="rolled_back", pin=True,
-                            reason="gate failed: " + "; ".join(
-                                f"{g.metric}: {g.reason}" for g in failing[:3]))
+                            reason=result.reason, detail=self._failure(spec, result))
         elif result.verdict == "insufficient":
             if r["bake_extensions"] < spec.max_bake_extensions:
                 self._set(rollout_id, bake_extensions=r["bake_extensions"] + 1,
-                          reason="insufficient data: bake extended")
+                          reason=f"{result.reason}; bake extended "
+                          f"({r['bake_extensions'] + 1} of {spec.max_bake_extensions})")
             else:
                 self._set(rollout_id, state="paused",
                           reason=f"insufficient data after {r['bake_extensions']} bake "
-                          "extensions; promote or abort")
-                self._audit(rollout_id, "rollout.pause", {"reason": "insufficient data"})
+                          f"extensions; promote or abort ({result.reason})")
+                self._audit(rollout_id, "rollout.pause", {"reason": "insufficient data",
+                                                          "detail": result.reason,
+                                                          "insufficient": [
+                                                              g.name for g in result.insufficient]})
         else:
-            self._advance(rollout_id, spec, r["step"])
+            self._advance(rollout_id, spec, r["step"], note=result.reason)
 
-    def _advance(self, rollout_id: str, spec: RolloutSpec, step: int) -> None:
+    def _failure(self, spec: RolloutSpec, result: StepVerdict) -> dict[str, Any]:
+        """What the rollback record says about the failure: which groups failed, with the
+        evidence of each failing gate, and — when only some hardware classes failed — the
+        cohort without them (the candidate stays pinned off the whole cohort)."""
+        out: dict[str, Any] = {
+            "step_verdict": result.verdict, "pooled": combine(result.gates),
+            "failed": [g.name for g in result.failed],
+            "failed_classes": {g.value: {
+                "canary_devices": g.canary_devices, "control_devices": g.control_devices,
+                "gates": [x.to_json() for x in g.gates if x.verdict == "fail"]}
+                for g in result.classes if g.verdict == "fail"},
+        }
+        failed = result.failed_classes
+        if spec.hardware_label and failed and len(failed) < len(result.classes):
+            named = [c for c in failed if c != UNKNOWN_CLASS]
+            if all(_TOKEN.match(c) for c in named):
+                terms = [] if spec.cohort.strip() == "*" else [spec.cohort.strip()]
+                if UNKNOWN_CLASS in failed:
+                    terms.append(spec.hardware_label)  # only devices that report a class
+                if named:
+                    terms.append(f"{spec.hardware_label}!={'|'.join(named)}")
+                out["cohort_without_failed_classes"] = ",".join(terms)
+        return out
+
+    def _advance(self, rollout_id: str, spec: RolloutSpec, step: int, note: str = "") -> None:
+        """The next step; ``note``: what the passing verdict said (classes it passed short
+        of data), kept in the reason while the rollout waits or is done."""
+        after = f" ({note})" if note else ""
         if step + 1 >= len(spec.steps):
-            self._set(rollout_id, state="completed", reason="every step passed")
+            self._set(rollout_id, state="completed", reason="every step passed" + after)
             self._audit(rollout_id, "rollout.complete", {"steps": len(spec.steps)})
             return
         r = self.get(rollout_id)
         if spec.manual_approval and r["state"] == "running":
             self._set(rollout_id, state="awaiting_approval",
-                      reason=f"step {step + 1} passed; `rollout promote` to continue")
+                      reason=f"step {step + 1} passed{after}; `rollout promote` to continue")
             return
         self._set(rollout_id, state="running", step=step + 1, phase="assigning",
                   phase_started_at=self.clock(), bake_extensions=0, reason="")
@@ -452,7 +559,7 @@ class RolloutEngine:
                                                  "target": spec.steps[step + 1]})
 
     def _roll_back(self, rollout_id: str, spec: RolloutSpec, *, state: str, reason: str,
-                   pin: bool) -> None:
+                   pin: bool, detail: Mapping[str, Any] | None = None) -> None:
         members = [m for m in self.members(rollout_id) if m["role"] == "canary"]
         ids = [m["device_id"] for m in members]
         if ids:
@@ -472,4 +579,4 @@ class RolloutEngine:
                         pinned_at=self.clock(), reason=reason[:1000]))
         self._set(rollout_id, state=state, reason=reason[:2000])
         self._audit(rollout_id, f"rollout.{state}", {"reason": reason, "devices": ids,
-                                                     "pinned": pin})
+                                                     "pinned": pin, **(detail or {})})

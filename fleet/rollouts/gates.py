@@ -28,7 +28,7 @@ A metric with no observations on either side (no tool calls at all) is
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -60,6 +60,10 @@ RATIO_METHODS = {
     "cost": ("canary/control mean tokens per success: normal intervals (Bonferroni); "
              "one-sided Mann–Whitney U on the exact per-request values"),
 }
+
+
+_COUNTS = ("requests", "validation_failures", "tool_calls", "tool_calls_ok", "refusals",
+           "fallbacks", "errors", "successes")
 
 
 @dataclass
@@ -112,18 +116,17 @@ class Sample:
 
     def merge(self, other: Sample) -> Sample:
         """Both groups together (strata into the whole)."""
-        return Sample(
-            requests=self.requests + other.requests,
-            validation_failures=self.validation_failures + other.validation_failures,
-            tool_calls=self.tool_calls + other.tool_calls,
-            tool_calls_ok=self.tool_calls_ok + other.tool_calls_ok,
-            refusals=self.refusals + other.refusals,
-            fallbacks=self.fallbacks + other.fallbacks,
-            errors=self.errors + other.errors,
-            successes=self.successes + other.successes,
-            latency=self.latency.merge(other.latency),
-            attempt_tokens=self.attempt_tokens.merge(other.attempt_tokens),
-        )
+        return Sample.combine([self, other])
+
+    @classmethod
+    def combine(cls, parts: Iterable[Sample]) -> Sample:
+        """Every group together, in one pass (a hardware class from its strata, the pool
+        from every class)."""
+        parts = list(parts)
+        counts = {name: sum(getattr(p, name) for p in parts) for name in _COUNTS}
+        return cls(**counts,
+                   latency=Binned.concat(p.latency for p in parts),
+                   attempt_tokens=Binned.concat(p.attempt_tokens for p in parts))
 
     def rate(self, metric: str) -> tuple[int, int]:
         """(events, trials) of a rate metric."""

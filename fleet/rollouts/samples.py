@@ -1,9 +1,10 @@
 """What each judged group of devices did over a window, aggregated by the database.
 
 The engine decides which devices are judged and on which side (canary or
-control, per stratum); this module hands that membership to the store as a
-temporary table and lets SQL do the counting, so a step decision at 10,000
-devices reads a few thousand rows instead of 200,000 requests:
+control) and cell (hardware class and stratum); this module hands that
+membership to the store as a temporary table and lets SQL do the counting,
+so a step decision at 10,000 devices reads a few thousand rows instead of
+200,000 requests:
 
 - per group and latency bin (``stats.latency_bin``, computed in SQL): the
   requests, their smallest and largest latency, and the counts behind every
@@ -49,7 +50,7 @@ from .gates import Sample
 from .stats import LATENCY_BIN_FLOOR_S, LN_LATENCY_BIN_GROWTH, Binned
 
 #: Per-connection scratch table: who is judged, with which variant, in which group
-#: (a number standing for side and stratum: SQLite groups integers faster than text).
+#: (a number standing for side and cell: SQLite groups integers faster than text).
 _judged = Table(
     "qf_judged", MetaData(),
     Column("device_id", String(64), primary_key=True),
@@ -64,7 +65,7 @@ _judged = Table(
 class Member:
     side: str  # "canary" | "control"
     variant: str  # the variant whose requests count for this device
-    stratum: str
+    cell: tuple[str, ...]  # its value of each judged dimension (verdict.cell_of)
 
 
 def _latency_bin_sql(latency: Any) -> Any:
@@ -91,16 +92,19 @@ def _fill(conn: Connection, rows: list[tuple[str, str, int]]) -> None:
 
 
 def read_samples(conn: Connection, members: Mapping[str, Member],
-                 window: tuple[float, float]) -> dict[tuple[str, str], Sample]:
-    """Samples per (side, stratum) of the members' requests with ``window[0] <= ts <
-    window[1]`` that their assigned variant answered. Groups without requests are absent."""
+                 window: tuple[float, float]) -> dict[tuple[str, tuple[str, ...]], Sample]:
+    """Samples per (side, cell) of the members' requests with ``window[0] <= ts <
+    window[1]`` that their assigned variant answered. Groups without requests are absent.
+
+    One group per side and cell (hardware class x stratum): the engine sums cells into
+    classes, strata and the pool (``verdict.merge_cells``), so one read serves them all."""
     conn.execute(CreateTable(_judged, if_not_exists=True))
     conn.execute(delete(_judged))  # what an earlier call on this connection left
     if not members:
         return {}
-    groups = sorted({(m.side, m.stratum) for m in members.values()})
+    groups = sorted({(m.side, m.cell) for m in members.values()})
     number = {g: i for i, g in enumerate(groups)}
-    _fill(conn, [(d, m.variant, number[(m.side, m.stratum)]) for d, m in members.items()])
+    _fill(conn, [(d, m.variant, number[(m.side, m.cell)]) for d, m in members.items()])
     if conn.dialect.name == "postgresql":
         # Autovacuum never sees temporary tables: without statistics the planner
         # guesses a few hundred members and sorts where it should hash.

@@ -19,16 +19,24 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from quantfleet.agent.wire import CPU_CLASSES
 from quantfleet.fleet.cohorts import Selector, SelectorError
 
 from .gates import RATE_METRICS, RATIO_METRICS
 
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")  # as cohorts.py's tokens
+
+#: The hardware class of a device that reports none (an agent older than the
+#: fingerprint): not a label value a device can have, so it never collides.
+UNKNOWN_CLASS = "(unknown)"
+_ARCH = re.compile(r"^[a-z][a-z0-9]{0,31}$")  # riscv64, ppc64le: cpu_class of other CPUs
 
 
 class SpecError(ValueError):
@@ -122,6 +130,19 @@ class RolloutSpec(_Strict):
                                 "concurrent control (count or percentage).")
     stratify_by: str | None = Field(None, description="A label key: devices are picked "
                                     "across its values, and gates are judged per value.")
+    hardware_label: str | None = Field(
+        "cpu.class", description="The label naming a device's hardware class (the fleet "
+        "derives cpu.class from its hardware fingerprint): canaries are spread over its "
+        "values and each class is judged against controls of the same class, as well as "
+        "pooled. Devices without it form the class '(unknown)'. null turns it off.")
+    min_canaries_per_class: int = Field(
+        0, ge=0, description="Healthy canaries each required class needs for a step to "
+        "pass; the assignment picks them first. With required_classes empty, every class "
+        "of the cohort but '(unknown)' is required when this is above 0.")
+    required_classes: list[str] = Field(
+        default_factory=list, description="Classes that must each be judged on their own "
+        "(at least max(1, min_canaries_per_class) healthy canaries, every gate passing) "
+        "for a step to pass; a required class short of data makes the step insufficient.")
     manual_approval: bool = Field(False, description="Wait for `rollout promote` between "
                                   "steps.")
     max_failed_devices: int = Field(0, ge=0, description="Device update failures tolerated "
@@ -137,6 +158,36 @@ class RolloutSpec(_Strict):
         except SelectorError as exc:
             raise ValueError(str(exc)) from None
         return v
+
+    @field_validator("hardware_label")
+    @classmethod
+    def _label_key(cls, v: str | None) -> str | None:
+        if v is not None and not _LABEL_KEY.match(v):
+            raise ValueError(f"{v!r} is not a label key (1-63 letters, digits, . _ - /)")
+        return v
+
+    @field_validator("required_classes")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name != UNKNOWN_CLASS and not _LABEL_KEY.match(name):
+                raise ValueError(f"{name!r} is not a class name (a label value: 1-63 "
+                                 f"letters, digits, . _ - /, or {UNKNOWN_CLASS!r})")
+        if len(set(v)) != len(v):
+            raise ValueError("a class is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _known_classes(self) -> RolloutSpec:
+        if self.hardware_label != "cpu.class":
+            return self
+        for name in self.required_classes:
+            # cpu_class() names the x86 and ARM classes, else the bare architecture.
+            if name not in (*CPU_CLASSES, UNKNOWN_CLASS) and not _ARCH.match(name):
+                raise ValueError(f"required class {name!r} is not a cpu.class (known: "
+                                 f"{', '.join(CPU_CLASSES)}, another architecture's name, "
+                                 f"or {UNKNOWN_CLASS!r})")
+        return self
 
     @field_validator("steps")
     @classmethod
@@ -159,7 +210,24 @@ class RolloutSpec(_Strict):
         if counts != sorted(counts) or [float(s.rstrip('%')) for s in pct] != sorted(
                 float(s.rstrip('%')) for s in pct):
             raise ValueError("steps must grow")
+        if self.hardware_label is None and (self.required_classes
+                                            or self.min_canaries_per_class):
+            raise ValueError("required_classes and min_canaries_per_class need a "
+                             "hardware_label")
         return self
+
+    def class_minimum(self, cohort_classes: Iterable[str]) -> dict[str, int]:
+        """The healthy canaries each required class needs, given the classes the cohort
+        has: ``required_classes`` if listed, else (with ``min_canaries_per_class``) every
+        class of the cohort except the unknown one."""
+        if self.hardware_label is None:
+            return {}
+        if self.required_classes:
+            return dict.fromkeys(self.required_classes, max(1, self.min_canaries_per_class))
+        if not self.min_canaries_per_class:
+            return {}
+        return dict.fromkeys(sorted(set(cohort_classes) - {UNKNOWN_CLASS}),
+                             self.min_canaries_per_class)
 
 
 def load_spec(path: Path) -> RolloutSpec:

@@ -18,6 +18,7 @@ published value.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -153,6 +154,11 @@ class Binned:
         if not rows:
             return cls.empty()
         key, count, low, high = (np.asarray(c, dtype=float) for c in zip(*rows, strict=True))
+        return cls._grouped(key, count, low, high)
+
+    @classmethod
+    def _grouped(cls, key: np.ndarray, count: np.ndarray, low: np.ndarray,
+                 high: np.ndarray) -> Binned:
         uniq, inverse = np.unique(key, return_inverse=True)
         n = np.bincount(inverse, weights=count, minlength=uniq.size).astype(np.int64)
         lo = np.full(uniq.size, np.inf)
@@ -161,11 +167,20 @@ class Binned:
         np.maximum.at(hi, inverse, high)
         return cls(uniq, n, lo, hi)
 
+    @classmethod
+    def concat(cls, parts: Iterable[Binned]) -> Binned:
+        """Several groups' observations together, in one pass (bins of the same key
+        are one bin): a hardware class from its strata, the pool from every group."""
+        nonempty = [p for p in parts if p.key.size]
+        if not nonempty:
+            return cls.empty()
+        if len(nonempty) == 1:
+            return nonempty[0]
+        return cls._grouped(*(np.concatenate([getattr(p, f) for p in nonempty])
+                              for f in ("key", "count", "low", "high")))
+
     def merge(self, other: Binned) -> Binned:
-        return Binned.from_rows(list(zip(self.key, self.count, self.low, self.high,
-                                         strict=True))
-                                + list(zip(other.key, other.count, other.low, other.high,
-                                           strict=True)))
+        return Binned.concat([self, other])
 
     def scaled(self, factor: float) -> Binned:
         """Every value times ``factor`` (> 0): cost per success from tokens per request."""

@@ -24,7 +24,8 @@ from quantfleet.agent.wire import (
     ValidationOutcome,
 )
 from quantfleet.fleet.rollouts.engine import RolloutEngine, RolloutError
-from quantfleet.fleet.rollouts.spec import RolloutSpec
+from quantfleet.fleet.rollouts.spec import UNKNOWN_CLASS, RolloutSpec
+from quantfleet.fleet.simulate import fingerprint
 from quantfleet.fleet.store import Store
 
 BASE, GOOD, BAD = "m-Q8_0", "m-Q4_K_M", "m-Q2_K"
@@ -42,18 +43,33 @@ class World:
     pending: list[tuple[str, str]] = field(default_factory=list)
     seq: dict[str, int] = field(default_factory=dict)
     rng: random.Random = field(default_factory=lambda: random.Random(7))
+    # Per-class regressions: (variant, cpu class) -> added failure rate / latency factor.
+    cpu_class: dict[str, str] = field(default_factory=dict)
+    class_fail: dict[tuple[str, str], float] = field(default_factory=dict)
+    class_slow: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def clock(self) -> float:
         return self.now
 
-    def add(self, n: int, labels: dict[str, str] | None = None, prefix: str = "d") -> None:
+    def add(self, n: int, labels: dict[str, str] | None = None, prefix: str = "d",
+            cpu_class: str | None = None) -> None:
+        """``n`` devices; with ``cpu_class``, each birth carries a fingerprint of that class
+        (the store derives the cpu.* labels, as from a real agent), else none."""
         for i in range(n):
             dev = f"{prefix}{i:03d}"
             self.variant[dev] = BASE
-            self.store.apply_status(StatusPayload(device_id=dev, state="online", boot_epoch=1,
-                                                  reason="birth", ts=self.now))
-            self.store.set_labels(dev, {"region": "eu", "hw": "rpi5" if i % 2 else "jetson",
-                                        **(labels or {})})
+            own = {"region": "eu", "hw": "rpi5" if i % 2 else "jetson", **(labels or {})}
+            if cpu_class is None:
+                self.store.apply_status(StatusPayload(device_id=dev, state="online",
+                                                      boot_epoch=1, reason="birth",
+                                                      ts=self.now))
+                self.store.set_labels(dev, own)
+                self.cpu_class[dev] = UNKNOWN_CLASS
+            else:
+                self.store.apply_status(StatusPayload(
+                    device_id=dev, state="online", boot_epoch=1, reason="birth", ts=self.now,
+                    labels=own, hardware=fingerprint(cpu_class)))
+                self.cpu_class[dev] = cpu_class
             self.report(dev, "healthy")
 
     def report(self, dev: str, state: str, target: str | None = None) -> None:
@@ -88,9 +104,11 @@ class World:
             for i in range(per_device):
                 s = self.seq[dev] = self.seq.get(dev, 0) + 1
                 ts = self.now + seconds * (i + 0.5) / per_device
-                ok = self.rng.random() >= self.fail_rate[variant]
+                where = (variant, self.cpu_class.get(dev, UNKNOWN_CLASS))
+                ok = self.rng.random() >= self.fail_rate[variant] + self.class_fail.get(where, 0)
                 body = RequestEvent(request_id=f"{dev}-{s}", ts=ts, variant=variant,
-                                    latency_s=self.rng.lognormvariate(-1, 0.2),
+                                    latency_s=self.rng.lognormvariate(-1, 0.2)
+                                    * self.class_slow.get(where, 1.0),
                                     prompt_tokens=40, completion_tokens=20,
                                     validations=[ValidationOutcome(kind="json_schema",
                                                                    passed=ok)])

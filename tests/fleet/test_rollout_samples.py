@@ -58,15 +58,16 @@ def _request(rng: random.Random, dev: str, seq: int, variant: str, ts: float) ->
 def test_sql_aggregates_equal_the_per_request_computation(store: Store) -> None:
     rng = random.Random(11)
     members: dict[str, Member] = {}
-    expected: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    expected: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}
     batches = []
     for i in range(60):
         dev = f"d{i:02d}"
         side = "canary" if i % 3 == 0 else "control"
-        stratum = ("rpi5", "jetson")[i % 2]
+        # A cell: hardware class and stratum (every combination on each side).
+        cell = (("x86-avx2", "arm-dotprod")[i % 2], ("rpi5", "jetson")[(i // 6) % 2])
         own = CAND if side == "canary" else BASE
         if i < 55:  # the last five devices are not judged
-            members[dev] = Member(side, own, stratum)
+            members[dev] = Member(side, own, cell)
         events = []
         for s in range(1, 41):
             # Mostly inside the window; some before, after, and on the window's edges.
@@ -76,7 +77,7 @@ def test_sql_aggregates_equal_the_per_request_computation(store: Store) -> None:
             ev = _request(rng, dev, s, variant, ts)
             events.append(ev)
             if dev in members and variant == own and WINDOW[0] <= ts < WINDOW[1]:
-                expected.setdefault((side, stratum), []).append(event_row(dev, ev, 0, False))
+                expected.setdefault((side, cell), []).append(event_row(dev, ev, 0, False))
         batches.append(TelemetryBatch(device_id=dev, sent_at=2000, events=events))
     store.ingest_batches(batches)
 
@@ -84,7 +85,8 @@ def test_sql_aggregates_equal_the_per_request_computation(store: Store) -> None:
         got = read_samples(conn, members, WINDOW)
         again = read_samples(conn, members, WINDOW)  # the scratch table is reused
 
-    assert set(got) == set(expected) == {(s, k) for s in ("canary", "control")
+    assert set(got) == set(expected) == {(s, (c, k)) for s in ("canary", "control")
+                                         for c in ("x86-avx2", "arm-dotprod")
                                          for k in ("rpi5", "jetson")}
     for group, rows in expected.items():
         want = _from_rows(rows)
@@ -96,7 +98,7 @@ def test_sql_aggregates_equal_the_per_request_computation(store: Store) -> None:
                 a, b = getattr(sample, dist), getattr(want, dist)
                 assert np.array_equal(a.key, b.key) and np.array_equal(a.count, b.count)
                 assert np.allclose(a.low, b.low) and np.allclose(a.high, b.high)
-    assert got[("canary", "rpi5")].latency.key[0] == 0  # instant answers are in bin 0
+    assert got[("canary", ("x86-avx2", "jetson"))].latency.key[0] == 0  # instant answers: bin 0
 
 
 def test_nobody_judged_reads_nothing(store: Store) -> None:
