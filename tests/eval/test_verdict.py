@@ -27,13 +27,18 @@ def test_q8_passes_with_evidence(evaluation: EvalReport) -> None:
     assert kld.observed is not None and kld.observed < 0.5 and kld.limit == 0.5
 
 
-def test_q2k_fails_on_flips_structure_and_mcnemar(evaluation: EvalReport) -> None:
-    v = judge(comparison(evaluation, "Q2_K"), SMALL)
+def test_q2k_fails_on_its_structure_with_the_flips_as_evidence(evaluation: EvalReport) -> None:
+    """Q2_K fails on its structured-token KLD (2.1-2.6 against a 0.5 limit on every CPU
+    measured); how many of 10 items flip depends on the kernels, so the flip and McNemar
+    checks are read as evidence, not required to fail."""
+    c = comparison(evaluation, "Q2_K")
+    v = judge(c, SMALL)
     assert v.decision == "fail"
-    failed = {c.name for c in v.failed}
-    assert {"flips", "kld_p99:structured", "mcnemar"} <= failed
-    flips = next(c for c in v.checks if c.name == "flips")
-    assert flips.observed is not None and flips.observed > 2
+    assert "kld_p99:structured" in {ch.name for ch in v.failed}
+    flips = next(ch for ch in v.checks if ch.name == "flips")
+    assert flips.observed == c.worse and flips.status == ("fail" if c.worse > 2 else "pass")
+    mcnemar = next(ch for ch in v.checks if ch.name == "mcnemar")
+    assert mcnemar.observed == c.mcnemar_p_worse
     assert "fail" in v.summary() and v.candidate.endswith("Q2_K")
 
 
