@@ -47,23 +47,27 @@ def never_assign(ids: object, variant: str, rollout_id: str) -> None:
 
 
 @pytest.mark.slow
-def test_demo_promotes_q4km_catches_q2k_and_stops_everything(ladder_dir: Path,
-                                                              tmp_path: Path) -> None:
+@pytest.mark.timeout(1500)
+def test_demo_promotes_q8_catches_q2k_and_stops_everything(ladder_dir: Path,
+                                                            tmp_path: Path) -> None:
     runs = tmp_path / "runs"
+    # The first run on a machine measures the variants on the golden set (minutes);
+    # the interrupt test below reuses that measurement.
     result = subprocess.run(demo_argv(ladder_dir, runs), capture_output=True, text=True,
-                            timeout=560, env={**os.environ, "COLUMNS": "160"})
+                            timeout=1400, env={**os.environ, "COLUMNS": "160"})
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
+    assert "the rollouts ended as expected" in out, out
     (run_dir,) = list(runs.iterdir())
     assert processes_naming(str(run_dir)) == [], "the demo left processes running"
     # The agents' model copies are gone, the fleet's files stay for the printed commands.
     assert [p.name for p in run_dir.glob("agents/*/models/*")] == ["catalog.json"]
-    assert (ladder_dir / "smollm2-135m-Q8_0.gguf").exists()
+    assert (ladder_dir / "smollm2-135m-F16.gguf").exists()
 
     store = Store(f"sqlite:///{run_dir / 'fleet.db'}")
     engine = RolloutEngine(store, never_assign)
     try:
-        good, bad = engine.get("demo-q4km"), engine.get("demo-q2k")
+        good, bad = engine.get("demo-q8"), engine.get("demo-q2k")
         assert (good["state"], good["step"]) == ("completed", 2), good
         assert (bad["state"], bad["step"]) == ("rolled_back", 0), bad
         # Caught by a gate at the canary step (or by a real agent refusing Q2_K in its
@@ -73,15 +77,15 @@ def test_demo_promotes_q4km_catches_q2k_and_stops_everything(ladder_dir: Path,
         devices = {d["device_id"]: d for d in store.devices()}
         assert len(devices) == 41
         assert not any(d["variant"] == "smollm2-135m-Q2_K" for d in devices.values())
-        # The real agent took part like any device: a canary ends on Q4_K_M, reported
-        # healthy by its own updater; a control stays on Q8_0.
-        role = {m["device_id"]: m["role"] for m in engine.members("demo-q4km")}["agent-1"]
+        # The real agent took part like any device: a canary ends on Q8_0, reported
+        # healthy by its own updater; a control stays on F16.
+        role = {m["device_id"]: m["role"] for m in engine.members("demo-q8")}["agent-1"]
         agent = devices["agent-1"]
         if role == "canary":
-            assert (agent["variant"], agent["update_state"]) == ("smollm2-135m-Q4_K_M",
+            assert (agent["variant"], agent["update_state"]) == ("smollm2-135m-Q8_0",
                                                                  "healthy")
         else:
-            assert agent["variant"] == "smollm2-135m-Q8_0"
+            assert agent["variant"] == "smollm2-135m-F16"
         assert store.event_count("request") > 1000
     finally:
         store.close()
@@ -91,10 +95,13 @@ def test_demo_promotes_q4km_catches_q2k_and_stops_everything(ladder_dir: Path,
                     "$ quantfleet rollout history", "$ quantfleet signals"):
         assert command in out, command
     assert "rollout.rolled_back" in out and "rollout.complete" in out
-    assert "injected:" in out
+    # what the simulated devices do was measured on this machine, and said so
+    assert "calibrated:" in out and "injected" not in out
+    assert list((ladder_dir / "calibration").glob("demo-*.json"))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_interrupted_demo_stops_every_process(ladder_dir: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     log = tmp_path / "demo.log"
@@ -102,7 +109,8 @@ def test_interrupted_demo_stops_every_process(ladder_dir: Path, tmp_path: Path) 
         demo = subprocess.Popen(demo_argv(ladder_dir, runs), stdout=fh,
                                 stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
+        # Alone, the run measures the variants first (minutes; see above).
+        deadline = time.monotonic() + 1000
         # Interrupt once the fleet, the agent and the simulator run and a rollout has begun.
         while "rollout.create" not in log.read_text(errors="replace"):
             assert demo.poll() is None, log.read_text()
