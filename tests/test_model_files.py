@@ -6,7 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from quantfleet.agent.backends import ModelFileError, load_backend
@@ -73,15 +73,26 @@ def test_real_variant_header(catalog: Catalog) -> None:
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(tail=st.binary(max_size=512), version=st.sampled_from([2, 3]))
+@example(tail=bytes(16), version=3)  # no tensors, no keys: a header that parses
 def test_garbage_after_the_magic_is_always_a_clear_error(
     tmp_path: Path, tail: bytes, version: int
 ) -> None:
     path = tmp_path / "fuzz.gguf"
     path.write_bytes(b"GGUF" + struct.pack("<I", version) + tail)
     try:
-        read_gguf(path)
+        summary = read_gguf(path)
     except ModelFileError as exc:
         _one_line(exc, path)
+        return
+    # The tail happened to spell a well-formed header: everything it declares lies
+    # inside the file, and a header without weights is still no model: loading it is a
+    # clear error too.
+    assert summary.version == version and summary.file_size == len(tail) + 8
+    assert all(summary.data_offset + t.offset + t.nbytes <= summary.file_size
+               for t in summary.tensors)
+    with pytest.raises(ModelFileError) as info:
+        load_backend("llama.cpp", path)
+    _one_line(info.value, path)
 
 
 @settings(max_examples=60, deadline=None,
