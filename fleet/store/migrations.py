@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
@@ -363,6 +364,10 @@ def _sqlite_rebuild(conn: Connection, table: Table, exprs: dict[str, str]) -> No
 
 # -- running them -----------------------------------------------------------
 
+# Serialises migrating processes on PostgreSQL (several fleet instances starting at once).
+_PG_LOCK_KEY = 0x7166_6D69_6772  # "qfmigr"
+
+
 def applied(engine: Engine) -> list[str]:
     """The migrations recorded in the store, in the order they were applied."""
     if not inspect(engine).has_table(_migrations.name):
@@ -381,19 +386,49 @@ def migrate(engine: Engine, migrations: list[tuple[str, Migration]] | None = Non
     """
     wanted = MIGRATIONS if migrations is None else migrations
     names = {n for n, _ in MIGRATIONS}
-    _BOOKKEEPING.create_all(engine)
     done = set(applied(engine))
     unknown = sorted(done - names)
     if unknown:
         log.warning("store: %s recorded in the store but unknown to this code "
                     "(migrated by a newer version?)", ", ".join(unknown))
+    pending = [(n, fn) for n, fn in wanted if n not in done]
+    if not pending:
+        return []
     now_applied = []
-    for name, fn in wanted:
-        if name in done:
-            continue
-        with engine.begin() as conn:
+    for name, fn in pending:
+        with _transaction(engine) as conn:
+            _BOOKKEEPING.create_all(conn)
+            if conn.execute(select(_migrations.c.name)
+                            .where(_migrations.c.name == name)).first() is not None:
+                continue  # another process applied it since we looked
             fn(conn)
             conn.execute(_migrations.insert().values(name=name, applied_at=time.time()))
         log.info("store: applied %s", name)
         now_applied.append(name)
     return now_applied
+
+
+@contextmanager
+def _transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction that holds DDL too, and only one migrating process at a time.
+
+    pysqlite opens a transaction only before INSERT/UPDATE/DELETE, so DDL at the start
+    of a migration would commit on its own: on SQLite the connection is put in the
+    driver's autocommit mode and the transaction is begun explicitly (IMMEDIATE: the
+    write lock is taken first, so a second process waits rather than fails midway).
+    """
+    with engine.connect() as conn:
+        if engine.dialect.name != "sqlite":
+            with conn.begin():
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+                yield conn
+            return
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+                conn.exec_driver_sql("ROLLBACK")
+            raise
+        conn.exec_driver_sql("COMMIT")

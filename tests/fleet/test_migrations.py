@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -418,6 +419,55 @@ def test_a_store_made_since_766cf72_takes_m001a_as_nothing(
 
 
 # -- the contract of migrate() ------------------------------------------------------
+
+def test_a_failing_migration_leaves_neither_its_changes_nor_its_record(store_url: str) -> None:
+    """DDL first, then rows, then a failure: all of it rolls back (on SQLite, too — pysqlite
+    would commit DDL at the start of a transaction by itself)."""
+    def m999_fails(conn: Any) -> None:
+        conn.execute(text("CREATE TABLE half_done (x INTEGER)"))
+        conn.execute(text("INSERT INTO half_done VALUES (1)"))
+        conn.execute(text("ALTER TABLE devices ADD COLUMN half_column INTEGER"))
+        raise RuntimeError("m999 failed")
+
+    engine = create_engine(store_url)
+    with pytest.raises(RuntimeError, match="m999 failed"):
+        migrate(engine, [*only("m001_initial"), ("m999_fails", m999_fails)])
+    assert applied(engine) == ["m001_initial"]
+    insp = inspect(engine)
+    assert not insp.has_table("half_done")
+    assert "half_column" not in {c["name"] for c in insp.get_columns("devices")}
+    engine.dispose()
+
+
+def test_two_stores_opening_a_blank_database_at_once_apply_each_migration_once(
+    store_url: str,
+) -> None:
+    """Two fleet instances starting together (threads here): one applies each migration,
+    the other waits for it and skips it."""
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def open_store() -> None:
+        try:
+            start.wait()
+            s = Store(store_url)
+            results.append(s.applied)
+            s.close()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(results[0] + results[1]) == sorted(ALL)  # each applied by exactly one
+    engine = create_engine(store_url)
+    assert applied(engine) == ALL
+    engine.dispose()
+
 
 def test_an_unknown_migration_name_is_reported(store_url: str,
                                                caplog: pytest.LogCaptureFixture) -> None:
