@@ -11,16 +11,21 @@ Each migration runs in one transaction together with the row that records
 it, so a crash leaves either both or neither. A migration is never edited
 once released: changes come as a new one, appended to ``MIGRATIONS``
 (migrations run in the order of that list, not of their names; m001a alone
-sits earlier, where its changes were made, see there).
+sits earlier, where its changes were made, see there). Before the
+first pending migration touches an existing SQLite file, the file is copied
+to ``<file>.bak-<migration>``; backing up PostgreSQL is the operator's job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -394,6 +399,7 @@ def migrate(engine: Engine, migrations: list[tuple[str, Migration]] | None = Non
     pending = [(n, fn) for n, fn in wanted if n not in done]
     if not pending:
         return []
+    back_up(engine, before=pending[0][0])
     now_applied = []
     for name, fn in pending:
         with _transaction(engine) as conn:
@@ -432,3 +438,34 @@ def _transaction(engine: Engine) -> Iterator[Connection]:
                 conn.exec_driver_sql("ROLLBACK")
             raise
         conn.exec_driver_sql("COMMIT")
+
+
+def back_up(engine: Engine, before: str) -> Path | None:
+    """Copy an existing, non-empty SQLite store to ``<file>.bak-<before>``; return the copy.
+
+    The copy is made with SQLite's backup API (a consistent snapshot, WAL included),
+    written beside the file and renamed into place. A blank or in-memory store is not
+    copied; on PostgreSQL the operator backs up (pg_dump) and this only says so.
+    """
+    url = engine.url
+    if not inspect(engine).get_table_names():
+        return None  # a blank store: nothing to lose
+    if engine.dialect.name != "sqlite":
+        log.warning("store: applying %s and what follows it to %s; the store backs up only "
+                    "SQLite files, so back PostgreSQL up yourself (pg_dump) before upgrading",
+                    before, url.render_as_string(hide_password=True))
+        return None
+    path = url.database
+    if not path or path == ":memory:" or url.query.get("uri") or not os.path.isfile(path):
+        return None
+    target = Path(f"{path}.bak-{before}")
+    partial = target.with_name(target.name + ".partial")
+    src, dst = sqlite3.connect(path), sqlite3.connect(partial)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+    os.replace(partial, target)
+    log.info("store: backed %s up to %s before applying %s", path, target, before)
+    return target

@@ -479,3 +479,50 @@ def test_an_unknown_migration_name_is_reported(store_url: str,
         assert migrate(engine) == []
     assert "m099_from_the_future recorded in the store but unknown" in caplog.text
     engine.dispose()
+
+
+# -- the backup ---------------------------------------------------------------------
+
+def test_an_existing_sqlite_store_is_backed_up_before_migrating(tmp_path: Path) -> None:
+    db = tmp_path / "fleet.db"
+    engine = create_engine(f"sqlite:///{db}")
+    migrate(engine, only("m001_initial"))
+    fill_m001(engine)
+    engine.dispose()
+
+    Store(f"sqlite:///{db}").close()
+    backup = tmp_path / "fleet.db.bak-m001a_columns_changed_without_a_migration"
+    assert sorted(p.name for p in tmp_path.iterdir() if ".bak-" in p.name) == [backup.name]
+    old = create_engine(f"sqlite:///{backup}")  # the store as it was before migrating
+    assert applied(old) == ["m001_initial"]
+    with old.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM events")).scalar_one() == len(BODIES)
+    assert "refusal_ok" in {c["name"] for c in inspect(old).get_columns("events")}
+    old.dispose()
+
+    Store(f"sqlite:///{db}").close()  # nothing pending: no new copy
+    assert sorted(p.name for p in tmp_path.iterdir() if ".bak-" in p.name) == [backup.name]
+
+
+def test_a_blank_store_is_not_backed_up(tmp_path: Path) -> None:
+    Store(f"sqlite:///{tmp_path / 'fleet.db'}").close()
+    assert not [p.name for p in tmp_path.iterdir() if ".bak-" in p.name]
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_postgresql_upgrades_say_the_backup_is_the_operators(
+    store_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="quantfleet.fleet.store.migrations"):
+        Store(store_url).close()  # blank: nothing to back up, nothing said
+    assert "pg_dump" not in caplog.text
+    engine = create_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM quantfleet_migrations WHERE name = :n"),
+                     {"n": "m003_events_request_signals_index"})
+    engine.dispose()
+    with caplog.at_level(logging.WARNING, logger="quantfleet.fleet.store.migrations"):
+        Store(store_url).close()
+    assert "applying m003_events_request_signals_index" in caplog.text
+    assert "pg_dump" in caplog.text
+
