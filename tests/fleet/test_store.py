@@ -88,8 +88,8 @@ def test_request_signals_become_columns(store: Store) -> None:
 
 def test_a_late_will_never_overrides_a_newer_birth(store: Store) -> None:
     def status(state: str, epoch: int, reason: str) -> StatusPayload:
-        return StatusPayload(device_id="dev-1", state=state, boot_epoch=epoch,  # type: ignore[arg-type]
-                             reason=reason, ts=float(epoch))  # type: ignore[arg-type]
+        return StatusPayload(device_id="dev-1", state=state, boot_epoch=epoch,
+                             reason=reason, ts=float(epoch))
 
     assert store.apply_status(status("online", 5, "birth"))
     assert not store.apply_status(status("offline", 4, "will"))  # the old start's Will
@@ -234,8 +234,8 @@ def test_a_group_of_statuses_and_states_ends_where_one_by_one_ends(
 def test_a_group_applies_in_arrival_order(store: Store) -> None:
     """Concrete cases of the property above, with their expected ends."""
     def status(state: str, epoch: int, reason: str, **labels: str) -> StatusPayload:
-        return StatusPayload(device_id="dev-1", state=state, boot_epoch=epoch,  # type: ignore[arg-type]
-                             reason=reason, ts=float(epoch), labels=labels)  # type: ignore[arg-type]
+        return StatusPayload(device_id="dev-1", state=state, boot_epoch=epoch,
+                             reason=reason, ts=float(epoch), labels=labels)
 
     def state(ts: float, variant: str) -> DeviceStatePayload:
         return DeviceStatePayload(device_id="dev-1", boot_epoch=1, variant=variant,
