@@ -5,6 +5,11 @@ latency, tokens, validation and fallback outcomes) as typed columns the
 gates and dashboards query, and the whole body as JSON for audit and
 re-judging. Uniqueness on ``(device_id, boot_epoch, seq)`` is what makes
 ingest idempotent.
+
+This is what the latest migration leaves, not what builds the store: the
+migrations (migrations.py) create and change the tables from frozen
+definitions of their own. A change here comes with a new migration there;
+tests/fleet/test_migrations.py fails, naming the table and column, until it does.
 """
 
 from __future__ import annotations

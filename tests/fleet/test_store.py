@@ -1,4 +1,7 @@
-"""The fleet store on both engines: idempotent ingest, liveness by epoch, seq gaps."""
+"""The fleet store on both engines: idempotent ingest, liveness by epoch, seq gaps.
+
+Its migrations, blank and old stores → latest, are tests/fleet/test_migrations.py.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import inspect, text
+from sqlalchemy import text
 
 from quantfleet.agent.wire import (
     DeviceStatePayload,
@@ -24,7 +27,6 @@ from quantfleet.agent.wire import (
     ValidationOutcome,
 )
 from quantfleet.fleet.store import Store, _sqlite_math
-from quantfleet.fleet.store.migrations import MIGRATIONS, applied
 
 
 @pytest.fixture
@@ -48,39 +50,6 @@ def request_event(seq: int, *, variant: str = "smollm2-135m-Q4_K_M", ok: bool = 
 
 def batch(device: str, events: list[TelemetryEvent]) -> TelemetryBatch:
     return TelemetryBatch(device_id=device, sent_at=2000.0, events=events)
-
-
-def test_migrations_from_blank_to_latest(store_url: str) -> None:
-    s = Store(store_url)
-    assert s.applied == [name for name, _ in MIGRATIONS]
-    tables = set(inspect(s.engine).get_table_names())
-    assert {"devices", "events", "ingest_rejections", "desired", "audit"} <= tables
-    s.close()
-    again = Store(store_url)  # reopening applies nothing twice
-    assert again.applied == [] and applied(again.engine) == [n for n, _ in MIGRATIONS]
-    again.close()
-
-
-def test_m003_moves_a_m002_store_to_the_request_signals_index(store_url: str) -> None:
-    """Oldest → latest: a store as m002 left it (events indexed by kind, variant, ts)."""
-    s = Store(store_url)
-    s.ingest_batch(batch("dev-1", [request_event(i) for i in range(1, 4)]))
-    with s.engine.begin() as conn:
-        conn.execute(text("DROP INDEX ix_events_request_signals"))
-        conn.execute(text("CREATE INDEX ix_events_kind_variant_ts ON events (kind, variant, ts)"))
-        conn.execute(text("DELETE FROM quantfleet_migrations "
-                          "WHERE name = 'm003_events_request_signals_index'"))
-    s.close()
-
-    def indexes(store: Store) -> set[str]:
-        return {i["name"] for i in inspect(store.engine).get_indexes("events")}
-
-    again = Store(store_url)
-    assert again.applied == ["m003_events_request_signals_index"]
-    names = indexes(again)
-    assert "ix_events_request_signals" in names and "ix_events_kind_variant_ts" not in names
-    assert again.event_count("request") == 3
-    again.close()
 
 
 def test_ingest_is_idempotent(store: Store) -> None:
@@ -119,8 +88,8 @@ def test_request_signals_become_columns(store: Store) -> None:
 
 def test_a_late_will_never_overrides_a_newer_birth(store: Store) -> None:
     def status(state: str, epoch: int, reason: str) -> StatusPayload:
-        return StatusPayload(device_id="dev-1", state=state, boot_epoch=epoch,  # type: ignore[arg-type]
-                             reason=reason, ts=float(epoch))  # type: ignore[arg-type]
+        return StatusPayload(device_id="dev-1", state=state, boot_epoch=epoch,
+                             reason=reason, ts=float(epoch))
 
     assert store.apply_status(status("online", 5, "birth"))
     assert not store.apply_status(status("offline", 4, "will"))  # the old start's Will
@@ -265,8 +234,8 @@ def test_a_group_of_statuses_and_states_ends_where_one_by_one_ends(
 def test_a_group_applies_in_arrival_order(store: Store) -> None:
     """Concrete cases of the property above, with their expected ends."""
     def status(state: str, epoch: int, reason: str, **labels: str) -> StatusPayload:
-        return StatusPayload(device_id="dev-1", state=state, boot_epoch=epoch,  # type: ignore[arg-type]
-                             reason=reason, ts=float(epoch), labels=labels)  # type: ignore[arg-type]
+        return StatusPayload(device_id="dev-1", state=state, boot_epoch=epoch,
+                             reason=reason, ts=float(epoch), labels=labels)
 
     def state(ts: float, variant: str) -> DeviceStatePayload:
         return DeviceStatePayload(device_id="dev-1", boot_epoch=1, variant=variant,
