@@ -148,14 +148,25 @@ def models_register(models_dir: Path, path: Path, name: str) -> None:
                   f"{entry.n_parameters / 1e6:.0f}M parameters)")
 
 
-# -- the README's demo (fleet/demo.py) -----------------------------------------
-def _add_demo_command() -> None:
-    from .demo import demo_command
+# -- commands other packages contribute (the demo: demo/run.py) -----------------
+def _add_contributed_commands() -> None:
+    """Commands registered under the ``quantfleet.commands`` entry point group.
 
-    cli.add_command(demo_command())
+    The demo drives the fleet, so the fleet must not import it; it is found by name
+    (pyproject.toml) and left out when it is not installed.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="quantfleet.commands"):
+        try:
+            make = ep.load()
+        except ImportError as exc:  # an optional part whose dependencies are missing
+            err_console.print(f"quantfleet: command {ep.name!r} unavailable ({exc})")
+            continue
+        cli.add_command(make())
 
 
-_add_demo_command()
+_add_contributed_commands()
 
 
 # -- fleet operations (fleet/commands.py) ------------------------------------

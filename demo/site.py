@@ -21,8 +21,8 @@ import yaml
 
 from quantfleet.models.catalog import Catalog, VariantEntry
 
-from .demo_broker import BrokerInfo
-from .demo_processes import free_port
+from .broker import BrokerInfo
+from .processes import free_port
 
 TOPIC_ROOT = "quantfleet/v1"
 

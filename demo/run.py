@@ -3,7 +3,7 @@
 ``quantfleet demo`` (``./scripts/demo.sh``):
 
 1. builds the precision ladder of the default model (skips verified rungs);
-2. starts a private MQTT broker (``demo_broker``);
+2. starts a private MQTT broker (``broker``);
 3. makes a signing key pair and starts ``quantfleet serve`` on a SQLite store;
 4. starts real agents (``quantfleet-agent serve``), each with its own models
    directory holding only the baseline, and simulated devices in the same
@@ -13,7 +13,7 @@
 6. runs a staged rollout F16 → Q8_0, promoted step by step by its gates,
    then Q8_0 → Q2_K, caught at the canary step and rolled back, with a live
    view of both. What the simulated devices do on each variant is what that
-   variant measurably does on this machine (``demo_calibration``): nothing is
+   variant measurably does on this machine (``calibration``): nothing is
    injected;
 7. prints the audit trail and the per-variant signals with the operator's own
    commands, and stops every process it started — also on Ctrl-C or failure.
@@ -45,13 +45,14 @@ from rich.table import Table
 
 from quantfleet.agent.hardware import fingerprint
 from quantfleet.agent.telemetry.config import MqttConfig
+from quantfleet.fleet.simulate import DEFAULT_PROFILE, FleetSimulator
 from quantfleet.models.build import build_ladder
 from quantfleet.models.catalog import Catalog, VariantEntry
 
-from .demo_broker import start_broker
-from .demo_calibration import Calibration, calibrate
-from .demo_processes import DemoError, ProcessGroup
-from .demo_site import (
+from .broker import start_broker
+from .calibration import Calibration, calibrate
+from .processes import DemoError, ProcessGroup
+from .site import (
     TOPIC_ROOT,
     AgentSite,
     remove_agent_models,
@@ -59,9 +60,8 @@ from .demo_site import (
     write_fleet_config,
     write_spec,
 )
-from .demo_traffic import TrafficDriver
-from .demo_view import TERMINAL, RolloutWatch, short
-from .simulate import DEFAULT_PROFILE, FleetSimulator
+from .traffic import TrafficDriver
+from .view import TERMINAL, RolloutWatch, short
 
 COHORT = "site=demo"
 SIM_LABELS = {"site": "demo", "hw": "simulated"}
@@ -472,9 +472,8 @@ def demo_command() -> Any:
           quantfleet demo --models-dir var/models --agents 3 --devices 200
         """
         from quantfleet.agent.backends import ModelFileError
+        from quantfleet.fleet.cli import console
         from quantfleet.models.catalog import CatalogError
-
-        from .cli import console
 
         opts = DemoOptions(models_dir=models_dir, run_dir=run_dir, agents=agents,
                            devices=devices, rate=rate, bake_s=bake_s, min_samples=min_samples,

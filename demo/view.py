@@ -19,10 +19,11 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from .demo_traffic import AgentTraffic
-from .rollouts.cli import gate_table
-from .rollouts.engine import RolloutEngine
-from .store import Store
+from quantfleet.fleet.rollouts.cli import gate_table
+from quantfleet.fleet.rollouts.engine import RolloutEngine
+from quantfleet.fleet.store import Store
+
+from .traffic import AgentTraffic
 
 TERMINAL = ("completed", "rolled_back", "aborted", "paused")
 

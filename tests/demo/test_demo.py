@@ -15,8 +15,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from quantfleet.fleet.demo_broker import amqtt_available, start_broker
-from quantfleet.fleet.demo_processes import ProcessGroup
+from quantfleet.demo.broker import amqtt_available, start_broker
+from quantfleet.demo.processes import ProcessGroup
 from quantfleet.fleet.rollouts.engine import RolloutEngine
 from quantfleet.fleet.store import Store
 

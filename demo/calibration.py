@@ -27,12 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from quantfleet.agent.backends import load_backend
 from quantfleet.agent.hardware import fingerprint
 from quantfleet.agent.wire import HardwareFingerprint
+from quantfleet.fleet.evaluation.compare import compare_runs
+from quantfleet.fleet.evaluation.golden import load_golden, starter_golden_path
+from quantfleet.fleet.evaluation.results import Comparison, VariantResult
+from quantfleet.fleet.evaluation.runner import EvalOptions, VariantRun, run_items
 from quantfleet.models.catalog import Catalog, now_iso
-
-from .evaluation.compare import compare_runs
-from .evaluation.golden import load_golden, starter_golden_path
-from .evaluation.results import Comparison, VariantResult
-from .evaluation.runner import EvalOptions, VariantRun, run_items
 
 #: One thread, as ``quantfleet eval`` does: llama.cpp's workers spin at barriers, so on a
 #: machine with anything else running two threads are several times slower than one.

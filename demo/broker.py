@@ -14,7 +14,7 @@ shared subscription with one member, which is what the demo's single fleet is.
 It also fixes one amqtt 0.12.1 bug: on connect, a client was sent the retained
 messages of every client's subscriptions, not only its own.
 
-``python -m quantfleet.fleet.demo_broker --port N --dir DIR`` runs the embedded
+``python -m quantfleet.demo.broker --port N --dir DIR`` runs the embedded
 broker (the demo starts it as a child process like every other part; DIR is
 the run's broker folder, so ``pgrep -f <run directory>`` finds it too).
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .demo_processes import DemoError, ProcessGroup, free_port
+from .processes import DemoError, ProcessGroup, free_port
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def start_broker(procs: ProcessGroup, run_dir: Path,
         what = version[0].strip() if version else "mosquitto"
         return BrokerInfo(f"mqtt://127.0.0.1:{port}", "5",
                           f"{what} (private, 127.0.0.1:{port}, MQTT 5)")
-    child = procs.start("broker", [sys.executable, "-m", "quantfleet.fleet.demo_broker",
+    child = procs.start("broker", [sys.executable, "-m", "quantfleet.demo.broker",
                                    "--port", str(port), "--dir", str(broker_dir)])
     procs.wait_tcp(child, port, timeout=30)
     why = "chosen with --broker amqtt" if mosquitto else "mosquitto is not installed"
