@@ -100,7 +100,7 @@ _CPUID_BITS: dict[str, tuple[int, int, int, int]] = {
 # cpuid(leaf: edi, subleaf: esi, out: rdx -> uint32[4]) for the x86-64 System V ABI:
 # push rbx; mov eax, edi; mov ecx, esi; mov r8, rdx; cpuid;
 # mov [r8], eax; mov [r8+4], ebx; mov [r8+8], ecx; mov [r8+12], edx; pop rbx; ret
-_CPUID_CODE = bytes.fromhex("5389f889f14989d00fa2418900418958044189480841895" "00c5bc3")
+_CPUID_CODE = bytes.fromhex("53 89f8 89f1 4989d0 0fa2 418900 41895804 41894808 4189500c 5b c3")
 
 
 def x86_cpuid_features() -> set[str] | None:
