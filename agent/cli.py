@@ -72,6 +72,9 @@ def generate_cmd(models_dir: Path, variant: str, system: str | None, max_tokens:
         raise click.ClickException(str(exc)) from None
     finally:
         backend.close()
+    from .hardware import describe, fingerprint
+
+    hardware = fingerprint()
     if as_json:
         click.echo(json.dumps({
             "variant": entry.name,
@@ -83,6 +86,7 @@ def generate_cmd(models_dir: Path, variant: str, system: str | None, max_tokens:
             "time_to_first_token_s": result.time_to_first_token_s,
             "total_time_s": result.total_time_s,
             "tokens_per_second": result.tokens_per_second,
+            "hardware": hardware.model_dump(mode="json"),
         }))
         return
     click.echo(result.text)
@@ -92,6 +96,7 @@ def generate_cmd(models_dir: Path, variant: str, system: str | None, max_tokens:
         f"ttft={ttft * 1000:.0f} ms, {result.tokens_per_second:.1f} tokens/s",
         err=True,
     )
+    click.echo(f"[hardware] {describe(hardware)}", err=True)
 
 
 # --- telemetry (owner: agent/telemetry/) ------------------------------------
@@ -176,11 +181,40 @@ def config_group() -> None:
     """Check the agent's configuration file."""
 
 
+def _fingerprint_lines(hw: Any) -> list[str]:
+    """The fingerprint as ``name: value`` lines for people (``config check``)."""
+    from .hardware import llama_cpp_kernels
+
+    cores = f"{hw.logical_cores} logical"
+    if hw.physical_cores:
+        cores += f", {hw.physical_cores} physical"
+    kernels = llama_cpp_kernels(hw.llama_cpp_system_info)
+    rows = [
+        ("cpu", f"{hw.cpu_model} ({hw.cpu_vendor or 'vendor unknown'})"),
+        ("arch", hw.arch),
+        ("class", hw.cpu_class),
+        ("features", " ".join(hw.features) or "none reported"),
+        ("cores", cores),
+        ("memory", f"{hw.memory_bytes / 2**30:.1f} GiB"),
+        ("llama.cpp", (f"llama-cpp-python {hw.llama_cpp_python}: " + " ".join(kernels))
+         if hw.llama_cpp_python else "not installed"),
+        ("llama.cpp system info", hw.llama_cpp_system_info or "-"),
+        ("onnxruntime", hw.onnxruntime or "not installed"),
+        ("kernel", hw.kernel or "-"),
+        ("labels", ", ".join(f"{k}={v}" for k, v in hw.labels().items())),
+    ]
+    return [f"  {name + ':':<23}{value}" for name, value in rows]
+
+
 @config_group.command(name="check")
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="Print the effective config as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {\"config\": the effective config, \"hardware\": the fingerprint}.")
 def config_check(config_path: Path, as_json: bool) -> None:
     """Validate a config file and the variants it names; exit 1 with the first error.
+
+    Also prints this device's hardware fingerprint (what its birth announces
+    and the fleet's cpu.* labels come from).
 
     \b
     Example:
@@ -197,11 +231,18 @@ def config_check(config_path: Path, as_json: bool) -> None:
         _check_update_key(config)
     except (CatalogError, ValueError) as exc:
         raise click.ClickException(f"{config_path}: {exc}") from None
+    from .hardware import fingerprint
+
+    hardware = fingerprint()
     if as_json:
-        click.echo(config.model_dump_json(indent=2))
-    else:
-        click.echo(f"{config_path}: ok (device {config.device.id}, active "
-                   f"{config.models.active}, fallback {config.models.fallback or 'none'})")
+        click.echo(json.dumps({"config": config.model_dump(mode="json"),
+                               "hardware": hardware.model_dump(mode="json")}, indent=2))
+        return
+    click.echo(f"{config_path}: ok (device {config.device.id}, active "
+               f"{config.models.active}, fallback {config.models.fallback or 'none'})")
+    click.echo("hardware:")
+    for line in _fingerprint_lines(hardware):
+        click.echo(line)
 
 
 def main() -> None:

@@ -53,8 +53,12 @@ class DeviceConfig(_Section):
                     pattern=r"^[A-Za-z0-9._-]+$",
                     description="This device's id in the fleet (MQTT topic segment); "
                                 "defaults to the host name.")
-    labels: dict[str, str] = Field(default_factory=dict,
-                                   description="Labels cohorts select on, e.g. {site = \"lab\"}.")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels cohorts select on, e.g. {site = \"lab\"}. The fleet adds cpu.* "
+                    "labels derived from the hardware fingerprint (cpu.arch, cpu.class, "
+                    "cpu.vnni, ...); they win over a label of the same key set here "
+                    "(docs/hardware.md).")
 
 
 class ModelsConfig(_Section):
@@ -351,7 +355,8 @@ def reference_markdown() -> str:
         "",
         "`quantfleet-agent serve --config agent.toml` reads one TOML file. Every option has a",
         "default; unknown options are errors. `quantfleet-agent config check` validates a file",
-        "and the variants it names. A commented example: `packaging/agent.example.toml`.",
+        "and the variants it names, and prints the device's hardware fingerprint",
+        "([hardware.md](hardware.md)). A commented example: `packaging/agent.example.toml`.",
         "",
     ]
     sections: dict[str, type[BaseModel]] = {"update": UpdateConfig}

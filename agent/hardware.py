@@ -10,12 +10,18 @@ derives cohort labels from it (``wire.hardware_labels``).
 Features come from what the kernel reports (``/proc/cpuinfo`` on Linux), the
 runtimes' own view from llama.cpp's system-info string and onnxruntime's
 version. Only the features that change a kernel are kept, so two devices of
-one class fingerprint alike.
+one class fingerprint alike. On x86-64 the features are also checked against
+what the ``cpuid`` instruction tells this process (``x86_cpuid_features``):
+the runtimes dispatch on ``cpuid``, and under an emulator or a hypervisor that
+masks features (``qemu-x86_64 -cpu Haswell`` on an AVX-512 host) ``/proc/cpuinfo``
+still describes the host. ``cpuid`` only ever removes features, never adds one.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import mmap
 import os
 import platform
 from collections.abc import Iterable
@@ -81,6 +87,61 @@ def kernel_features(raw: Iterable[str], arch: str) -> list[str]:
     return []
 
 
+#: Where ``cpuid`` reports each of X86_FEATURES: (leaf, subleaf, register, bit).
+_CPUID_BITS: dict[str, tuple[int, int, int, int]] = {
+    # registers: 0 eax, 1 ebx, 2 ecx, 3 edx
+    "sse4_2": (1, 0, 2, 20), "fma": (1, 0, 2, 12), "avx": (1, 0, 2, 28), "f16c": (1, 0, 2, 29),
+    "avx2": (7, 0, 1, 5), "bmi2": (7, 0, 1, 8), "avx512f": (7, 0, 1, 16),
+    "avx512bw": (7, 0, 1, 30), "avx512vl": (7, 0, 1, 31), "avx512vbmi": (7, 0, 2, 1),
+    "avx512_vnni": (7, 0, 2, 11), "amx_bf16": (7, 0, 3, 22), "avx512_fp16": (7, 0, 3, 23),
+    "amx_tile": (7, 0, 3, 24), "amx_int8": (7, 0, 3, 25),
+    "avx_vnni": (7, 1, 0, 4), "avx512_bf16": (7, 1, 0, 5),
+}
+# cpuid(leaf: edi, subleaf: esi, out: rdx -> uint32[4]) for the x86-64 System V ABI:
+# push rbx; mov eax, edi; mov ecx, esi; mov r8, rdx; cpuid;
+# mov [r8], eax; mov [r8+4], ebx; mov [r8+8], ecx; mov [r8+12], edx; pop rbx; ret
+_CPUID_CODE = bytes.fromhex("53 89f8 89f1 4989d0 0fa2 418900 41895804 41894808 4189500c 5b c3")
+
+
+def x86_cpuid_features() -> set[str] | None:
+    """The X86_FEATURES the ``cpuid`` instruction reports to this process, or None when
+    it cannot be asked (not x86-64, or executable memory is refused).
+
+    This is what llama.cpp and onnxruntime dispatch on. It can differ from
+    ``/proc/cpuinfo``: an emulator (qemu-user) or a hypervisor shows the process
+    another CPU than the one the kernel booted on.
+    """
+    if normalize_arch(platform.machine()) != "x86_64":
+        return None
+    try:
+        page = mmap.mmap(-1, mmap.PAGESIZE,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError, AttributeError):  # W^X policies, non-POSIX platforms
+        return None
+    try:
+        page.write(_CPUID_CODE)
+        # The c_char view is dropped at once (only its address kept): a live view
+        # would make page.close() fail with "exported pointers exist".
+        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+        call = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32,
+                                ctypes.POINTER(ctypes.c_uint32))(address)
+        out = (ctypes.c_uint32 * 4)()
+
+        def regs(leaf: int, subleaf: int = 0) -> tuple[int, ...]:
+            call(leaf, subleaf, out)
+            return tuple(out)
+
+        max_leaf = regs(0)[0]
+        leaves = {(1, 0): regs(1) if max_leaf >= 1 else (0, 0, 0, 0)}
+        leaves[(7, 0)] = regs(7, 0) if max_leaf >= 7 else (0, 0, 0, 0)
+        leaves[(7, 1)] = regs(7, 1) if max_leaf >= 7 and leaves[(7, 0)][0] >= 1 \
+            else (0, 0, 0, 0)
+    finally:
+        page.close()
+    return {name for name, (leaf, sub, reg, bit) in _CPUID_BITS.items()
+            if leaves[(leaf, sub)][reg] >> bit & 1}
+
+
 def _llama_cpp() -> tuple[str, str]:
     """(llama.cpp system info, llama-cpp-python version), empty when it is not installed."""
     try:
@@ -126,15 +187,19 @@ def _physical_cores() -> int | None:
 
 
 def read_fingerprint(cpuinfo_path: Path = Path("/proc/cpuinfo"), *,
-                     runtimes: bool = True) -> HardwareFingerprint:
+                     runtimes: bool = True, cpuid: bool = True) -> HardwareFingerprint:
     """This machine's fingerprint. ``runtimes=False`` leaves out llama.cpp and
-    onnxruntime (importing them costs memory a caller may not want to spend)."""
+    onnxruntime (importing them costs memory a caller may not want to spend);
+    ``cpuid=False`` trusts ``/proc/cpuinfo`` alone."""
     arch = normalize_arch(platform.machine())
     try:
         text = cpuinfo_path.read_text(errors="replace")
     except OSError:
         text = ""
     model, vendor, features = parse_cpuinfo(text, arch)
+    visible = x86_cpuid_features() if cpuid and arch == "x86_64" else None
+    if visible is not None:
+        features = [f for f in features if f in visible]
     llama_info, llama_version = _llama_cpp() if runtimes else ("", "")
     return HardwareFingerprint(
         arch=arch,
@@ -150,6 +215,52 @@ def read_fingerprint(cpuinfo_path: Path = Path("/proc/cpuinfo"), *,
         onnxruntime=_onnxruntime() if runtimes else "",
         kernel=platform.release(),
     )
+
+
+def parse_system_info(text: str) -> dict[str, dict[str, str]]:
+    """llama.cpp's system info string, per backend: ``{"CPU": {"AVX2": "1", ...}}``.
+
+    The string is ``BACKEND : KEY = VALUE | KEY = VALUE | ... | BACKEND : ...``;
+    whatever does not fit the shape is skipped, never an error.
+    """
+    out: dict[str, dict[str, str]] = {}
+    backend = ""
+    for part in text.split("|"):
+        head, sep, rest = part.partition(" : ")
+        if sep:  # a new backend's first entry
+            backend, part = head.strip(), rest
+        key, eq, value = part.partition("=")
+        if eq and key.strip() and backend:
+            out.setdefault(backend, {})[key.strip()] = value.strip()
+    return out
+
+
+def llama_cpp_kernels(text: str) -> list[str]:
+    """The CPU features llama.cpp was built to use, in its own order (``AVX2``, ``F16C``...)."""
+    return [k for k, v in parse_system_info(text).get("CPU", {}).items() if v == "1"]
+
+
+def describe(hw: HardwareFingerprint) -> str:
+    """One line for people: the class, the CPU, and what each runtime runs on it."""
+    kernels = llama_cpp_kernels(hw.llama_cpp_system_info)
+    parts = [f"{hw.cpu_class} ({hw.cpu_model}, {hw.arch})"]
+    if hw.llama_cpp_python or kernels:
+        parts.append(f"llama.cpp {hw.llama_cpp_python or '?'}: "
+                     + (" ".join(kernels) if kernels else "no CPU features reported"))
+    if hw.onnxruntime:
+        parts.append(f"onnxruntime {hw.onnxruntime}")
+    return " · ".join(parts)
+
+
+def hidden_features(hw: HardwareFingerprint,
+                    cpuinfo_path: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """Features ``/proc/cpuinfo`` lists that ``hw`` (checked with ``cpuid``) does not have:
+    the host's, hidden from this process by an emulator or a hypervisor's mask."""
+    try:
+        text = cpuinfo_path.read_text(errors="replace")
+    except OSError:
+        return []
+    return sorted(set(parse_cpuinfo(text, hw.arch)[2]) - set(hw.features))
 
 
 @functools.cache

@@ -10,7 +10,11 @@ A selector is a comma-separated list of terms, all of which must hold:
 - ``*`` (alone)          every device
 
 ``hw=rpi5,region=eu`` is every Raspberry Pi 5 in the EU. Keys and values are
-1-63 characters of letters, digits, ``.``, ``_``, ``-`` and ``/``.
+1-63 characters of letters, digits, ``.``, ``_``, ``-`` and ``/``. The fleet
+adds labels derived from each device's hardware fingerprint (``cpu.arch``,
+``cpu.class``, ``cpu.vnni``, ``cpu.avx512``, ``cpu.dotprod``, ``cpu.i8mm``;
+``wire.hardware_labels``), so ``cpu.class=x86-avx2,cpu.vnni=false`` selects
+like any other term.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 _TOKEN = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}"
+#: A label key or value (use ``fullmatch``).
+LABEL_TOKEN = re.compile(_TOKEN)
 _TERM = re.compile(
     rf"^(?:(?P<neg>!)(?P<absent>{_TOKEN})|(?P<key>{_TOKEN})"
     rf"(?:(?P<op>!=|=)(?P<values>{_TOKEN}(?:\|{_TOKEN})*))?)$"
@@ -101,10 +107,9 @@ class Selector:
 def parse_labels(items: Iterable[str]) -> dict[str, str]:
     """``["hw=rpi5", "region=eu"]`` to a dict, with the same character rules as selectors."""
     out: dict[str, str] = {}
-    token = re.compile(rf"^{_TOKEN}$")
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not token.match(key) or not token.match(value):
+        if not sep or not LABEL_TOKEN.fullmatch(key) or not LABEL_TOKEN.fullmatch(value):
             raise SelectorError(f"label {item!r} must be key=value (letters, digits, . _ - /)")
         out[key] = value
     return out

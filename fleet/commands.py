@@ -21,6 +21,18 @@ from .cohorts import SelectorError, parse_labels
 
 console = Console()
 
+def _label_keys(ctx: click.Context, param: click.Parameter,
+                value: tuple[str, ...]) -> tuple[str, ...]:
+    """--by keys: label keys as selectors spell them (letters, digits, . _ - /)."""
+    from .cohorts import LABEL_TOKEN
+
+    for key in value:
+        if not LABEL_TOKEN.fullmatch(key):
+            raise click.BadParameter(f"{key!r} is not a label key (1-63 letters, digits, "
+                                     ". _ - /; e.g. cpu.class)")
+    return value
+
+
 def _window(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
@@ -95,11 +107,16 @@ def devices_group() -> None:
               metavar="SECONDS", help="Redraw every SECONDS until Ctrl-C.")
 def devices_list(config_path: Path, selector: str, as_json: bool,
                  watch_s: float | None) -> None:
-    """List devices with their labels, liveness, variant and update state.
+    """List devices with their hardware class, labels, liveness, variant and update state.
+
+    The selector sees every label, the cpu.* ones derived from each device's
+    hardware fingerprint included; --json has the whole fingerprint.
 
     \b
     Examples:
       quantfleet devices list --selector hw=rpi5
+      quantfleet devices list --selector cpu.class=x86-avx2
+      quantfleet devices list --selector cpu.vnni=false,region=eu --json
       quantfleet devices list --selector cohort=canary --watch 2
     """
     sel = _selector(selector)
@@ -129,18 +146,44 @@ def devices_list(config_path: Path, selector: str, as_json: bool,
 
 def _devices_table(rows: list[dict[str, Any]], selector: str) -> Table:
     table = Table(title=f"devices ({selector}) at {time.strftime('%H:%M:%S')}")
-    for col in ("device", "labels", "online", "variant", "update", "target", "detail",
-                "last seen"):
+    for col in ("device", "hardware", "labels", "online", "variant", "update", "target",
+                "detail", "last seen"):
         table.add_column(col, overflow="fold")
     now = time.time()
     for r in rows:
-        labels = ",".join(f"{k}={v}" for k, v in sorted((r["labels"] or {}).items()))
+        # The class is its own column; the other derived cpu.* labels stay with the labels.
+        labels = ",".join(f"{k}={v}" for k, v in sorted((r["labels"] or {}).items())
+                          if k != "cpu.class")
         state = r.get("state") or {}
-        table.add_row(r["device_id"], labels, "yes" if r["online"] else "no",
+        table.add_row(r["device_id"], hardware_class(r), labels,
+                      "yes" if r["online"] else "no",
                       r["variant"] or "-", r["update_state"] or "-",
                       state.get("target") or "-", _state_detail(state),
                       f"{now - r['last_seen']:.0f} s ago")
     return table
+
+
+def hardware_class(row: dict[str, Any]) -> str:
+    """A registry row's hardware class: from its fingerprint, else an operator's
+    ``cpu.class`` label (a device whose agent predates fingerprints), else ``-``."""
+    hw = row.get("hardware") or {}
+    labels = row.get("labels") or {}
+    return str(hw.get("cpu_class") or labels.get("cpu.class") or "-")
+
+
+def _derived_labels(row: dict[str, Any] | None) -> dict[str, str]:
+    """The cpu.* labels a registry row's stored fingerprint gives (none without one)."""
+    from pydantic import ValidationError
+
+    from quantfleet.agent.wire import HardwareFingerprint, hardware_labels
+
+    hw = (row or {}).get("hardware") or {}
+    if not hw:
+        return {}
+    try:
+        return dict(hardware_labels(HardwareFingerprint.model_validate(hw)))
+    except ValidationError:  # a row from an older store: its labels stand as they are
+        return {}
 
 
 def _state_detail(state: dict[str, Any]) -> str:
@@ -197,6 +240,10 @@ def devices_history(config_path: Path, device_id: str, limit: int, as_json: bool
 def devices_label(config_path: Path, device_id: str, labels: tuple[str, ...]) -> None:
     """Set a device's labels (replacing them), e.g. hw=rpi5 region=eu.
 
+    The cpu.* labels derived from the device's hardware fingerprint are kept
+    and win over a label of the same key given here (they are facts, not
+    configuration; docs/hardware.md).
+
     \b
     Example:
       quantfleet devices label kiosk-17 hw=rpi5 region=eu
@@ -206,9 +253,18 @@ def devices_label(config_path: Path, device_id: str, labels: tuple[str, ...]) ->
     except SelectorError as exc:
         raise click.ClickException(str(exc)) from None
     store = _store(_config(config_path))
-    store.set_labels(device_id, parsed)
-    store.audit("operator", "device.label", f"device:{device_id}", {"labels": parsed})
-    console.print(f"{device_id}: {parsed}")
+    row = next((r for r in store.devices(["device_id", "hardware"])
+                if r["device_id"] == device_id), None)
+    derived = _derived_labels(row)
+    for key in sorted(parsed.keys() & derived.keys()):
+        if parsed[key] != derived[key]:
+            click.echo(f"{device_id}: {key}={parsed[key]} not set: {key} is derived from "
+                       f"the device's hardware ({derived[key]})", err=True)
+    merged = {**parsed, **derived}
+    store.set_labels(device_id, merged)
+    store.audit("operator", "device.label", f"device:{device_id}",
+                {"labels": merged, "given": parsed})
+    console.print(f"{device_id}: {merged}")
 
 
 @click.group(name="cohorts")
@@ -221,26 +277,33 @@ def cohorts_group() -> None:
 @click.argument("selector")
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
 def cohorts_show(config_path: Path, selector: str, as_json: bool) -> None:
-    """Show which devices a selector picks now, and what they run.
+    """Show which devices a selector picks now, what they run and on which hardware.
 
     \b
-    Example:
+    Examples:
       quantfleet cohorts show 'hw=rpi5,region=eu'
+      quantfleet cohorts show 'cpu.class=x86-avx2|x86-avx2-vnni'
     """
     sel = _selector(selector)
     store = _store(_config(config_path))
-    rows = store.devices()
+    rows = store.devices(["device_id", "labels", "variant", "hardware"])
     ids = sel.select(rows)
     by_variant: dict[str, int] = {}
+    by_class: dict[str, int] = {}
     for r in rows:
         if r["device_id"] in ids:
             by_variant[r["variant"] or "-"] = by_variant.get(r["variant"] or "-", 0) + 1
+            by_class[hardware_class(r)] = by_class.get(hardware_class(r), 0) + 1
     if as_json:
-        click.echo(json.dumps({"selector": str(sel), "devices": ids, "variants": by_variant}))
+        click.echo(json.dumps({"selector": str(sel), "devices": ids, "variants": by_variant,
+                               "hardware_classes": by_class}))
         return
     console.print(f"cohort {sel}: {len(ids)} devices")
     for variant, n in sorted(by_variant.items()):
         console.print(f"  {variant}: {n}")
+    if by_class:
+        console.print("  hardware: " + ", ".join(f"{c} {n}" for c, n in
+                                                  sorted(by_class.items())))
 
 
 @click.group(name="desired")
@@ -291,30 +354,39 @@ def desired_set(config_path: Path, selector: str | None, devices: tuple[str, ...
               help="How far back: seconds, or 30m, 1h, 7d.")
 @click.option("--reference", "reference_text", default=None,
               help="Also compare drift with the window this far before it (e.g. 1d).")
+@click.option("--by", "by", multiple=True, callback=_label_keys, metavar="LABEL",
+              help="Split each variant's row by this label (repeatable), e.g. cpu.class.")
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
 def signals_cmd(config_path: Path, selector: str, window_text: str,
-                reference_text: str | None, as_json: bool) -> None:
+                reference_text: str | None, by: tuple[str, ...], as_json: bool) -> None:
     """Per-variant quality and cost signals of a cohort over a window (the dashboard).
 
+    With --by LABEL, a row per variant and value of the label: --by cpu.class
+    shows each variant on each hardware class.
+
     \b
-    Example:
+    Examples:
       quantfleet signals --cohort hw=rpi5 --window 1h --reference 1d
+      quantfleet signals --cohort cpu.class=x86-avx2 --window 30m
+      quantfleet signals --by cpu.class --json
     """
     from . import signals
 
     sel = _selector(selector)
     window = _window(window_text)
     store = _store(_config(config_path))
-    ids = sel.select(store.devices())
+    devices = store.devices(["device_id", "labels"])
+    ids = sel.select(devices)
     end = time.time()
-    rows = signals.by_variant(store, end - window, end, device_ids=ids)
+    rows = signals.by_variant(store, end - window, end, device_ids=ids, by=by,
+                              labels={d["device_id"]: d["labels"] or {} for d in devices})
     drift = None
     if reference_text:
         back = _window(reference_text)
         drift = signals.drift(store, str(sel), (end - window, end),
                               (end - back - window, end - back), device_ids=ids)
     if as_json:
-        click.echo(json.dumps({"selector": str(sel), "window_s": window,
+        click.echo(json.dumps({"selector": str(sel), "window_s": window, "by": list(by),
                                "variants": [s.to_json() for s in rows],
                                "drift": drift.to_json() if drift else None}, indent=2))
         return
@@ -329,12 +401,15 @@ def signals_cmd(config_path: Path, selector: str, window_text: str,
     width = max([len(s.group) for s in rows] + [7])
     # The variant's name is never cut; a narrow terminal folds the other cells.
     table.add_column("variant", no_wrap=True, min_width=width)
+    for key in by:
+        table.add_column(key, no_wrap=True)
     for col in ("requests", "validation fail", "tool-call ok", "refusal", "fallback", "p50",
                 "p95", "p99", "tokens/success"):
         table.add_column(col, overflow="fold")
     for s in rows:
         cost = "-" if s.cost_per_success_tokens is None else f"{s.cost_per_success_tokens:.0f}"
-        table.add_row(s.group, str(s.requests), rate(s.validation_failure),
+        table.add_row(s.group, *(s.by.get(k, "-") for k in by), str(s.requests),
+                      rate(s.validation_failure),
                       rate(s.tool_call_success), rate(s.refusal), rate(s.fallback),
                       secs(s.latency_p50_s), secs(s.latency_p95_s), secs(s.latency_p99_s), cost)
     console.print(table)

@@ -25,7 +25,7 @@ from quantfleet.models.catalog import Catalog
 
 from . import signals
 from .artifacts import create_artifact_app
-from .cohorts import Selector, SelectorError
+from .cohorts import LABEL_TOKEN, Selector, SelectorError
 from .config import FleetConfig
 from .desired import DesiredState
 from .ingest import FleetIngest
@@ -41,6 +41,7 @@ def _bad(message: str, status: int = 400) -> JSONResponse:
 
 def read_api(store: Store) -> list[Route]:
     async def devices(request: Request) -> Response:
+        # Every column: labels (the derived cpu.* ones included) and the hardware fingerprint.
         rows = store.devices()
         sel_text = request.query_params.get("selector")
         if sel_text:
@@ -60,14 +61,20 @@ def read_api(store: Store) -> list[Route]:
             return _bad("window_s must be in (0, 7776000]")
         end = time.time()
         ids = None
+        by = request.query_params.getlist("by")
+        for key in by:
+            if not LABEL_TOKEN.fullmatch(key):
+                return _bad(f"by={key!r} is not a label key (1-63 letters, digits, . _ - /)")
+        devices = store.devices(["device_id", "labels"])
         sel_text = request.query_params.get("selector")
         if sel_text:
             try:
-                ids = Selector.parse(sel_text).select(store.devices())
+                ids = Selector.parse(sel_text).select(devices)
             except SelectorError as exc:
                 return _bad(str(exc))
-        rows = signals.by_variant(store, end - window, end, device_ids=ids)
-        return JSONResponse({"window_s": window, "selector": sel_text,
+        rows = signals.by_variant(store, end - window, end, device_ids=ids, by=by,
+                                  labels={d["device_id"]: d["labels"] or {} for d in devices})
+        return JSONResponse({"window_s": window, "selector": sel_text, "by": by,
                              "variants": [s.to_json() for s in rows]})
 
     return [Route("/v1/devices", devices), Route("/v1/signals", signal_view)]

@@ -1,5 +1,10 @@
 """The fleet dashboard's signals: per variant or per cohort, over a time window.
 
+``by_variant`` can split each variant's row by device labels (``by=["cpu.class"]``:
+a row per variant × hardware class). A device's events count under the labels
+it has now (the registry keeps no label history), which for the derived cpu.*
+labels is what it ran on.
+
 For each group: requests, output-validation failure rate, tool-call success
 rate, refusal rate, fallback rate, error rate, p50/p95/p99 latency, and cost
 per successful request (tokens of every attempt — retries and fallbacks
@@ -11,8 +16,8 @@ Kolmogorov–Smirnov), tool usage and context truncations.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +61,8 @@ class Signals:
     latency_p95_s: float | None
     latency_p99_s: float | None
     cost_per_success_tokens: float | None
+    #: The label values this row is split by (``by_variant(by=...)``); "-": absent.
+    by: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -95,7 +102,7 @@ def _rows(store: Store, start: float, end: float, variant: str | None = None,
         return list(conn.execute(q))
 
 
-def summarize(group: str, rows: list[Any]) -> Signals:
+def summarize(group: str, rows: list[Any], by: dict[str, str] | None = None) -> Signals:
     n = len(rows)
     lat = np.array([r.latency_s for r in rows if r.latency_s is not None], dtype=float)
     tools = [r.tool_call_ok for r in rows if r.tool_call_ok is not None]
@@ -115,16 +122,29 @@ def summarize(group: str, rows: list[Any]) -> Signals:
         error=Rate.of(errors, n),
         latency_p50_s=pct(50), latency_p95_s=pct(95), latency_p99_s=pct(99),
         cost_per_success_tokens=cost / successes if successes else None,
+        by=dict(by or {}),
     )
 
 
 def by_variant(store: Store, start: float, end: float,
-               device_ids: Iterable[str] | None = None) -> list[Signals]:
+               device_ids: Iterable[str] | None = None, by: Sequence[str] = (),
+               labels: Mapping[str, Mapping[str, str]] | None = None) -> list[Signals]:
+    """A row per variant, or per variant × the values of the ``by`` labels.
+
+    ``labels`` maps device ids to their labels (read from the registry when
+    ``by`` is given and it is not).
+    """
     rows = _rows(store, start, end, device_ids=device_ids)
-    groups: dict[str, list[Any]] = {}
+    keys = list(dict.fromkeys(by))
+    if keys and labels is None:
+        labels = {str(d["device_id"]): d["labels"] or {}
+                  for d in store.devices(["device_id", "labels"])}
+    groups: dict[tuple[str, ...], list[Any]] = {}
     for r in rows:
-        groups.setdefault(r.variant or "?", []).append(r)
-    return [summarize(v, rs) for v, rs in sorted(groups.items())]
+        own = (labels or {}).get(r.device_id) or {}
+        groups.setdefault((r.variant or "?", *(own.get(k, "-") for k in keys)), []).append(r)
+    return [summarize(g[0], rs, dict(zip(keys, g[1:], strict=True)))
+            for g, rs in sorted(groups.items())]
 
 
 def for_devices(store: Store, group: str, device_ids: Iterable[str], start: float,

@@ -1,4 +1,5 @@
-"""``quantfleet eval``: a golden set on the precision ladder, with the report and verdicts."""
+"""``quantfleet eval``: a golden set on the precision ladder, with the report and verdicts;
+``quantfleet eval compare``: two reports of the same golden set from two machines."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _load_policy(path: Path | None):  # type: ignore[no-untyped-def]
         raise click.ClickException(f"--policy {path}: {first_error(exc)}") from None
 
 
-@click.command(name="eval")
+@click.group(name="eval", invoke_without_command=True)
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path),
               default=default_models_dir,
               show_default="$QUANTFLEET_MODELS_DIR or ~/.local/share/quantfleet/models",
@@ -65,23 +66,35 @@ def _load_policy(path: Path | None):  # type: ignore[no-untyped-def]
               default=None, help="Write a Markdown summary here.")
 @click.option("--json-out", "json_path", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="Write the JSON report here.")
-def eval_cmd(models_dir: Path, golden_file: Path | None, variants: str, baseline: str | None,
-             sample: int | None, seed: int, threads: int, n_ctx: int, noise_floor: bool,
-             policy_file: Path | None, as_json: bool, html_path: Path | None,
-             md_path: Path | None, json_path: Path | None) -> None:
+@click.pass_context
+def eval_cmd(ctx: click.Context, models_dir: Path, golden_file: Path | None, variants: str,
+             baseline: str | None, sample: int | None, seed: int, threads: int, n_ctx: int,
+             noise_floor: bool, policy_file: Path | None, as_json: bool,
+             html_path: Path | None, md_path: Path | None, json_path: Path | None) -> None:
     """Run a golden set on variants and compare each with the baseline.
 
     Every item goes through the agent's serving pipeline (template, budgets,
     grammar, validators), greedy and seeded. Reports pass rates with Wilson
     intervals, paired flips with McNemar's exact test, teacher-forced KLD /
     same-top / Δp split into structured and prose tokens, a noise floor,
-    tokens/s and size, and a verdict per candidate.
+    tokens/s and size, and a verdict per candidate. The report records where
+    it ran: the hardware fingerprint and the kernels of each runtime.
+    `quantfleet eval compare A.json B.json` compares two reports.
 
     \b
     Example:
       quantfleet eval --golden models/golden/starter.jsonl \\
           --variants F16,Q8_0,Q4_K_M,Q2_K --baseline F16 --sample 12 --html report.html
     """
+    if ctx.invoked_subcommand is not None:
+        from click.core import ParameterSource
+
+        given = [p.opts[0] for p in ctx.command.params
+                 if p.name and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: an option of `quantfleet eval` "
+                                   f"itself, not of `eval {ctx.invoked_subcommand}`")
+        return
     from quantfleet.agent.backends import BackendError, ModelFileError
     from quantfleet.models.catalog import Catalog, CatalogError
 
@@ -138,3 +151,47 @@ def eval_cmd(models_dir: Path, golden_file: Path | None, variants: str, baseline
     from .report import print_report
 
     print_report(report, verdicts, _out)
+
+
+@eval_cmd.command(name="compare")
+@click.argument("report_a", metavar="A.json", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("report_b", metavar="B.json", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--markdown", "md_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Also write it as Markdown here.")
+def eval_compare(report_a: Path, report_b: Path, as_json: bool, md_path: Path | None) -> None:
+    """Compare two reports of the same golden set, e.g. from two machines.
+
+    Both must have run the same golden items (file sha256, sample and seed)
+    on the same variant files against the same baseline; otherwise it says
+    what differs and exits 1. Per variant: the items whose pass/fail differs
+    between the machines (paired, with McNemar's exact test), the items whose
+    answer text differs, and each candidate's KLD against the baseline (mean
+    and p99; all, structured and prose tokens) side by side with the
+    difference. Both fingerprints are named.
+
+    \b
+    Example:
+      quantfleet eval compare docs/reports/starter-x86-amx.json \\
+          docs/reports/starter-x86-avx2-qemu.json
+    """
+    from .compare import ReportMismatch, compare_reports
+    from .results import ReportFileError, load_report
+
+    try:
+        a, b = load_report(report_a), load_report(report_b)
+        la, lb = report_a.stem, report_b.stem
+        if la == lb:
+            la, lb = str(report_a), str(report_b)
+        comparison = compare_reports(a, b, la, lb)
+    except (ReportFileError, ReportMismatch) as exc:
+        raise click.ClickException(str(exc)) from None
+    from . import report as render
+
+    if md_path is not None:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(render.machines_markdown(comparison))
+    if as_json:
+        click.echo(comparison.model_dump_json(indent=1))
+        return
+    render.print_machines(comparison, _out)

@@ -14,7 +14,17 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from .results import Comparison, EvalReport, LogitSummary
+from quantfleet.agent.hardware import describe, llama_cpp_kernels
+from quantfleet.agent.wire import HardwareFingerprint
+
+from .results import (
+    Comparison,
+    EvalReport,
+    KernelPath,
+    LogitSummary,
+    MachineComparison,
+    VariantResult,
+)
 from .verdict import Verdict, VerdictPolicy
 
 
@@ -37,17 +47,71 @@ def _same(s: LogitSummary | None) -> str:
     return "–" if s is None else _pct(s.same_top)
 
 
+def runtime_cell(v: VariantResult) -> str:
+    """The runtime of a variant and, for onnxruntime, the execution provider that ran it."""
+    if not v.backend:
+        return "–"  # a report from before version 2
+    return v.backend + (f" ({', '.join(v.providers)})" if v.providers else "")
+
+
 def variant_rows(report: EvalReport) -> list[list[str]]:
     rows = []
     for v in report.variants:
         rows.append([v.name + (" (baseline)" if v.role == "baseline" else ""),
-                     f"{v.size_bytes / 1e6:.1f}", f"{v.bits_per_weight:.2f}",
+                     runtime_cell(v), f"{v.size_bytes / 1e6:.1f}", f"{v.bits_per_weight:.2f}",
                      f"{v.tokens_per_second:.1f}", f"{v.seconds_per_item:.2f}",
                      _rate(v.overall)])
     return rows
 
 
-VARIANT_HEADER = ["variant", "size MB", "bpw", "tokens/s", "s/item", "items passed [95% CI]"]
+VARIANT_HEADER = ["variant", "runtime", "size MB", "bpw", "tokens/s", "s/item",
+                  "items passed [95% CI]"]
+
+
+# -- where it was measured ---------------------------------------------------------------
+
+NOT_RECORDED = "not recorded (a report from before version 2)"
+
+
+def measured_on(hw: HardwareFingerprint | None, kernels: KernelPath | None = None) -> str:
+    """One line: the class, the CPU and the runtimes' kernels; says so when emulated."""
+    if hw is None:
+        return NOT_RECORDED
+    line = str(describe(hw))
+    if kernels is not None and kernels.onnxruntime_providers:
+        line += f" ({', '.join(kernels.onnxruntime_providers)})"
+    if kernels is not None and kernels.hidden_features:
+        line += f" · host features hidden by cpuid: {' '.join(kernels.hidden_features)}"
+    return line
+
+
+def hardware_rows(hw: HardwareFingerprint | None,
+                  kernels: KernelPath | None = None) -> list[list[str]]:
+    """The fingerprint and kernel path as (field, value) rows, for every format."""
+    if hw is None:
+        return [["hardware", NOT_RECORDED]]
+    cores = f"{hw.logical_cores} logical" + (
+        f", {hw.physical_cores} physical" if hw.physical_cores else "")
+    k = kernels or KernelPath()
+    rows = [
+        ["cpu", f"{hw.cpu_model} ({hw.cpu_vendor or 'vendor unknown'})"],
+        ["arch · class", f"{hw.arch} · {hw.cpu_class}"],
+        ["features", " ".join(hw.features) or "none reported"],
+        ["cores · memory", f"{cores} · {hw.memory_bytes / 2**30:.1f} GiB"],
+        ["llama.cpp", (f"llama-cpp-python {hw.llama_cpp_python}, built for "
+                       + (" ".join(llama_cpp_kernels(hw.llama_cpp_system_info)) or "?"))
+         if hw.llama_cpp_python else "not installed"],
+        ["llama.cpp system info", hw.llama_cpp_system_info or "–"],
+        ["onnxruntime", (hw.onnxruntime + (f" on {', '.join(k.onnxruntime_providers)}"
+                                           if k.onnxruntime_providers else ""))
+         if hw.onnxruntime else "not installed"],
+        ["OS kernel", hw.kernel or "–"],
+    ]
+    if k.hidden_features:
+        rows.append(["hidden by cpuid", " ".join(k.hidden_features)
+                     + " (the host has them; this process did not see them: emulated or "
+                       "masked)"])
+    return rows
 COMPARE_HEADER = ["candidate", "pass→fail", "fail→pass", "McNemar p", "KLD mean struct",
                   "KLD p99 struct", "KLD mean prose", "KLD p99 prose", "KLD max",
                   "same top struct", "same top prose", "Δp p1", "verdict"]
@@ -117,14 +181,22 @@ def print_report(report: EvalReport, verdicts: dict[str, Verdict], console: Cons
         v = verdicts.get(c.candidate)
         if v is not None and v.decision != "pass":
             console.print(f"  {v.summary()}")
+    console.print(f"measured on: {measured_on(report.hardware, report.kernels)}",
+                  highlight=False)
     console.print(f"{report.seconds:.0f} s in all")
 
 
 # -- Markdown -------------------------------------------------------------------------
 
+def _md_cell(text: str) -> str:
+    # llama.cpp's system info is full of "|": escaped, it stays inside its cell.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -147,6 +219,10 @@ def markdown(report: EvalReport, verdicts: dict[str, Verdict],
         f"Golden set: `{report.golden.path}` ({report.golden.items} of "
         f"{report.golden.total_items} items, sha256 {report.golden.sha256[:12]}), "
         f"finished {report.created_at}, {report.seconds:.0f} s.",
+        "",
+        "## Where it was measured",
+        "",
+        _md_table(["", "hardware and kernels"], hardware_rows(report.hardware, report.kernels)),
         "",
         "## Variants",
         "",
@@ -285,6 +361,8 @@ details { margin: 0.3rem 0; }
 Golden set <code>{{ r.golden.path }}</code>: {{ r.golden.items }} of {{ r.golden.total_items }}
 items (sha256 {{ r.golden.sha256[:12] }}) · finished {{ r.created_at }}
 · {{ "%.0f"|format(r.seconds) }} s</p>
+<h2>Where it was measured</h2>
+{{ hardware|safe }}
 <h2>Verdicts</h2>
 <p>{{ policy }}</p>
 <ul>{% for v in verdicts %}<li class="{{ v.decision }}">{{ v.summary() }}</li>{% endfor %}</ul>
@@ -335,6 +413,8 @@ def html(report: EvalReport, verdicts: dict[str, Verdict],
         variants=_html_table(VARIANT_HEADER, variant_rows(report)),
         compare=_html_table(COMPARE_HEADER, compare_rows(report, verdicts)),
         props=_html_table(header, rows), noise=noise_line(report), answers=answers,
+        hardware=_html_table(["", "hardware and kernels"],
+                             hardware_rows(report.hardware, report.kernels)),
         policy=policy_line(policy),
     )
 
@@ -346,3 +426,85 @@ def _label(report: EvalReport, name: str) -> str:
 def compare_rows(report: EvalReport, verdicts: dict[str, Verdict]) -> list[list[str]]:
     return [compare_row(c, verdicts.get(c.candidate), _label(report, c.candidate))
             for c in report.comparisons]
+
+
+# -- the same golden set on two machines (``quantfleet eval compare``) --------------------
+
+ACROSS_HEADER = ["variant", "runtime", "passed on {a}", "passed on {b}", "pass→fail",
+                 "fail→pass", "McNemar p", "answers differ", "items whose pass/fail differ"]
+KLD_ACROSS_HEADER = ["candidate", "tokens", "KLD mean {a}", "KLD mean {b}", "Δ mean",
+                     "KLD p99 {a}", "KLD p99 {b}", "Δ p99"]
+
+
+def _f(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.4f}" if signed else f"{x:.4f}"
+
+
+def across_rows(mc: MachineComparison) -> tuple[list[str], list[list[str]]]:
+    header = [h.format(a=mc.a.label, b=mc.b.label) for h in ACROSS_HEADER]
+    rows = []
+    for v in mc.variants:
+        flips = ", ".join(f"{f.item_id} ({f.direction})" for f in v.flips) or "none"
+        rows.append([v.precision + (" (baseline)" if v.role == "baseline" else ""),
+                     v.backend or "–", _rate(v.a), _rate(v.b), str(v.worse), str(v.better),
+                     f"{v.mcnemar_p:.3g}", f"{len(v.answers_differ)}/{v.n_items}", flips])
+    return header, rows
+
+
+def kld_across_rows(mc: MachineComparison) -> tuple[list[str], list[list[str]]]:
+    header = [h.format(a=mc.a.label, b=mc.b.label) for h in KLD_ACROSS_HEADER]
+    rows = []
+    for v in mc.variants:
+        for k in v.kld:
+            tokens = f"{k.a_tokens if k.a_tokens is not None else '–'} / " \
+                     f"{k.b_tokens if k.b_tokens is not None else '–'}"
+            rows.append([f"{v.precision} {k.split}", tokens, _f(k.a_mean), _f(k.b_mean),
+                         _f(k.mean_diff, True), _f(k.a_p99), _f(k.b_p99),
+                         _f(k.p99_diff, True)])
+    return header, rows
+
+
+def _sides(mc: MachineComparison) -> list[str]:
+    lines = []
+    for s in (mc.a, mc.b):
+        lines.append(f"{s.label}: {measured_on(s.hardware, s.kernels)} (finished "
+                     f"{s.created_at})")
+    if mc.a.hardware is not None and mc.b.hardware is not None:
+        ca, cb = mc.a.hardware.cpu_class, mc.b.hardware.cpu_class
+        lines.append(f"the same hardware class ({ca})" if ca == cb
+                     else f"different hardware classes: {ca} against {cb}")
+    return lines
+
+
+def print_machines(mc: MachineComparison, console: Console) -> None:
+    g = mc.golden
+    console.print(f"{g.items} items of {g.path} (sha256 {g.sha256[:12]}), baseline "
+                  f"{mc.baseline}, on two machines:", highlight=False)
+    for line in _sides(mc):
+        console.print(f"  {line}", highlight=False)
+    for title, (header, rows) in (
+            ("pass/fail per variant: " + f"{mc.a.label} against {mc.b.label}",
+             across_rows(mc)),
+            (f"KLD against {mc.baseline}, each machine's own (B − A)", kld_across_rows(mc))):
+        t = Table(title=title)
+        for i, h in enumerate(header):
+            t.add_column(h, justify="left" if i in (0, len(header) - 1) else "right",
+                         overflow="fold")
+        for row in rows:
+            t.add_row(*row)
+        console.print(t)
+
+
+def machines_markdown(mc: MachineComparison) -> str:
+    g = mc.golden
+    parts = [f"# {mc.a.label} against {mc.b.label}: {g.items} items of `{g.path}`", "",
+             f"Golden set sha256 {g.sha256[:12]}, baseline {mc.baseline}.", ""]
+    parts += [f"- {line}" for line in _sides(mc)]
+    header, rows = across_rows(mc)
+    parts += ["", "## Pass/fail per variant", "", _md_table(header, rows), ""]
+    header, rows = kld_across_rows(mc)
+    parts += [f"## KLD against {mc.baseline}, each machine's own", "",
+              _md_table(header, rows) if rows else "no candidate has KLD figures", ""]
+    return "\n".join(parts)

@@ -7,13 +7,18 @@ evaluation can be stored, shipped from a device, and judged later by
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from quantfleet.agent.wire import ValidationOutcome
+from quantfleet.agent.wire import HardwareFingerprint, ValidationOutcome
 
+#: The shape of a ``Comparison`` (and of reports before version 2).
 EVAL_SCHEMA_VERSION = 1
+#: The shape of an ``EvalReport``: version 2 added ``hardware`` and ``kernels``
+#: (where it was measured); version 1 reports still load, without them.
+REPORT_SCHEMA_VERSION = 2
 
 
 class _Data(BaseModel):
@@ -54,6 +59,12 @@ class VariantResult(_Data):
 
     name: str = Field(description="Catalog name of the variant.")
     precision: str = Field(description="Precision label (F16, Q8_0, ...).")
+    backend: str = Field("", description="The runtime that ran it: llama.cpp or onnxruntime "
+                         "(empty in reports before version 2).")
+    providers: list[str] = Field(
+        default_factory=list,
+        description="onnxruntime's execution providers for this variant's session, in "
+        "priority order (empty for llama.cpp).")
     role: Literal["baseline", "candidate"] = Field(
         description="The baseline, or a candidate measured against it.")
     load: dict[str, object] = Field(description="LoadOptions used (threads, batch, ...).")
@@ -136,12 +147,35 @@ class GoldenInfo(_Data):
     seed: int = Field(description="Seed of the sample and the generation.")
 
 
+class KernelPath(_Data):
+    """Which kernels the runtimes ran: what a report measured besides the files."""
+
+    llama_cpp_python: str = Field("", description="llama-cpp-python version (empty: absent).")
+    llama_cpp_system_info: str = Field(
+        "", description="llama.cpp's system info: the CPU features its build uses.")
+    onnxruntime: str = Field("", description="onnxruntime version (empty: absent).")
+    onnxruntime_providers: list[str] = Field(
+        default_factory=list,
+        description="Execution providers the ONNX variants' sessions ran on.")
+    hidden_features: list[str] = Field(
+        default_factory=list,
+        description="Features /proc/cpuinfo lists but cpuid hides from the process: the "
+        "host's, masked by an emulator (qemu-user) or a hypervisor. Non-empty means the "
+        "kernels ran for the fingerprint's features, not the host's.")
+
+
 class EvalReport(_Data):
     """The whole evaluation: ``quantfleet eval --json``."""
 
-    schema_version: int = Field(EVAL_SCHEMA_VERSION, description="Shape version.")
+    schema_version: int = Field(REPORT_SCHEMA_VERSION,
+                                description="Shape version (2 added hardware and kernels).")
     created_at: str = Field(description="UTC time the run finished.")
     command: str = Field(description="The command line that produced it.")
+    hardware: HardwareFingerprint | None = Field(
+        None, description="Where it was measured (absent in reports before version 2).")
+    kernels: KernelPath | None = Field(
+        None, description="The kernel path: runtime versions, llama.cpp's build features, "
+        "onnxruntime's execution providers (absent before version 2).")
     golden: GoldenInfo = Field(description="What was evaluated.")
     baseline: str = Field(description="Baseline variant name.")
     variants: list[VariantResult] = Field(description="Every variant, baseline first.")
@@ -155,3 +189,118 @@ class EvalReport(_Data):
     seconds: float = Field(description="Wall time of the whole evaluation.")
     teacher_forcing_seconds: float | None = Field(
         None, description="Wall time of the teacher-forcing phase (all backends).")
+
+
+# -- one golden set measured on two machines (``quantfleet eval compare``) ----------------
+
+class MachineInfo(_Data):
+    """One side of a cross-machine comparison: which report, measured where."""
+
+    label: str = Field(description="How the comparison names this side (the file's name).")
+    created_at: str = Field(description="When its evaluation finished.")
+    command: str = Field(description="The command line that produced it.")
+    hardware: HardwareFingerprint | None = Field(description="Its fingerprint (None: a "
+                                                 "report from before version 2).")
+    kernels: KernelPath | None = Field(description="Its kernel path (None: before version 2).")
+
+
+class KldAcross(_Data):
+    """One KLD split of one candidate (against the same baseline) on both machines."""
+
+    split: Literal["all", "structured", "prose"] = Field(description="Which tokens.")
+    a_tokens: int | None = Field(description="Tokens scored on A (None: none).")
+    b_tokens: int | None = Field(description="Tokens scored on B (None: none).")
+    a_mean: float | None = Field(description="Mean KLD on A.")
+    b_mean: float | None = Field(description="Mean KLD on B.")
+    mean_diff: float | None = Field(description="b_mean - a_mean (positive: worse on B).")
+    a_p99: float | None = Field(description="p99 KLD on A.")
+    b_p99: float | None = Field(description="p99 KLD on B.")
+    p99_diff: float | None = Field(description="b_p99 - a_p99 (positive: worse on B).")
+
+
+class VariantAcross(_Data):
+    """One variant's answers to the same items on two machines, paired by item."""
+
+    name: str = Field(description="Catalog name of the variant (the same file on both).")
+    precision: str = Field(description="Precision label.")
+    role: Literal["baseline", "candidate"] = Field(description="Its role in both reports.")
+    backend: str = Field(description="Its runtime (empty when neither report says).")
+    n_items: int = Field(description="Items both machines answered.")
+    a: Rate = Field(description="Items passed on A.")
+    b: Rate = Field(description="Items passed on B.")
+    worse: int = Field(description="Items passing on A and failing on B.")
+    better: int = Field(description="Items failing on A and passing on B.")
+    mcnemar_p: float = Field(description="Exact McNemar p-value of A against B, two-sided.")
+    flips: list[Flip] = Field(description="Every item whose pass/fail differs; pass->fail "
+                              "means it passes on A and fails on B.")
+    answers_differ: list[str] = Field(
+        description="Items whose answer text differs between the machines (pass/fail "
+        "the same or not): the greedy path moved.")
+    tokens_per_second: tuple[float, float] = Field(description="(A, B) generation rate.")
+    kld: list[KldAcross] = Field(description="Against the baseline, per split (empty for "
+                                 "the baseline itself).")
+
+
+class MachineComparison(_Data):
+    """Two reports of the same golden set, variants and baseline from two machines."""
+
+    schema_version: int = Field(1, description="Shape version.")
+    golden: GoldenInfo = Field(description="The golden set both evaluated (A's record).")
+    baseline: str = Field(description="The baseline of both reports.")
+    a: MachineInfo = Field(description="The first report.")
+    b: MachineInfo = Field(description="The second report.")
+    same_class: bool | None = Field(description="Whether both fingerprints have the same "
+                                    "hardware class (None: a side has no fingerprint).")
+    variants: list[VariantAcross] = Field(description="Every variant, baseline first.")
+
+
+class ReportFileError(ValueError):
+    """A report file that cannot be read; the message names the file and what is wrong."""
+
+
+def parse_report(text: str | bytes, where: str = "<report>") -> EvalReport:
+    """An ``EvalReport`` from the text of ``quantfleet eval --json-out`` (or a bare report).
+
+    Every problem is a ``ReportFileError`` naming ``where`` and the field:
+    not JSON, not a report, a newer shape than this quantfleet reads, or a bad
+    field (``report.variants.0.items.3.passed: Input should be a valid boolean``).
+    """
+    import json
+
+    from pydantic import ValidationError
+
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError: ValueError
+        raise ReportFileError(f"{where}: not JSON ({exc})") from None
+    prefix = ""
+    if isinstance(doc, dict) and isinstance(doc.get("report"), dict):
+        doc, prefix = doc["report"], "report."
+    if not isinstance(doc, dict) or "variants" not in doc or "golden" not in doc:
+        raise ReportFileError(f"{where}: not an evaluation report (expected the JSON of "
+                              "`quantfleet eval --json-out`, with report.golden and "
+                              "report.variants)")
+    version = doc.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) \
+            and version > REPORT_SCHEMA_VERSION:
+        raise ReportFileError(f"{where}: {prefix}schema_version {version} is newer than this "
+                              f"quantfleet reads (up to {REPORT_SCHEMA_VERSION}); upgrade it")
+    try:
+        return EvalReport.model_validate(doc)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ReportFileError(f"{where}: {prefix}{loc}: {msg}{more}") from None
+
+
+def load_report(path: Path) -> EvalReport:
+    """``parse_report`` of a file; an unreadable file is a ``ReportFileError`` too."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ReportFileError(f"{path}: {exc.strerror or exc}") from None
+    return parse_report(data, str(path))

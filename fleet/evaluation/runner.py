@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 
 from quantfleet.agent.backends import Backend, LoadOptions, load_backend
 from quantfleet.agent.config import AgentConfig
+from quantfleet.agent.hardware import fingerprint, hidden_features
+from quantfleet.agent.wire import HardwareFingerprint
 from quantfleet.models.catalog import Catalog, VariantEntry, now_iso
 
 from .checks import check_item
@@ -32,7 +34,7 @@ from .metrics import (
     divergence,
     structured_mask,
 )
-from .results import Comparison, EvalReport, GoldenInfo, ItemRun, VariantResult
+from .results import Comparison, EvalReport, GoldenInfo, ItemRun, KernelPath, VariantResult
 from .serve import Answer, answer
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class VariantRun:
         e = self.entry
         return VariantResult(
             name=self.name, precision=self.precision, role=self.role,
+            backend=self.backend.kind, providers=session_providers(self.backend),
             load={k: v for k, v in asdict(self.load).items() if k != "warmup"},
             size_bytes=e.size_bytes if e else self.backend.path.stat().st_size,
             sha256=e.sha256 if e else "",
@@ -97,6 +100,28 @@ class VariantRun:
             properties=property_rates(self.runs), categories=category_rates(self.runs),
             items=self.runs,
         )
+
+
+def session_providers(backend: Backend) -> list[str]:
+    """onnxruntime's execution providers of an ONNX backend's session ([] for llama.cpp).
+
+    Read from the live session, so a report says what ran, not what was asked for.
+    """
+    session = getattr(backend, "_session", None)  # OnnxBackend's InferenceSession
+    get = getattr(session, "get_providers", None)
+    return [str(p) for p in get()] if callable(get) else []
+
+
+def kernel_path(runs: Sequence[VariantRun]) -> tuple[HardwareFingerprint, KernelPath]:
+    """This machine's fingerprint and the kernels the runs' runtimes used on it."""
+    hw = fingerprint()
+    providers: list[str] = []
+    for r in runs:
+        providers += [p for p in session_providers(r.backend) if p not in providers]
+    return hw, KernelPath(llama_cpp_python=hw.llama_cpp_python,
+                          llama_cpp_system_info=hw.llama_cpp_system_info,
+                          onnxruntime=hw.onnxruntime, onnxruntime_providers=providers,
+                          hidden_features=hidden_features(hw))
 
 
 def run_items(backend: Backend, items: Sequence[GoldenItem], seed: int = 0,
@@ -223,8 +248,9 @@ def evaluate(catalog: Catalog, golden: GoldenSet, variants: Sequence[str], basel
         noise_load: dict[str, object] = {
             k: v for k, v in asdict(opts.load(noise=True)).items() if k != "warmup"}
         noise_load["items"] = min(len(items), opts.noise_items or len(items))
+        hardware, kernels = kernel_path(runs)
         return EvalReport(
-            created_at=now_iso(), command=command,
+            created_at=now_iso(), command=command, hardware=hardware, kernels=kernels,
             golden=GoldenInfo(path=golden.path, sha256=golden.sha256, items=len(items),
                               total_items=len(golden.items), sample=sample, seed=opts.seed),
             baseline=runs[0].name, variants=[r.result() for r in runs],

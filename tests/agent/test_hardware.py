@@ -7,7 +7,16 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quantfleet.agent.hardware import parse_cpuinfo, read_fingerprint
+from quantfleet.agent.hardware import (
+    X86_FEATURES,
+    describe,
+    hidden_features,
+    llama_cpp_kernels,
+    parse_cpuinfo,
+    parse_system_info,
+    read_fingerprint,
+    x86_cpuid_features,
+)
 from quantfleet.agent.wire import CPU_CLASSES, HardwareFingerprint, cpu_class, hardware_labels
 
 EPYC = """processor\t: 0
@@ -90,3 +99,97 @@ def test_any_cpuinfo_text_parses_without_error(text: str, arch: str) -> None:
     assert isinstance(model, str) and isinstance(vendor, str) and "\n" not in model
     assert features == sorted(set(features))
     assert cpu_class(arch, features)
+
+
+# -- what cpuid tells this process (x86-64) ---------------------------------------------
+
+# numpy dispatches its own kernels on cpuid and names what it found; where it knows a
+# feature, it must agree with ours (an independent check of the leaf/bit table).
+NUMPY_NAMES = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA3", "f16c": "F16C", "bmi2": "BMI2",
+               "sse4_2": "SSE42", "avx512f": "AVX512F", "avx512bw": "AVX512BW",
+               "avx512vl": "AVX512VL", "avx512vbmi": "AVX512VBMI",
+               "avx512_vnni": "AVX512VNNI", "avx512_bf16": "AVX512BF16",
+               "avx512_fp16": "AVX512FP16"}
+
+
+def _x86_cpuid() -> set[str]:
+    import platform
+
+    import pytest
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("cpuid is an x86-64 instruction")
+    visible = x86_cpuid_features()
+    if visible is None:
+        pytest.skip("this system refuses executable memory (W^X); /proc/cpuinfo alone is used")
+    return set(visible)
+
+
+def test_cpuid_agrees_with_numpy_and_with_the_llama_cpp_build() -> None:
+    from numpy._core._multiarray_umath import __cpu_features__ as numpy_features
+
+    visible = _x86_cpuid()
+    for ours, theirs in NUMPY_NAMES.items():
+        assert (ours in visible) == bool(numpy_features[theirs]), ours
+    # The project's llama.cpp build needs AVX2/FMA/F16C; that it runs proves them.
+    kernels = llama_cpp_kernels(read_fingerprint().llama_cpp_system_info)
+    for need, feature in (("AVX2", "avx2"), ("FMA", "fma"), ("F16C", "f16c")):
+        if need in kernels:
+            assert feature in visible
+
+
+def test_cpuid_only_takes_features_away(tmp_path: Path) -> None:
+    visible = _x86_cpuid()
+    # A kernel that claims every feature (the host seen through an emulator that hides
+    # some): the fingerprint keeps only what cpuid shows, and names the rest as hidden.
+    everything = tmp_path / "cpuinfo"
+    everything.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Host\n"
+                          f"flags\t\t: {' '.join(X86_FEATURES)}\n")
+    hw = read_fingerprint(everything, runtimes=False)
+    assert set(hw.features) == visible & set(X86_FEATURES)
+    assert hw.cpu_class == cpu_class("x86_64", sorted(visible))
+    assert hidden_features(hw, everything) == sorted(set(X86_FEATURES) - visible)
+    # ...and never adds one the kernel does not report.
+    _, _, few = parse_cpuinfo(EPYC, "x86_64")
+    (tmp_path / "epyc").write_text(EPYC)
+    assert set(read_fingerprint(tmp_path / "epyc", runtimes=False).features) <= set(few)
+    assert read_fingerprint(tmp_path / "epyc", runtimes=False, cpuid=False).features == few
+
+
+# -- llama.cpp's system info string ---------------------------------------------------------
+
+def test_system_info_is_read_per_backend() -> None:
+    text = ("CUDA : ARCHS = 890 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | "
+            "CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | AVX512 = 0 | LLAMAFILE = 1 |")
+    info = parse_system_info(text)
+    assert info["CUDA"]["ARCHS"] == "890"
+    assert info["CPU"] == {"SSE3": "1", "AVX": "1", "AVX2": "1", "AVX512": "0",
+                           "LLAMAFILE": "1"}
+    assert llama_cpp_kernels(text) == ["SSE3", "AVX", "AVX2", "LLAMAFILE"]
+    assert llama_cpp_kernels("") == []
+
+
+_KEY = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_", min_size=1, max_size=12)
+
+
+@given(st.dictionaries(_KEY, st.dictionaries(_KEY, st.sampled_from(["0", "1", "890"]),
+                                             min_size=1, max_size=6), max_size=3))
+def test_a_well_formed_system_info_round_trips(backends: dict[str, dict[str, str]]) -> None:
+    text = " | ".join(f"{b} : " + " | ".join(f"{k} = {v}" for k, v in kv.items())
+                      for b, kv in backends.items()) + (" |" if backends else "")
+    assert parse_system_info(text) == backends
+
+
+@given(st.text(max_size=500))
+def test_any_system_info_text_parses_without_error(text: str) -> None:
+    info = parse_system_info(text)
+    assert all(isinstance(v, dict) for v in info.values())
+    assert isinstance(llama_cpp_kernels(text), list)
+
+
+def test_describe_names_the_class_and_the_llama_cpp_kernels() -> None:
+    hw = read_fingerprint()
+    line = describe(hw)
+    assert line.startswith(hw.cpu_class) and hw.cpu_model in line
+    for kernel in llama_cpp_kernels(hw.llama_cpp_system_info):
+        assert kernel in line

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from quantfleet.agent.wire import HardwareFingerprint, cpu_class, hardware_labels
 from quantfleet.fleet.cohorts import Selector, SelectorError, parse_labels
 
 DEVICES = [
@@ -41,6 +42,41 @@ def test_labels_parse() -> None:
     assert parse_labels(["hw=rpi5", "region=eu"]) == {"hw": "rpi5", "region": "eu"}
     with pytest.raises(SelectorError, match="must be key=value"):
         parse_labels(["hw"])
+    with pytest.raises(SelectorError, match="must be key=value"):
+        parse_labels(["hw=rpi5\n"])  # a trailing newline is not part of a value
+
+
+def _hw(arch: str, features: list[str]) -> dict[str, object]:
+    hw = HardwareFingerprint(arch=arch, cpu_model="x", features=features,
+                             cpu_class=cpu_class(arch, features), logical_cores=1,
+                             memory_bytes=1)
+    return {"region": "eu", **hardware_labels(hw)}
+
+
+HARDWARE = [
+    {"device_id": "epyc", "labels": _hw("x86_64", ["avx2", "fma", "f16c"])},
+    {"device_id": "alder", "labels": _hw("x86_64", ["avx2", "avx_vnni"])},
+    {"device_id": "spr", "labels": _hw("x86_64", ["avx2", "avx512f", "avx512_vnni",
+                                                  "amx_int8"])},
+    {"device_id": "graviton", "labels": _hw("aarch64", ["asimd", "dotprod", "i8mm"])},
+    {"device_id": "pi4", "labels": _hw("aarch64", ["asimd"])},
+    {"device_id": "old", "labels": {"region": "eu"}},  # an agent from before fingerprints
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("cpu.class=x86-avx2", ["epyc"]),
+    ("cpu.vnni=false", ["epyc"]),
+    ("cpu.vnni=true", ["alder", "spr"]),
+    ("cpu.arch=x86_64,cpu.avx512=false", ["epyc", "alder"]),
+    ("cpu.class=x86-avx2|x86-avx2-vnni", ["epyc", "alder"]),
+    ("cpu.arch=aarch64,cpu.dotprod=false", ["pi4"]),
+    ("cpu.i8mm=true", ["graviton"]),
+    ("!cpu.class", ["old"]),
+    ("region=eu,cpu.class!=x86-amx", ["epyc", "alder", "graviton", "pi4", "old"]),
+])
+def test_selectors_on_the_labels_derived_from_hardware(text: str, expected: list[str]) -> None:
+    assert Selector.parse(text).select(HARDWARE) == expected
 
 
 token = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,10}", fullmatch=True)

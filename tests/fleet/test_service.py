@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from quantfleet.agent.signing import generate_keypair, load_public_key, verify
 from quantfleet.agent.wire import (
     DesiredPayload,
+    HardwareFingerprint,
     RequestEvent,
     StatusPayload,
     TelemetryBatch,
@@ -217,6 +218,128 @@ def test_an_operator_sees_groups_and_points_the_fleet(setup: tuple[Fleet, str, P
         for name in ("dev-1", "dev-2", "dev-3"):
             for leaf in ("status", "desired"):
                 publish(dev, device_topic(name, leaf, root), b"", retain=True)
+        dev.disconnect()
+        dev.loop_stop()
+
+
+def _fingerprint(cpu_model: str, features: list[str]) -> HardwareFingerprint:
+    from quantfleet.agent.wire import cpu_class
+
+    return HardwareFingerprint(
+        arch="x86_64", cpu_model=cpu_model, features=features,
+        cpu_class=cpu_class("x86_64", features), logical_cores=2, memory_bytes=8 << 30,
+        llama_cpp_system_info="CPU : SSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 |",
+        llama_cpp_python="0.3.36", onnxruntime="1.31.1")
+
+
+EPYC = _fingerprint("AMD EPYC 7B13", ["avx", "avx2", "bmi2", "f16c", "fma", "sse4_2"])
+SAPPHIRE = _fingerprint("Intel Xeon Platinum 8481C", [
+    "amx_int8", "amx_tile", "avx", "avx2", "avx512_vnni", "avx512bw", "avx512f", "avx512vl",
+    "avx_vnni", "bmi2", "f16c", "fma", "sse4_2"])
+
+
+def test_devices_cohorts_and_signals_by_hardware_class(setup: tuple[Fleet, str, Path]) -> None:
+    """Births with fingerprints: the class in `devices list`, cpu.* selectors everywhere,
+    `signals --by cpu.class`, labels an operator cannot override, and the read API."""
+    fleet, root, _ = setup
+    cfg = str(fleet.config)
+    dev = device("hw")
+    names = ("avx2-1", "amx-1", "old-1")
+    try:
+        for name, hw, variant, failing in [("avx2-1", EPYC, "smollm2-135m-Q8_0", 10),
+                                           ("amx-1", SAPPHIRE, "smollm2-135m-Q8_0", 0),
+                                           ("old-1", None, "smollm2-135m-Q4_K_M", 5)]:
+            publish(dev, device_topic(name, "status", root), StatusPayload(
+                device_id=name, state="online", boot_epoch=1, reason="birth", ts=time.time(),
+                labels={"region": "eu"}, hardware=hw).model_dump_json(), retain=True)
+            publish(dev, device_topic(name, "telemetry", root),
+                    requests(name, variant, 50, failing=failing).model_dump_json())
+
+        def listed(*selector: str) -> list[dict]:  # type: ignore[type-arg]
+            return json.loads(run("devices", "list", "--config", cfg, "--json", *selector))
+
+        wait_for(lambda: len(listed()) == 3 and all(d["online"] for d in listed())
+                 and sum(json.loads(run("signals", "--config", cfg, "--json"))["variants"][i]
+                         ["requests"] for i in range(2)) == 150, 15)
+        by_id = {d["device_id"]: d for d in listed()}
+        assert HardwareFingerprint.model_validate(by_id["avx2-1"]["hardware"]) == EPYC
+        assert by_id["avx2-1"]["labels"] == {"region": "eu", "cpu.arch": "x86_64",
+                                             "cpu.class": "x86-avx2", "cpu.vnni": "false",
+                                             "cpu.avx512": "false"}
+        assert by_id["amx-1"]["labels"]["cpu.class"] == "x86-amx"
+        assert by_id["old-1"]["hardware"] == {} and "cpu.class" not in by_id["old-1"]["labels"]
+
+        def ids(selector: str) -> list[str]:
+            return [d["device_id"] for d in listed("--selector", selector)]
+
+        assert ids("cpu.class=x86-avx2") == ["avx2-1"]
+        assert ids("cpu.vnni=false") == ["avx2-1"]
+        assert ids("cpu.vnni=true,region=eu") == ["amx-1"]
+        assert ids("cpu.class=x86-avx2|x86-amx") == ["amx-1", "avx2-1"]
+        assert ids("!cpu.class") == ["old-1"]
+        from quantfleet.fleet.commands import console
+        width = console.width
+        console.width = 200
+        try:
+            table = run("devices", "list", "--config", cfg)
+        finally:
+            console.width = width
+        assert "hardware" in table and "x86-avx2" in table and "x86-amx" in table, table
+
+        # An operator's labels replace the device's, but not the facts derived from its
+        # hardware: a clashing cpu.* label is refused with a word why.
+        result = CliRunner().invoke(cli, ["devices", "label", "--config", cfg, "avx2-1",
+                                          "hw=epyc", "cpu.class=x86-amx"])
+        assert result.exit_code == 0, result.output
+        assert "cpu.class=x86-amx not set: cpu.class is derived from the device's hardware " \
+               "(x86-avx2)" in result.stderr
+        labels = {d["device_id"]: d["labels"] for d in listed()}["avx2-1"]
+        assert labels["hw"] == "epyc" and labels["cpu.class"] == "x86-avx2"
+        assert "region" not in labels  # replaced, as `devices label` always did
+
+        cohort = json.loads(run("cohorts", "show", "--config", cfg, "cpu.avx512=false",
+                                "--json"))
+        assert cohort["devices"] == ["avx2-1"]
+        assert cohort["hardware_classes"] == {"x86-avx2": 1}
+        everyone = run("cohorts", "show", "--config", cfg, "*")
+        assert "hardware: - 1, x86-amx 1, x86-avx2 1" in everyone
+
+        sig = json.loads(run("signals", "--config", cfg, "--by", "cpu.class", "--json"))
+        assert sig["by"] == ["cpu.class"]
+        rows = {(s["group"], s["by"]["cpu.class"]): s for s in sig["variants"]}
+        assert set(rows) == {("smollm2-135m-Q8_0", "x86-amx"), ("smollm2-135m-Q8_0", "x86-avx2"),
+                             ("smollm2-135m-Q4_K_M", "-")}
+        assert rows[("smollm2-135m-Q8_0", "x86-avx2")]["validation_failure"]["k"] == 10
+        assert rows[("smollm2-135m-Q8_0", "x86-amx")]["validation_failure"]["k"] == 0
+        assert rows[("smollm2-135m-Q8_0", "x86-amx")]["requests"] == 50
+        only = json.loads(run("signals", "--config", cfg, "--cohort", "cpu.class=x86-avx2",
+                              "--json"))
+        assert [(s["group"], s["requests"]) for s in only["variants"]] == [
+            ("smollm2-135m-Q8_0", 50)]
+        two = json.loads(run("signals", "--config", cfg, "--by", "cpu.vnni", "--by", "hw",
+                             "--json"))
+        assert {(s["by"]["cpu.vnni"], s["by"]["hw"]) for s in two["variants"]} == {
+            ("false", "epyc"), ("true", "-"), ("-", "-")}
+        width = console.width
+        console.width = 200
+        try:
+            table = run("signals", "--config", cfg, "--by", "cpu.class")
+        finally:
+            console.width = width
+        assert "cpu.class" in table and "x86-avx2" in table and "x86-amx" in table, table
+        bad = CliRunner().invoke(cli, ["signals", "--config", cfg, "--by", "cpu class"])
+        assert bad.exit_code == 2 and "'cpu class' is not a label key" in bad.output
+
+        http = httpx.get(f"{fleet.url}/v1/devices",
+                         params={"selector": "cpu.class=x86-amx"}).json()
+        assert [d["device_id"] for d in http["devices"]] == ["amx-1"]
+        assert HardwareFingerprint.model_validate(http["devices"][0]["hardware"]) == SAPPHIRE
+        http = httpx.get(f"{fleet.url}/v1/signals", params={"by": "cpu.class"}).json()
+        assert {(s["group"], s["by"]["cpu.class"]) for s in http["variants"]} == set(rows)
+        assert httpx.get(f"{fleet.url}/v1/signals", params={"by": "a b"}).status_code == 400
+    finally:
+        for name in names:
+            publish(dev, device_topic(name, "status", root), b"", retain=True)
         dev.disconnect()
         dev.loop_stop()
 
