@@ -29,6 +29,7 @@ import paho.mqtt.client as mqtt
 
 from quantfleet.agent.backends import LoadOptions, load_backend
 from quantfleet.agent.config import AgentConfig, UpdateConfig
+from quantfleet.agent.hardware import fingerprint
 from quantfleet.agent.serving.routing import ModelSet
 from quantfleet.agent.signing import load_public_key
 from quantfleet.agent.soak import SoakPolicy, SoakWatch
@@ -150,8 +151,10 @@ class ServingHooks:
             base.close()
         verdict = judge(comparison, policy)
         log.info("pre-flight in %.0f s: %s", time.monotonic() - started, verdict.evidence())
+        # Where it ran is part of the evidence: the same files run other kernels elsewhere.
         return Check(verdict.decision == "pass",
-                     f"{len(items)} items vs {baseline}: {verdict.evidence()}")
+                     f"{len(items)} items vs {baseline} on {fingerprint().cpu_class}: "
+                     f"{verdict.evidence()}")
 
     def activate(self, entry: VariantEntry) -> None:
         timeout = 600.0 + self.config.concurrency.deadline_s
