@@ -38,9 +38,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from quantfleet.fleet.cohorts import Selector
-from quantfleet.fleet.store import Store
-
+from ..cohorts import Selector
+from ..store import Store
 from .gates import combine
 from .repository import AuditRecord, Pin, RolloutRepository
 from .samples import Member

@@ -20,8 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, select, update
 
-from quantfleet.fleet.store import Store, schema
-
+from ..store import Store, schema
 from .gates import Sample
 from .samples import Member, read_samples
 from .states import ACTIVE, RolloutError
