@@ -367,3 +367,27 @@ def test_the_fleet_service_shows_what_is_acknowledged(
         assert row["delivery"]["attempts"] == 1
     finally:
         fleet.stop()
+
+
+def test_rollout_abort_says_which_canaries_the_broker_did_not_acknowledge(
+        side: Side, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_url: str) -> None:
+    from quantfleet.fleet.rollouts import cli as rollout_cli
+
+    fleet, _ = make_fleet(tmp_path / "cli", store_url, models_dir(tmp_path / "m"),
+                          broker=f"mqtt://127.0.0.1:{side.broker.port}")
+    monkeypatch.setattr(rollout_cli, "ACK_TIMEOUT_S", 1.0)
+    fleet_of(side.store, 2)
+    engine = engine_over(side)
+    engine.create(RolloutSpec.model_validate({
+        "name": "r1", "cohort": "region=eu", "from": BASE, "to": CANDIDATE,
+        "steps": ["100%"], "holdback": 0}))
+    engine.tick()
+    side.sigstop()  # the operator's command connects, and nothing is acknowledged
+    result = CliRunner().invoke(cli, ["rollout", "abort", "--config", str(fleet.config), "r1"])
+    side.sigcont()
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "rollout r1: aborted\n"  # the rollback is recorded either way
+    assert result.stderr.splitlines() == [
+        f"desired state for d000{i} was not acknowledged by the broker within 1 s (stored "
+        "as revision 2; it is re-published when the fleet restarts)" for i in range(2)]
+    assert {(p.variant, p.revision) for p in side.store.desired()} == {(BASE, 2)}
