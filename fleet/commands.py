@@ -20,6 +20,7 @@ from .cli_options import _config, _desired_state, _disconnect, _selector, _store
 from .cohorts import SelectorError, parse_labels
 
 console = Console()
+ACK_TIMEOUT_S = 10.0  # how long `desired set` waits for the broker's acknowledgements
 
 def _label_keys(ctx: click.Context, param: click.Parameter,
                 value: tuple[str, ...]) -> tuple[str, ...]:
@@ -320,11 +321,14 @@ def desired_set(config_path: Path, selector: str | None, devices: tuple[str, ...
                 variant: str) -> None:
     """Point devices at a variant: signed, retained, delivered when they come back.
 
+    Waits up to 10 s for the broker to acknowledge every device's desired state, and
+    says which it did not (they are stored, and re-published when the fleet restarts).
+
     \b
     Example:
       quantfleet desired set --cohort hw=rpi5 --variant Q4_K_M
     """
-    from .desired import DesiredStateError
+    from .desired import DesiredStateError, unacknowledged_message
 
     if not selector and not devices:
         raise click.UsageError("give --cohort SELECTOR or --device ID")
@@ -338,12 +342,18 @@ def desired_set(config_path: Path, selector: str | None, devices: tuple[str, ...
     desired, client = _desired_state(cfg, store, "cli")
     try:
         done = desired.set_variant(ids, variant)
+        # This command's own publications, waited for here: outside any rollout tick.
+        missing = desired.wait_acknowledged(done, ACK_TIMEOUT_S)
     except DesiredStateError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         _disconnect(client)
+    unacked = {d.device_id for d in missing}
     for p in done:
-        console.print(f"{p.device_id}: {p.variant} (revision {p.revision})")
+        if p.device_id not in unacked:
+            console.print(f"{p.device_id}: {p.variant} (revision {p.revision})")
+    if missing:
+        raise click.ClickException(unacknowledged_message(missing, ACK_TIMEOUT_S))
 
 
 @click.command(name="signals")

@@ -1,9 +1,12 @@
 """``quantfleet serve``: ingest, desired state, artifacts and the read API in one process.
 
 At start the fleet opens (and migrates) its store, connects its ingest to the
-broker, re-publishes every stored desired state (a broker that lost its
-retained messages converges), then serves HTTP: the artifacts devices fetch
-and a small read API for consoles and scripts.
+broker, starts its desired-state publisher and re-publishes every stored
+desired state through it (a broker that lost its retained messages
+converges), then serves HTTP: the artifacts devices fetch and a small read
+API for consoles and scripts. The rollout ticker never waits on the broker:
+desired state is stored, queued and acknowledged in the background
+(``desired.py``); ``/healthz`` and ``/v1/desired`` show what is acknowledged.
 """
 
 from __future__ import annotations
@@ -116,7 +119,8 @@ class FleetService:
         self.ingest.start()
         self.publisher.connect(host, port, keepalive=self.cfg.mqtt.keepalive_s)
         self.publisher.loop_start()
-        self.desired.republish()
+        self.desired.start()
+        self.desired.republish()  # queued: sent as soon as the client is connected
         self._ticker.start()
         return self
 
@@ -124,6 +128,8 @@ class FleetService:
         self._stop.set()
         if self._ticker.is_alive():
             self._ticker.join(30)
+        # What is not acknowledged by then is in the store, re-published at the next start.
+        self.desired.stop(flush_s=2.0)
         self.ingest.stop()
         self.publisher.disconnect()
         self.publisher.loop_stop()
@@ -135,8 +141,23 @@ class FleetService:
 
         async def health(request: Request) -> Response:
             ok = self.ingest.connected.is_set()
-            body: dict[str, Any] = {"ingest_connected": ok, "stats": vars(self.ingest.stats)}
+            body: dict[str, Any] = {"ingest_connected": ok, "stats": vars(self.ingest.stats),
+                                    "desired": self.desired.status()}
             return JSONResponse(body, status_code=200 if ok else 503)
 
-        return Starlette(routes=[Route("/healthz", health), *read_api(self.store),
-                                 Mount("/", app=artifacts)])
+        async def desired(request: Request) -> Response:
+            """Every stored desired state, and whether this fleet's publication of it
+            was acknowledged by the broker (null: not published by this process)."""
+            sent = {d.device_id: d for d in self.desired.publisher.deliveries()}
+            rows = []
+            for p in self.store.desired():
+                d = sent.get(p.device_id)
+                mine = d if d is not None and d.revision == p.revision else None
+                rows.append({"device_id": p.device_id, "revision": p.revision,
+                             "variant": p.variant, "rollout_id": p.rollout_id,
+                             "acknowledged": mine.acknowledged if mine else None,
+                             "delivery": mine.to_json() if mine else None})
+            return JSONResponse({"desired": rows})
+
+        return Starlette(routes=[Route("/healthz", health), Route("/v1/desired", desired),
+                                 *read_api(self.store), Mount("/", app=artifacts)])

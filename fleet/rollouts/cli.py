@@ -12,21 +12,17 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from quantfleet.fleet.cli_options import (
-    _config,
-    _desired_state,
-    _disconnect,
-    _store,
-    config_option,
-)
-
+from ..cli_options import _config, _desired_state, _disconnect, _store, config_option
+from ..desired import DesiredState, unacknowledged_message
 from .engine import RolloutEngine, RolloutError
 from .spec import SpecError, load_spec
 
 console = Console()
+ACK_TIMEOUT_S = 10.0  # how long a command that points devices waits for the broker
 
 
-def _engine(config_path: Path, *, assign: bool = False) -> tuple[RolloutEngine, Any]:
+def _engine(config_path: Path, *, assign: bool = False
+            ) -> tuple[RolloutEngine, DesiredState | None]:
     cfg = _config(config_path)
     store = _store(cfg)
 
@@ -39,16 +35,30 @@ def _engine(config_path: Path, *, assign: bool = False) -> tuple[RolloutEngine, 
         except CatalogError as exc:
             raise click.ClickException(str(exc)) from None
 
-    client = None
+    desired: DesiredState | None = None
     if assign:
-        desired, client = _desired_state(cfg, store, "rollout")
+        desired, _client = _desired_state(cfg, store, "rollout")
+        setter = desired
 
         def do_assign(ids: Any, variant: str, rollout_id: str) -> None:
-            desired.set_variant(ids, variant, rollout_id=rollout_id, actor="rollout")
+            setter.set_variant(ids, variant, rollout_id=rollout_id, actor="rollout")
     else:
         def do_assign(ids: Any, variant: str, rollout_id: str) -> None:
             raise click.ClickException("internal: this command does not assign devices")
-    return RolloutEngine(store, do_assign, resolve), client
+    return RolloutEngine(store, do_assign, resolve), desired
+
+
+def _close(desired: DesiredState | None) -> None:
+    """Wait for the broker to acknowledge what this command pointed devices at, then
+    disconnect; say which it did not (stored: the fleet re-publishes it at its start)."""
+    if desired is None:
+        return
+    try:
+        missing = desired.wait_acknowledged(None, ACK_TIMEOUT_S)
+    finally:
+        _disconnect(desired.client)
+    if missing:
+        click.echo(unacknowledged_message(missing, ACK_TIMEOUT_S), err=True)
 
 
 @click.group(name="rollout")
@@ -72,13 +82,11 @@ def rollout_create(config_path: Path, spec_file: Path, unpin: bool) -> None:
         spec = load_spec(spec_file)
     except SpecError as exc:
         raise click.ClickException(str(exc)) from None
-    engine, client = _engine(config_path)
+    engine, _ = _engine(config_path)
     try:
         engine.create(spec, unpin=unpin)
     except RolloutError as exc:
         raise click.ClickException(str(exc)) from None
-    finally:
-        _disconnect(client)
     console.print(f"rollout {spec.name}: {spec.from_variant} → {spec.to_variant} on "
                   f"{spec.cohort}, steps {spec.steps}")
 
@@ -210,7 +218,7 @@ def _control(action: str) -> Any:
     @click.argument("rollout_id")
     @click.option("--reason", default="", help="Recorded in the audit log.")
     def command(config_path: Path, rollout_id: str, reason: str) -> None:
-        engine, client = _engine(config_path, assign=action in ("promote", "abort"))
+        engine, desired = _engine(config_path, assign=action in ("promote", "abort"))
         try:
             if action == "abort":
                 engine.abort(rollout_id, reason=reason)
@@ -219,7 +227,7 @@ def _control(action: str) -> Any:
         except RolloutError as exc:
             raise click.ClickException(str(exc)) from None
         finally:
-            _disconnect(client)
+            _close(desired)
         console.print(f"rollout {rollout_id}: {engine.get(rollout_id)['state']}")
 
     command.help = {

@@ -1,8 +1,10 @@
-"""The rollout engine: a persisted state machine, advanced by idempotent ticks.
+"""The rollout engine: a state machine over the store, advanced by idempotent ticks.
 
 Everything a rollout knows lives in the store (``rollouts``,
-``rollout_devices``, ``pins``), so a fleet that restarts simply ticks again
-and carries on where it was. Per step:
+``rollout_devices``, ``pins``), read and written through ``RolloutRepository``,
+so a fleet that restarts simply ticks again and carries on where it was. Every
+change of state is an event of the table in ``states.py``, checked before it
+is written and written with its audit records. Per step:
 
 ``assigning``  pick devices (online first, spread over strata), point them at
                the candidate — at most ``max_parallel_downloads`` in flight;
@@ -21,7 +23,9 @@ and carries on where it was. Per step:
 Picks are spread round-robin over cells (hardware class x stratum), and a
 spec's per-class minimum of canaries is picked first.
 
-Every transition and verdict goes to the audit log with its evidence.
+Pointing devices at a variant (``assign``) stores their desired state and
+returns: the fleet's desired-state publisher sends it and retries it
+(``fleet/desired.py``), so a tick never waits on the broker.
 """
 
 from __future__ import annotations
@@ -34,14 +38,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import and_, delete, select, update
-
-from quantfleet.fleet.cohorts import Selector
-from quantfleet.fleet.store import Store, schema
-
+from ..cohorts import Selector
+from ..store import Store
 from .gates import combine
-from .samples import Member, read_samples
+from .repository import AuditRecord, Pin, RolloutRepository
+from .samples import Member
 from .spec import UNKNOWN_CLASS, RolloutSpec, resolve_count
+from .states import RolloutError, check, columns_of
 from .verdict import (
     Cell,
     GroupKey,
@@ -59,15 +62,10 @@ log = logging.getLogger(__name__)
 Assign = Callable[[Sequence[str], str, str], None]  # (device ids, variant, rollout id)
 Resolve = Callable[[str], str]  # variant label -> catalog name
 
-ACTIVE = ("running", "awaiting_approval", "paused")
 FAILED_OUTCOMES = ("failed", "timeout")
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")  # a selector's value (cohorts.py)
 
 __all__ = ["RolloutEngine", "RolloutError", "StepVerdict"]
-
-
-class RolloutError(ValueError):
-    """An operator request that cannot be carried out; the message says why."""
 
 
 def _order(rollout_id: str, device_id: str) -> str:
@@ -78,119 +76,76 @@ def _order(rollout_id: str, device_id: str) -> str:
 class RolloutEngine:
     def __init__(self, store: Store, assign: Assign, resolve: Resolve | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.store = store
+        self.store = store  # the CLI reads a rollout's audit log from it
+        self.repo = RolloutRepository(store, clock)
         self.assign = assign
         self.resolve = resolve or (lambda v: v)
         self.clock = clock
 
     # -- reading ----------------------------------------------------------
     def get(self, rollout_id: str) -> dict[str, Any]:
-        with self.store.engine.connect() as conn:
-            row = conn.execute(select(schema.rollouts)
-                               .where(schema.rollouts.c.id == rollout_id)).first()
+        row = self.repo.get(rollout_id)
         if row is None:
             raise RolloutError(f"no rollout {rollout_id!r}")
-        return dict(row._mapping)
+        return row
 
     def spec(self, rollout_id: str) -> RolloutSpec:
         return RolloutSpec.model_validate(self.get(rollout_id)["spec"])
 
     def rollouts(self) -> list[dict[str, Any]]:
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(select(schema.rollouts).order_by(schema.rollouts.c.created_at))
-            return [dict(r._mapping) for r in rows]
+        return self.repo.rollouts()
 
     def members(self, rollout_id: str) -> list[dict[str, Any]]:
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(select(schema.rollout_devices)
-                                .where(schema.rollout_devices.c.rollout_id == rollout_id)
-                                .order_by(schema.rollout_devices.c.step,
-                                          schema.rollout_devices.c.device_id))
-            return [dict(r._mapping) for r in rows]
+        return self.repo.members(rollout_id)
 
     def pins(self) -> list[dict[str, Any]]:
-        with self.store.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(select(schema.pins))]
+        return self.repo.pins()
 
-    # -- writing ----------------------------------------------------------
-    def _set(self, rollout_id: str, **values: Any) -> None:
-        values["updated_at"] = self.clock()
-        with self.store.engine.begin() as conn:
-            conn.execute(update(schema.rollouts).where(schema.rollouts.c.id == rollout_id)
-                         .values(**values))
-
-    def _audit(self, rollout_id: str, action: str, evidence: dict[str, Any],
-               actor: str = "engine") -> None:
-        self.store.audit(actor, action, f"rollout:{rollout_id}", evidence)
+    # -- the state machine -------------------------------------------------
+    def _move(self, r: Mapping[str, Any], event: str, to: str,
+              audits: Sequence[AuditRecord] = (), *, pin: Pin | None = None,
+              canaries_rolled_back: bool = False, **values: Any) -> None:
+        """Take rollout ``r`` (its row as read) to state ``to`` by ``event`` — refused
+        unless the transition table has it — writing ``values`` and ``audits`` with it."""
+        check(r["id"], r, event, to)
+        self.repo.transition(r["id"], r, {**columns_of(to, r["phase"]), **values}, audits,
+                             pin=pin, canaries_rolled_back=canaries_rolled_back)
 
     def create(self, spec: RolloutSpec, actor: str = "operator", unpin: bool = False) -> None:
         to_name = self.resolve(spec.to_variant)
         from_name = self.resolve(spec.from_variant)
-        with self.store.engine.begin() as conn:
-            if conn.execute(select(schema.rollouts.c.id)
-                            .where(schema.rollouts.c.id == spec.name)).first():
-                raise RolloutError(f"a rollout named {spec.name!r} exists; rollout names are "
-                                   "never reused (the audit log refers to them)")
-            busy = conn.execute(select(schema.rollouts.c.id, schema.rollouts.c.spec)
-                                .where(schema.rollouts.c.state.in_(ACTIVE))).all()
-            for other_id, other in busy:
-                if other["cohort"] == spec.cohort:
-                    raise RolloutError(f"rollout {other_id!r} is still active on cohort "
-                                       f"{spec.cohort!r}")
-            pinned = conn.execute(select(schema.pins).where(and_(
-                schema.pins.c.cohort == spec.cohort, schema.pins.c.variant == to_name))).first()
-            if pinned and not unpin:
-                raise RolloutError(
-                    f"{to_name} is pinned off cohort {spec.cohort!r} since rollout "
-                    f"{pinned.rollout_id!r} ({pinned.reason}); pass --unpin to try it again")
-            if pinned:
-                conn.execute(delete(schema.pins).where(and_(
-                    schema.pins.c.cohort == spec.cohort, schema.pins.c.variant == to_name)))
-            now = self.clock()
-            doc = spec.model_dump(mode="json", by_alias=True)
-            doc["from"], doc["to"] = from_name, to_name
-            conn.execute(schema.rollouts.insert().values(
-                id=spec.name, spec=doc, state="running", step=0, phase="assigning",
-                phase_started_at=now, bake_extensions=0, reason="", created_at=now,
-                updated_at=now))
-        self._audit(spec.name, "rollout.create", {"spec": doc, "unpinned": bool(pinned)}, actor)
+        doc = spec.model_dump(mode="json", by_alias=True)
+        doc["from"], doc["to"] = from_name, to_name
+        self.repo.create(spec.name, doc, cohort=spec.cohort, candidate=to_name, unpin=unpin,
+                         actor=actor)
 
     # -- operator controls -------------------------------------------------
     def pause(self, rollout_id: str, actor: str = "operator") -> None:
         r = self.get(rollout_id)
-        if r["state"] != "running":
-            raise RolloutError(f"rollout {rollout_id!r} is {r['state']}, not running")
-        self._set(rollout_id, state="paused", reason=f"paused by {actor}")
-        self._audit(rollout_id, "rollout.pause", {}, actor)
+        self._move(r, "pause", "paused", [AuditRecord("rollout.pause", {}, actor)],
+                   reason=f"paused by {actor}")
 
     def resume(self, rollout_id: str, actor: str = "operator") -> None:
         r = self.get(rollout_id)
-        if r["state"] != "paused":
-            raise RolloutError(f"rollout {rollout_id!r} is {r['state']}, not paused")
         # A bake that ran out of extensions starts a fresh bake window.
-        values: dict[str, Any] = {"state": "running", "reason": ""}
+        values: dict[str, Any] = {"reason": ""}
         if r["phase"] == "baking":
             values.update(phase_started_at=self.clock(), bake_extensions=0)
-        self._set(rollout_id, **values)
-        self._audit(rollout_id, "rollout.resume", {}, actor)
+        self._move(r, "resume", r["phase"], [AuditRecord("rollout.resume", {}, actor)],
+                   **values)
 
     def promote(self, rollout_id: str, actor: str = "operator") -> None:
         """Approve the next step (manual approval), or push past a paused bake."""
         r = self.get(rollout_id)
-        if r["state"] not in ("awaiting_approval", "paused"):
-            raise RolloutError(f"rollout {rollout_id!r} is {r['state']}; only a rollout "
-                               "awaiting approval or paused can be promoted")
-        spec = self.spec(rollout_id)
-        self._audit(rollout_id, "rollout.promote", {"step": r["step"]}, actor)
-        self._advance(rollout_id, spec, r["step"])
+        check(rollout_id, r, "promote", "assigning")  # refused before the spec is read
+        self._advance(r, self.spec(rollout_id), "promote",
+                      audits=[AuditRecord("rollout.promote", {"step": r["step"]}, actor)])
 
     def abort(self, rollout_id: str, actor: str = "operator", reason: str = "") -> None:
         r = self.get(rollout_id)
-        if r["state"] not in ACTIVE:
-            raise RolloutError(f"rollout {rollout_id!r} is already {r['state']}")
-        self._roll_back(rollout_id, self.spec(rollout_id), state="aborted",
-                        reason=reason or f"aborted by {actor}", pin=False)
-        self._audit(rollout_id, "rollout.abort", {"reason": reason}, actor)
+        self._roll_back(r, self.spec(rollout_id), event="abort", to="aborted",
+                        reason=reason or f"aborted by {actor}", pin=False,
+                        after=[AuditRecord("rollout.abort", {"reason": reason}, actor)])
 
     # -- the tick ---------------------------------------------------------
     def tick(self) -> None:
@@ -199,23 +154,25 @@ class RolloutEngine:
             if r["state"] == "running":
                 try:
                     self._tick_one(r["id"])
+                except RolloutError as exc:  # e.g. paused by an operator meanwhile
+                    log.warning("rollout %s: %s; retried next tick", r["id"], exc)
                 except Exception:
                     log.exception("rollout %s: tick failed; retried next tick", r["id"])
 
     def _cohort(self, spec: RolloutSpec) -> list[dict[str, Any]]:
         sel = Selector.parse(spec.cohort)
-        devices = self.store.devices(columns=("device_id", "labels", "variant", "online"))
+        devices = self.repo.devices(columns=("device_id", "labels", "variant", "online"))
         return [d for d in devices if sel.matches(d["labels"] or {})]
 
     def _tick_one(self, rollout_id: str) -> None:
         r = self.get(rollout_id)
         spec = self.spec(rollout_id)
         if r["phase"] == "assigning":
-            self._assign_step(rollout_id, spec, r)
+            self._assign_step(r, spec)
         elif r["phase"] == "waiting":
-            self._wait_step(rollout_id, spec, r)
+            self._wait_step(r, spec)
         elif r["phase"] == "baking":
-            self._bake_step(rollout_id, spec, r)
+            self._bake_step(r, spec)
 
     def _stratum(self, spec: RolloutSpec, device: dict[str, Any]) -> str:
         """What ``rollout_devices.stratum`` records: the device's cell when it was picked
@@ -309,7 +266,8 @@ class RolloutEngine:
                              f"of the {n} canaries it requires")
         return picks, short
 
-    def _assign_step(self, rollout_id: str, spec: RolloutSpec, r: dict[str, Any]) -> None:
+    def _assign_step(self, r: Mapping[str, Any], spec: RolloutSpec) -> None:
+        rollout_id = r["id"]
         now = self.clock()
         cohort = self._cohort(spec)
         members = {m["device_id"]: m for m in self.members(rollout_id)}
@@ -341,9 +299,9 @@ class RolloutEngine:
             rows.append({"rollout_id": rollout_id, "device_id": d["device_id"], "role": "canary",
                          "step": r["step"], "stratum": self._stratum(spec, d),
                          "assigned_at": now, "outcome": "pending", "reason": ""})
-        if rows:
-            with self.store.engine.begin() as conn:
-                conn.execute(schema.rollout_devices.insert(), rows)
+        # The members first, their desired state after: a fleet that stops in between
+        # finds pending canaries without it and sets it again (``_reassign_lost``).
+        self.repo.add_members(rows)
         if picked:
             self.assign([d["device_id"] for d in picked], spec.to_variant, rollout_id)
             evidence: dict[str, Any] = {
@@ -352,7 +310,7 @@ class RolloutEngine:
             if spec.hardware_label:
                 evidence["classes"] = dict(sorted(Counter(
                     self._class(spec, d) for d in picked).items()))
-            self._audit(rollout_id, "rollout.assign", evidence)
+            self.repo.audit(rollout_id, [AuditRecord("rollout.assign", evidence)])
         if not canaries and not picked:
             # Nobody to judge: baking 0 canaries against the control would only run
             # out its extensions. Stay at assignment, paused, until an operator resumes.
@@ -360,21 +318,22 @@ class RolloutEngine:
             reason = (f"no device of cohort {spec.cohort!r} can take step {r['step'] + 1}: "
                       f"{len(cohort)} in the cohort, {on_from} on {spec.from_variant}, "
                       f"{controls} held back as control; resume when devices are back")
-            self._set(rollout_id, state="paused", reason=reason)
-            self._audit(rollout_id, "rollout.pause", {"step": r["step"], "reason": reason,
-                                                      "cohort_size": len(cohort)})
+            self._move(r, "pause", "paused", [AuditRecord("rollout.pause", {
+                "step": r["step"], "reason": reason, "cohort_size": len(cohort)})],
+                reason=reason)
             return
         notes = []
         if len(canaries) + len(picked) < target and len(picked) == len(candidates):
             notes.append(f"only {len(canaries) + len(picked)} of {target} devices could be "
                          f"assigned (the rest are not on {spec.from_variant})")
         notes += class_short
-        self._set(rollout_id, phase="waiting", phase_started_at=now, reason="; ".join(notes))
+        self._move(r, "assign", "waiting", phase_started_at=now, reason="; ".join(notes))
 
-    def _wait_step(self, rollout_id: str, spec: RolloutSpec, r: dict[str, Any]) -> None:
+    def _wait_step(self, r: Mapping[str, Any], spec: RolloutSpec) -> None:
+        rollout_id = r["id"]
         now = self.clock()
         self._reassign_lost(rollout_id, spec, now)
-        devices = {d["device_id"]: d for d in self.store.devices()}
+        devices = {d["device_id"]: d for d in self.repo.devices()}
         changed = []
         for m in self.members(rollout_id):
             if m["role"] != "canary" or m["outcome"] != "pending":
@@ -396,20 +355,14 @@ class RolloutEngine:
             if outcome != "pending":
                 changed.append((m["device_id"], outcome, reason))
         if changed:
-            with self.store.engine.begin() as conn:
-                for device_id, outcome, reason in changed:
-                    conn.execute(update(schema.rollout_devices).where(and_(
-                        schema.rollout_devices.c.rollout_id == rollout_id,
-                        schema.rollout_devices.c.device_id == device_id)).values(
-                        outcome=outcome, reason=reason[:1000]))
-            self._audit(rollout_id, "rollout.device", {
+            self.repo.record_outcomes(rollout_id, changed, AuditRecord("rollout.device", {
                 "step": r["step"], "outcomes": [
-                    {"device": d, "outcome": o, "reason": why} for d, o, why in changed]})
+                    {"device": d, "outcome": o, "reason": why} for d, o, why in changed]}))
         members = self.members(rollout_id)
         canaries = [m for m in members if m["role"] == "canary"]
         failed = [m for m in canaries if m["outcome"] in FAILED_OUTCOMES]
         if len(failed) > spec.max_failed_devices:
-            self._roll_back(rollout_id, spec, state="rolled_back", pin=True,
+            self._roll_back(r, spec, event="roll_back", to="rolled_back", pin=True,
                             reason=f"{len(failed)} device update(s) failed "
                             f"(tolerated {spec.max_failed_devices}): "
                             + "; ".join(f"{m['device_id']}: {m['reason']}" for m in failed[:5]))
@@ -424,30 +377,33 @@ class RolloutEngine:
         class_first, _ = self._class_picks(rollout_id, spec, cohort, members, candidates)
         if ((len(canaries) < target and candidates) or class_first) and \
                 in_flight < spec.max_parallel_downloads:
-            self._set(rollout_id, phase="assigning")  # a download slot is free: assign more
+            self._move(r, "assign_more", "assigning")  # a download slot is free
             return
         if all(m["outcome"] != "pending" for m in canaries):
-            self._set(rollout_id, phase="baking", phase_started_at=now, bake_extensions=0)
-            self._audit(rollout_id, "rollout.bake", {"step": r["step"], "healthy": sum(
-                1 for m in canaries if m["outcome"] == "healthy")})
+            self._move(r, "bake", "baking", [AuditRecord("rollout.bake", {
+                "step": r["step"], "healthy": sum(
+                    1 for m in canaries if m["outcome"] == "healthy")})],
+                phase_started_at=now, bake_extensions=0)
 
     def _reassign_lost(self, rollout_id: str, spec: RolloutSpec, now: float) -> None:
-        """Pending canaries whose desired state never went out (the fleet stopped part-way
-        through an assignment) are assigned again, with a fresh deadline."""
+        """Pending canaries whose desired state was never stored (the fleet stopped
+        part-way through an assignment) are assigned again, with a fresh deadline.
+
+        Stored is enough: a desired state the broker has not acknowledged yet is not
+        lost — the fleet's publisher retries it, and re-publishes every stored one when
+        the fleet starts."""
         pending = [m["device_id"] for m in self.members(rollout_id)
                    if m["role"] == "canary" and m["outcome"] == "pending"]
         if not pending:
             return
-        sent = {p.device_id for p in self.store.desired(pending) if p.variant == spec.to_variant}
-        lost = [d for d in pending if d not in sent]
+        stored = self.repo.desired_variants(pending)
+        lost = [d for d in pending if stored.get(d) != spec.to_variant]
         if not lost:
             return
-        with self.store.engine.begin() as conn:
-            conn.execute(update(schema.rollout_devices).where(and_(
-                schema.rollout_devices.c.rollout_id == rollout_id,
-                schema.rollout_devices.c.device_id.in_(lost))).values(assigned_at=now))
+        self.repo.restart_deadlines(rollout_id, lost, now)
         self.assign(lost, spec.to_variant, rollout_id)
-        self._audit(rollout_id, "rollout.assign", {"devices": lost, "resumed": True})
+        self.repo.audit(rollout_id, [AuditRecord("rollout.assign",
+                                                 {"devices": lost, "resumed": True})])
 
     def samples(self, rollout_id: str, spec: RolloutSpec, window: tuple[float, float]
                 ) -> tuple[dict[GroupKey, GroupSamples], dict[str, int]]:
@@ -461,7 +417,7 @@ class RolloutEngine:
         read (``samples.read_samples``), which are summed into the groups here.
         """
         members = self.members(rollout_id)
-        devices = self.store.devices(columns=("device_id", "labels", "variant", "online"))
+        devices = self.repo.devices(columns=("device_id", "labels", "variant", "online"))
         sel = Selector.parse(spec.cohort)
         labels = {d["device_id"]: d["labels"] or {} for d in devices}
         cohort = [d for d in devices if sel.matches(d["labels"] or {})]
@@ -473,12 +429,11 @@ class RolloutEngine:
         judged.update({d["device_id"]: Member("control", spec.from_variant, cell(d["labels"]))
                        for d in cohort if d["device_id"] not in ever_canary
                        and d["variant"] == spec.from_variant})
-        with self.store.engine.begin() as conn:
-            read = read_samples(conn, judged, window)
-        devices = Counter((m.side, m.cell) for m in judged.values())
-        cells = {c: GroupSamples(canary_devices=devices[("canary", c)],
-                                 control_devices=devices[("control", c)])
-                 for c in {c for _, c in devices}}
+        read = self.repo.judged_samples(judged, window)
+        sizes = Counter((m.side, m.cell) for m in judged.values())
+        cells = {c: GroupSamples(canary_devices=sizes[("canary", c)],
+                                 control_devices=sizes[("control", c)])
+                 for c in {c for _, c in sizes}}
         for (side, c), sample in read.items():
             setattr(cells[c], side, sample)
         return (merge_cells(cells, dimensions(spec)),
@@ -490,31 +445,31 @@ class RolloutEngine:
         groups, required = self.samples(rollout_id, spec, window)
         return decide(spec, groups, window, required)
 
-    def _bake_step(self, rollout_id: str, spec: RolloutSpec, r: dict[str, Any]) -> None:
+    def _bake_step(self, r: Mapping[str, Any], spec: RolloutSpec) -> None:
         now = self.clock()
         due = r["phase_started_at"] + spec.bake_s * (1 + r["bake_extensions"])
         if now < due:
             return
-        result = self.judge_step(rollout_id, spec, (r["phase_started_at"], now))
-        self._audit(rollout_id, "rollout.verdict", {"step": r["step"], **result.evidence()})
+        result = self.judge_step(r["id"], spec, (r["phase_started_at"], now))
+        verdict = AuditRecord("rollout.verdict", {"step": r["step"], **result.evidence()})
         if result.verdict == "fail":
-            self._roll_back(rollout_id, spec, state="rolled_back", pin=True,
-                            reason=result.reason, detail=self._failure(spec, result))
+            self._roll_back(r, spec, event="roll_back", to="rolled_back", pin=True,
+                            reason=result.reason, detail=self._failure(spec, result),
+                            before=[verdict])
         elif result.verdict == "insufficient":
             if r["bake_extensions"] < spec.max_bake_extensions:
-                self._set(rollout_id, bake_extensions=r["bake_extensions"] + 1,
-                          reason=f"{result.reason}; bake extended "
-                          f"({r['bake_extensions'] + 1} of {spec.max_bake_extensions})")
+                self._move(r, "extend", "baking", [verdict],
+                           bake_extensions=r["bake_extensions"] + 1,
+                           reason=f"{result.reason}; bake extended "
+                           f"({r['bake_extensions'] + 1} of {spec.max_bake_extensions})")
             else:
-                self._set(rollout_id, state="paused",
-                          reason=f"insufficient data after {r['bake_extensions']} bake "
-                          f"extensions; promote or abort ({result.reason})")
-                self._audit(rollout_id, "rollout.pause", {"reason": "insufficient data",
-                                                          "detail": result.reason,
-                                                          "insufficient": [
-                                                              g.name for g in result.insufficient]})
+                self._move(r, "pause", "paused", [verdict, AuditRecord("rollout.pause", {
+                    "reason": "insufficient data", "detail": result.reason,
+                    "insufficient": [g.name for g in result.insufficient]})],
+                    reason=f"insufficient data after {r['bake_extensions']} bake "
+                    f"extensions; promote or abort ({result.reason})")
         else:
-            self._advance(rollout_id, spec, r["step"], note=result.reason)
+            self._advance(r, spec, "advance", note=result.reason, audits=[verdict])
 
     def _failure(self, spec: RolloutSpec, result: StepVerdict) -> dict[str, Any]:
         """What the rollback record says about the failure: which groups failed, with the
@@ -540,43 +495,40 @@ class RolloutEngine:
                 out["cohort_without_failed_classes"] = ",".join(terms)
         return out
 
-    def _advance(self, rollout_id: str, spec: RolloutSpec, step: int, note: str = "") -> None:
-        """The next step; ``note``: what the passing verdict said (classes it passed short
-        of data), kept in the reason while the rollout waits or is done."""
+    def _advance(self, r: Mapping[str, Any], spec: RolloutSpec, event: str, note: str = "",
+                 audits: Sequence[AuditRecord] = ()) -> None:
+        """The next step, by ``event``: ``advance`` (a passing bake, which waits for
+        approval when the spec asks for it) or ``promote`` (the operator's approval).
+        ``note``: what the passing verdict said (classes it passed short of data), kept
+        in the reason while the rollout waits or is done."""
+        step = r["step"]
         after = f" ({note})" if note else ""
         if step + 1 >= len(spec.steps):
-            self._set(rollout_id, state="completed", reason="every step passed" + after)
-            self._audit(rollout_id, "rollout.complete", {"steps": len(spec.steps)})
+            self._move(r, event, "completed", [*audits, AuditRecord(
+                "rollout.complete", {"steps": len(spec.steps)})],
+                reason="every step passed" + after)
             return
-        r = self.get(rollout_id)
-        if spec.manual_approval and r["state"] == "running":
-            self._set(rollout_id, state="awaiting_approval",
-                      reason=f"step {step + 1} passed{after}; `rollout promote` to continue")
+        if spec.manual_approval and event == "advance":
+            self._move(r, event, "awaiting_approval", audits,
+                       reason=f"step {step + 1} passed{after}; `rollout promote` to continue")
             return
-        self._set(rollout_id, state="running", step=step + 1, phase="assigning",
-                  phase_started_at=self.clock(), bake_extensions=0, reason="")
-        self._audit(rollout_id, "rollout.step", {"step": step + 1,
-                                                 "target": spec.steps[step + 1]})
+        self._move(r, event, "assigning", [*audits, AuditRecord(
+            "rollout.step", {"step": step + 1, "target": spec.steps[step + 1]})],
+            step=step + 1, phase_started_at=self.clock(), bake_extensions=0, reason="")
 
-    def _roll_back(self, rollout_id: str, spec: RolloutSpec, *, state: str, reason: str,
-                   pin: bool, detail: Mapping[str, Any] | None = None) -> None:
-        members = [m for m in self.members(rollout_id) if m["role"] == "canary"]
-        ids = [m["device_id"] for m in members]
+    def _roll_back(self, r: Mapping[str, Any], spec: RolloutSpec, *, event: str, to: str,
+                   reason: str, pin: bool, detail: Mapping[str, Any] | None = None,
+                   before: Sequence[AuditRecord] = (),
+                   after: Sequence[AuditRecord] = ()) -> None:
+        """Every canary back to the baseline, then the rollout to ``to`` (``rolled_back``
+        by the engine, pinning the candidate off the cohort, or ``aborted`` by an
+        operator). The desired state goes first: a fleet that stops in between judges
+        again and rolls back again, never leaves canaries on a rolled-back candidate."""
+        check(r["id"], r, event, to)  # refused before any device is pointed anywhere
+        ids = [m["device_id"] for m in self.members(r["id"]) if m["role"] == "canary"]
         if ids:
-            self.assign(ids, spec.from_variant, rollout_id)
-            with self.store.engine.begin() as conn:
-                conn.execute(update(schema.rollout_devices).where(and_(
-                    schema.rollout_devices.c.rollout_id == rollout_id,
-                    schema.rollout_devices.c.role == "canary")).values(outcome="rolled_back"))
-        if pin:
-            with self.store.engine.begin() as conn:
-                exists = conn.execute(select(schema.pins).where(and_(
-                    schema.pins.c.cohort == spec.cohort,
-                    schema.pins.c.variant == spec.to_variant))).first()
-                if not exists:
-                    conn.execute(schema.pins.insert().values(
-                        cohort=spec.cohort, variant=spec.to_variant, rollout_id=rollout_id,
-                        pinned_at=self.clock(), reason=reason[:1000]))
-        self._set(rollout_id, state=state, reason=reason[:2000])
-        self._audit(rollout_id, f"rollout.{state}", {"reason": reason, "devices": ids,
-                                                     "pinned": pin, **(detail or {})})
+            self.assign(ids, spec.from_variant, r["id"])
+        self._move(r, event, to, [*before, AuditRecord(f"rollout.{to}", {
+            "reason": reason, "devices": ids, "pinned": pin, **(detail or {})}), *after],
+            reason=reason[:2000], canaries_rolled_back=bool(ids),
+            pin=Pin(spec.cohort, spec.to_variant, reason) if pin else None)

@@ -261,6 +261,8 @@ def test_desired_state_is_retained_signed_and_revised(
         desired.set_variant(["dev-b"], "Q4_K_M", rollout_id="r1")
         with pytest.raises(DesiredStateError, match="no variant 'Q9'"):
             desired.set_variant(["dev-a"], "Q9")
+        # set_variant stores and queues; the broker has them once it acknowledged them.
+        assert desired.wait_acknowledged(None, 5) == []
 
         # A device that connects afterwards finds its retained desired state.
         got: dict[str, DesiredPayload] = {}
