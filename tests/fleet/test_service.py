@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import paho.mqtt.client as mqtt
@@ -160,8 +161,13 @@ def test_an_operator_sees_groups_and_points_the_fleet(setup: tuple[Fleet, str, P
         cohort = json.loads(run("cohorts", "show", "--config", cfg, "hw=rpi5", "--json"))
         assert cohort["devices"] == ["dev-1", "dev-2"]
 
-        sig = json.loads(run("signals", "--config", cfg, "--window", "1h", "--json"))
-        by = {s["group"]: s for s in sig["variants"]}
+        def signal_rows() -> dict[str, Any]:
+            sig = json.loads(run("signals", "--config", cfg, "--window", "1h", "--json"))
+            return {s["group"]: s for s in sig["variants"]}
+
+        # A device can be listed online before its telemetry is committed: wait for all of it.
+        wait_for(lambda: sum(s["requests"] for s in signal_rows().values()) == 150, 15)
+        by = signal_rows()
         assert by["smollm2-135m-Q8_0"]["requests"] == 100
         assert by["smollm2-135m-Q8_0"]["validation_failure"]["k"] == 5 + 10
         assert by["smollm2-135m-Q4_K_M"]["validation_failure"]["value"] == pytest.approx(0.3)
