@@ -220,7 +220,7 @@ class UpdateConfig(_Section):
     @field_validator("preflight_policy")
     @classmethod
     def _policy_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from quantfleet.fleet.evaluation.verdict import VerdictPolicy
+        from quantfleet.agent.quality.verdict import VerdictPolicy
 
         try:
             VerdictPolicy.model_validate(value)

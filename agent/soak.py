@@ -26,8 +26,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from quantfleet.agent.quality.stats import wilson_interval
 from quantfleet.agent.wire import RequestEvent
-from quantfleet.fleet.evaluation.stats import wilson_interval
 
 
 @dataclass(frozen=True)

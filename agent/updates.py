@@ -112,13 +112,13 @@ class ServingHooks:
         n = self.cfg.preflight_sample
         if n == 0:
             return Check(True, "pre-flight skipped (preflight_sample = 0)")
-        from quantfleet.fleet.evaluation.golden import (
+        from quantfleet.agent.quality.golden import (
             GoldenFileError,
             load_golden,
             starter_golden_path,
         )
-        from quantfleet.fleet.evaluation.runner import evaluate_backends
-        from quantfleet.fleet.evaluation.verdict import VerdictPolicy, judge
+        from quantfleet.agent.quality.runner import evaluate_backends
+        from quantfleet.agent.quality.verdict import VerdictPolicy, judge
 
         try:
             golden = load_golden(self.cfg.preflight_golden or starter_golden_path())

@@ -15,8 +15,8 @@ import os
 import time
 from pathlib import Path
 
-from quantfleet.fleet.evaluation.golden import load_golden, starter_golden_path
-from quantfleet.fleet.evaluation.runner import EvalOptions, evaluate
+from quantfleet.agent.quality.golden import load_golden, starter_golden_path
+from quantfleet.agent.quality.runner import EvalOptions, evaluate
 from quantfleet.models.catalog import Catalog
 
 

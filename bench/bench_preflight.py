@@ -25,11 +25,11 @@ from rich.table import Table
 
 from quantfleet.agent.backends import LoadOptions, load_backend
 from quantfleet.agent.hardware import fingerprint
+from quantfleet.agent.quality.golden import load_golden, starter_golden_path
+from quantfleet.agent.quality.results import LogitSummary
+from quantfleet.agent.quality.runner import evaluate_backends
+from quantfleet.agent.quality.verdict import Verdict, VerdictPolicy, judge
 from quantfleet.agent.updates import DEVICE_PREFLIGHT_POLICY
-from quantfleet.fleet.evaluation.golden import load_golden, starter_golden_path
-from quantfleet.fleet.evaluation.results import LogitSummary
-from quantfleet.fleet.evaluation.runner import evaluate_backends
-from quantfleet.fleet.evaluation.verdict import Verdict, VerdictPolicy, judge
 from quantfleet.models.catalog import Catalog
 
 

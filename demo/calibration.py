@@ -26,11 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantfleet.agent.backends import load_backend
 from quantfleet.agent.hardware import fingerprint
+from quantfleet.agent.quality.compare import compare_runs
+from quantfleet.agent.quality.golden import load_golden, starter_golden_path
+from quantfleet.agent.quality.results import Comparison, VariantResult
+from quantfleet.agent.quality.runner import EvalOptions, VariantRun, run_items
 from quantfleet.agent.wire import HardwareFingerprint
-from quantfleet.fleet.evaluation.compare import compare_runs
-from quantfleet.fleet.evaluation.golden import load_golden, starter_golden_path
-from quantfleet.fleet.evaluation.results import Comparison, VariantResult
-from quantfleet.fleet.evaluation.runner import EvalOptions, VariantRun, run_items
 from quantfleet.models.catalog import Catalog, now_iso
 
 #: One thread, as ``quantfleet eval`` does: llama.cpp's workers spin at barriers, so on a

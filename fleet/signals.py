@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 from sqlalchemy import and_, select
 
-from .evaluation.stats import wilson_interval
+from quantfleet.agent.quality.stats import wilson_interval
+
 from .store import Store, schema
 
 

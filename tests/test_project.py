@@ -14,7 +14,7 @@ from quantfleet.fleet.cli import cli as fleet_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = {"quantfleet": "quantfleet", "agent": "quantfleet.agent", "fleet": "quantfleet.fleet",
-          "models": "quantfleet.models"}
+          "models": "quantfleet.models", "demo": "quantfleet.demo"}
 
 
 def test_every_subpackage_is_listed_for_installation() -> None:
@@ -65,7 +65,8 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 def test_the_device_side_needs_none_of_the_fleets_dependencies() -> None:
     """An edge device installs quantfleet[agent]: the serving agent, its updater and the
-    pre-flight's evaluation must import with the fleet-only packages absent."""
+    pre-flight's evaluation must import with the fleet-only packages absent, and without
+    any fleet module (the layering contract says so statically; this runs it)."""
     import subprocess
     import sys
 
@@ -77,15 +78,17 @@ class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in fleet_only:
             raise ImportError(f"{name} is a fleet-only dependency")
+        if name == "quantfleet.fleet" or name.startswith("quantfleet.fleet."):
+            raise ImportError(f"{name} is fleet code")
         return None
 
 sys.meta_path.insert(0, Block())
 import quantfleet.agent.cli
 import quantfleet.agent.serving.server
 import quantfleet.agent.updates
-import quantfleet.fleet.evaluation.golden
-import quantfleet.fleet.evaluation.runner
-import quantfleet.fleet.evaluation.verdict
+import quantfleet.agent.quality.golden
+import quantfleet.agent.quality.runner
+import quantfleet.agent.quality.verdict
 from quantfleet.agent.config import parse_config
 parse_config({"telemetry": {"device_id": "d"}, "update": {"public_key": "k.pub"}})
 print("ok")

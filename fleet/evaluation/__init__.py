@@ -1,6 +1,8 @@
-"""Quality evaluation: golden sets, paired comparisons between variants, verdicts.
+"""The operator's evaluation tools: ``quantfleet eval`` and its reports.
 
-The modules the agent's pre-flight needs (golden, runner, metrics, stats,
-results, verdict) import nothing beyond the agent's own dependencies; only
-``report`` (matplotlib, jinja2) is operator-side, and nothing here imports it.
+What a device runs itself — golden sets, checks, the runner, logit metrics,
+the verdict, statistics — is ``quantfleet.agent.quality``; this package adds
+the command line (``cli``), the rendered reports (``report``: rich, Markdown,
+HTML with matplotlib) and the comparison of two reports from two machines
+(``machines``).
 """

@@ -11,9 +11,13 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from quantfleet.agent.quality.golden import (
+    GoldenFileError,
+    first_error,
+    load_golden,
+    starter_golden_path,
+)
 from quantfleet.models.catalog import default_models_dir
-
-from .golden import GoldenFileError, first_error, load_golden, starter_golden_path
 
 _out = Console(width=None if sys.stdout.isatty() else 140)
 _err = Console(stderr=True)
@@ -22,7 +26,7 @@ _err = Console(stderr=True)
 def _load_policy(path: Path | None):  # type: ignore[no-untyped-def]
     from pydantic import ValidationError
 
-    from .verdict import VerdictPolicy
+    from quantfleet.agent.quality.verdict import VerdictPolicy
 
     if path is None:
         return VerdictPolicy()
@@ -96,10 +100,9 @@ def eval_cmd(ctx: click.Context, models_dir: Path, golden_file: Path | None, var
                                    f"itself, not of `eval {ctx.invoked_subcommand}`")
         return
     from quantfleet.agent.backends import BackendError, ModelFileError
+    from quantfleet.agent.quality.runner import EvalOptions, evaluate
+    from quantfleet.agent.quality.verdict import judge
     from quantfleet.models.catalog import Catalog, CatalogError
-
-    from .runner import EvalOptions, evaluate
-    from .verdict import judge
 
     policy = _load_policy(policy_file)
     try:
@@ -175,8 +178,9 @@ def eval_compare(report_a: Path, report_b: Path, as_json: bool, md_path: Path | 
       quantfleet eval compare docs/reports/starter-x86-amx.json \\
           docs/reports/starter-x86-avx2-qemu.json
     """
-    from .compare import ReportMismatch, compare_reports
-    from .results import ReportFileError, load_report
+    from quantfleet.agent.quality.results import ReportFileError, load_report
+
+    from .machines import ReportMismatch, compare_reports
 
     try:
         a, b = load_report(report_a), load_report(report_b)

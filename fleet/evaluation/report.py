@@ -15,17 +15,17 @@ from rich.console import Console
 from rich.table import Table
 
 from quantfleet.agent.hardware import describe, llama_cpp_kernels
-from quantfleet.agent.wire import HardwareFingerprint
-
-from .results import (
+from quantfleet.agent.quality.results import (
     Comparison,
     EvalReport,
     KernelPath,
     LogitSummary,
-    MachineComparison,
     VariantResult,
 )
-from .verdict import Verdict, VerdictPolicy
+from quantfleet.agent.quality.verdict import Verdict, VerdictPolicy
+from quantfleet.agent.wire import HardwareFingerprint
+
+from .machines import MachineComparison
 
 
 def _pct(x: float) -> str:
@@ -33,7 +33,7 @@ def _pct(x: float) -> str:
 
 
 def _rate(r: object) -> str:
-    from .results import Rate
+    from quantfleet.agent.quality.results import Rate
 
     assert isinstance(r, Rate)
     return f"{r.passed}/{r.n} {_pct(r.rate)} [{_pct(r.low)}-{_pct(r.high)}]"

@@ -24,7 +24,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from quantfleet.fleet.evaluation.stats import wilson_interval
+from quantfleet.agent.quality.stats import wilson_interval
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from quantfleet.fleet.evaluation.golden import GoldenSet, load_golden, starter_golden_path
-from quantfleet.fleet.evaluation.results import Comparison, EvalReport
-from quantfleet.fleet.evaluation.runner import EvalOptions, evaluate
+from quantfleet.agent.quality.golden import GoldenSet, load_golden, starter_golden_path
+from quantfleet.agent.quality.results import Comparison, EvalReport
+from quantfleet.agent.quality.runner import EvalOptions, evaluate
 from quantfleet.models.catalog import Catalog
 
 SAMPLE = 10

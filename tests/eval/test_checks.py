@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from quantfleet.fleet.evaluation.checks import check_item, validation_spec
-from quantfleet.fleet.evaluation.golden import GoldenItem
+from quantfleet.agent.quality.checks import check_item, validation_spec
+from quantfleet.agent.quality.golden import GoldenItem
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city.",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from quantfleet.agent.backends import load_backend
-from quantfleet.fleet.evaluation.golden import GoldenSet
-from quantfleet.fleet.evaluation.results import EvalReport
-from quantfleet.fleet.evaluation.runner import EvalOptions, evaluate_backends
+from quantfleet.agent.quality.golden import GoldenSet
+from quantfleet.agent.quality.results import EvalReport
+from quantfleet.agent.quality.runner import EvalOptions, evaluate_backends
 from quantfleet.models.catalog import Catalog
 
 from .conftest import SAMPLE, SEED, comparison

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quantfleet.fleet.evaluation.golden import (
+from quantfleet.agent.quality.golden import (
     GoldenFileError,
     GoldenSet,
     load_golden,
@@ -191,8 +191,8 @@ def test_any_json_object_is_either_an_item_or_a_located_error(raw: dict[str, Any
 
 def test_every_property_and_policy_field_is_documented() -> None:
     """docs/eval.md is the format's reference; it must not drift from the models."""
-    from quantfleet.fleet.evaluation.golden import Expect, GoldenItem
-    from quantfleet.fleet.evaluation.verdict import VerdictPolicy
+    from quantfleet.agent.quality.golden import Expect, GoldenItem
+    from quantfleet.agent.quality.verdict import VerdictPolicy
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "eval.md").read_text()
     for model in (Expect, GoldenItem, VerdictPolicy):

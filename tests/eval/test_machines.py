@@ -20,20 +20,23 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from quantfleet.agent.hardware import fingerprint, hidden_features
-from quantfleet.agent.wire import HardwareFingerprint, cpu_class
-from quantfleet.fleet.cli import cli
-from quantfleet.fleet.evaluation import report as render
-from quantfleet.fleet.evaluation.compare import ReportMismatch, compare_reports
-from quantfleet.fleet.evaluation.golden import GoldenSet
-from quantfleet.fleet.evaluation.results import (
+from quantfleet.agent.quality.golden import GoldenSet
+from quantfleet.agent.quality.results import (
     REPORT_SCHEMA_VERSION,
     EvalReport,
-    MachineComparison,
     ReportFileError,
     load_report,
     parse_report,
 )
-from quantfleet.fleet.evaluation.runner import EvalOptions, evaluate
+from quantfleet.agent.quality.runner import EvalOptions, evaluate
+from quantfleet.agent.wire import HardwareFingerprint, cpu_class
+from quantfleet.fleet.cli import cli
+from quantfleet.fleet.evaluation import report as render
+from quantfleet.fleet.evaluation.machines import (
+    MachineComparison,
+    ReportMismatch,
+    compare_reports,
+)
 from quantfleet.models.catalog import Catalog
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy.special import rel_entr
 
 from quantfleet.agent.backends import Backend
-from quantfleet.fleet.evaluation.metrics import (
+from quantfleet.agent.quality.metrics import (
     DivergenceAccumulator,
     TokenDivergence,
     divergence,

@@ -8,10 +8,10 @@ from pathlib import Path
 from click.testing import CliRunner
 from rich.console import Console
 
+from quantfleet.agent.quality.results import EvalReport
+from quantfleet.agent.quality.verdict import VerdictPolicy, judge
 from quantfleet.fleet.cli import cli
 from quantfleet.fleet.evaluation import report as render
-from quantfleet.fleet.evaluation.results import EvalReport
-from quantfleet.fleet.evaluation.verdict import VerdictPolicy, judge
 from quantfleet.models.catalog import Catalog
 
 from .conftest import comparison

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import binomtest
 
-from quantfleet.fleet.evaluation.stats import binom_cdf, mcnemar_exact, wilson_interval
+from quantfleet.agent.quality.stats import binom_cdf, mcnemar_exact, wilson_interval
 
 
 @given(st.integers(1, 400).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))),

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from quantfleet.fleet.evaluation.results import Comparison, EvalReport
-from quantfleet.fleet.evaluation.verdict import VerdictPolicy, judge
+from quantfleet.agent.quality.results import Comparison, EvalReport
+from quantfleet.agent.quality.verdict import VerdictPolicy, judge
 
 from .conftest import comparison
 
@@ -103,7 +103,7 @@ def test_the_device_side_modules_need_no_operator_dependencies() -> None:
     """The agent's pre-flight imports these on a device: no scipy, matplotlib, yaml, ORM."""
     code = (
         "import sys\n"
-        "import quantfleet.fleet.evaluation.verdict, quantfleet.fleet.evaluation.runner\n"
+        "import quantfleet.agent.quality.verdict, quantfleet.agent.quality.runner\n"
         "bad = {'scipy', 'matplotlib', 'yaml', 'sqlalchemy'} & set(sys.modules)\n"
         "assert not bad, bad\n"
     )

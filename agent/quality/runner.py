@@ -24,6 +24,7 @@ from quantfleet.agent.hardware import fingerprint, hidden_features
 from quantfleet.agent.wire import HardwareFingerprint
 from quantfleet.models.catalog import Catalog, VariantEntry, now_iso
 
+from .answer import Answer, answer
 from .checks import check_item
 from .compare import category_rates, compare_runs, property_rates, rate
 from .golden import GoldenItem, GoldenSet
@@ -35,7 +36,6 @@ from .metrics import (
     structured_mask,
 )
 from .results import Comparison, EvalReport, GoldenInfo, ItemRun, KernelPath, VariantResult
-from .serve import Answer, answer
 
 log = logging.getLogger(__name__)
 

@@ -1,98 +1,95 @@
-"""Pairing runs of the same items: rates, flips, McNemar.
+"""One golden set measured on two machines: ``quantfleet eval compare A.json B.json``.
 
-A candidate's run against the baseline's (``compare_runs``: the operator's
-report, the agent's pre-flight, the fleet's gates), and one report against
-another of the same golden set from another machine (``compare_reports``:
-``quantfleet eval compare``). Pure functions over :mod:`.results` data.
+The same variant files answer the same items on two machines with different
+kernels; this pairs the two reports item by item (which items' pass/fail
+differ, with McNemar; which answers changed) and puts their KLD figures side
+by side. The operator's tool: nothing on a device needs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
-from .results import (
+from pydantic import BaseModel, ConfigDict, Field
+
+from quantfleet.agent.quality.compare import compare_runs
+from quantfleet.agent.quality.results import (
     Comparison,
     EvalReport,
     Flip,
-    ItemRun,
-    KldAcross,
-    LogitSplit,
-    MachineComparison,
-    MachineInfo,
-    PropertyDelta,
+    GoldenInfo,
+    KernelPath,
     Rate,
-    VariantAcross,
 )
-from .stats import mcnemar_exact, wilson_interval
+from quantfleet.agent.wire import HardwareFingerprint
 
 
-def rate(passed: int, n: int) -> Rate:
-    ci = wilson_interval(passed, n)
-    return Rate(passed=passed, n=n, rate=passed / n if n else 0.0, low=ci.low, high=ci.high)
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-def rates_by(items: Sequence[ItemRun], key: Callable[[ItemRun], list[tuple[str, bool]]]
-             ) -> dict[str, Rate]:
-    """Pass rates grouped by the (group, passed) pairs ``key`` yields per item."""
-    counts: dict[str, list[int]] = {}
-    for run in items:
-        for group, ok in key(run):
-            c = counts.setdefault(group, [0, 0])
-            c[0] += ok
-            c[1] += 1
-    return {g: rate(p, n) for g, (p, n) in sorted(counts.items())}
+class MachineInfo(_Data):
+    """One side of a cross-machine comparison: which report, measured where."""
+
+    label: str = Field(description="How the comparison names this side (the file's name).")
+    created_at: str = Field(description="When its evaluation finished.")
+    command: str = Field(description="The command line that produced it.")
+    hardware: HardwareFingerprint | None = Field(description="Its fingerprint (None: a "
+                                                 "report from before version 2).")
+    kernels: KernelPath | None = Field(description="Its kernel path (None: before version 2).")
 
 
-def property_rates(items: Sequence[ItemRun]) -> dict[str, Rate]:
-    return rates_by(items, lambda r: list(r.properties.items()))
+class KldAcross(_Data):
+    """One KLD split of one candidate (against the same baseline) on both machines."""
+
+    split: Literal["all", "structured", "prose"] = Field(description="Which tokens.")
+    a_tokens: int | None = Field(description="Tokens scored on A (None: none).")
+    b_tokens: int | None = Field(description="Tokens scored on B (None: none).")
+    a_mean: float | None = Field(description="Mean KLD on A.")
+    b_mean: float | None = Field(description="Mean KLD on B.")
+    mean_diff: float | None = Field(description="b_mean - a_mean (positive: worse on B).")
+    a_p99: float | None = Field(description="p99 KLD on A.")
+    b_p99: float | None = Field(description="p99 KLD on B.")
+    p99_diff: float | None = Field(description="b_p99 - a_p99 (positive: worse on B).")
 
 
-def category_rates(items: Sequence[ItemRun]) -> dict[str, Rate]:
-    return rates_by(items, lambda r: [(r.category, r.passed)])
+class VariantAcross(_Data):
+    """One variant's answers to the same items on two machines, paired by item."""
+
+    name: str = Field(description="Catalog name of the variant (the same file on both).")
+    precision: str = Field(description="Precision label.")
+    role: Literal["baseline", "candidate"] = Field(description="Its role in both reports.")
+    backend: str = Field(description="Its runtime (empty when neither report says).")
+    n_items: int = Field(description="Items both machines answered.")
+    a: Rate = Field(description="Items passed on A.")
+    b: Rate = Field(description="Items passed on B.")
+    worse: int = Field(description="Items passing on A and failing on B.")
+    better: int = Field(description="Items failing on A and passing on B.")
+    mcnemar_p: float = Field(description="Exact McNemar p-value of A against B, two-sided.")
+    flips: list[Flip] = Field(description="Every item whose pass/fail differs; pass->fail "
+                              "means it passes on A and fails on B.")
+    answers_differ: list[str] = Field(
+        description="Items whose answer text differs between the machines (pass/fail "
+        "the same or not): the greedy path moved.")
+    tokens_per_second: tuple[float, float] = Field(description="(A, B) generation rate.")
+    kld: list[KldAcross] = Field(description="Against the baseline, per split (empty for "
+                                 "the baseline itself).")
 
 
-def _delta(pairs: list[tuple[bool, bool]]) -> PropertyDelta:
-    n = len(pairs)
-    b = sum(x for x, _ in pairs)
-    c = sum(y for _, y in pairs)
-    base, cand = rate(b, n), rate(c, n)
-    return PropertyDelta(baseline=base, candidate=cand, drop=base.rate - cand.rate,
-                         worse=sum(x and not y for x, y in pairs),
-                         better=sum(y and not x for x, y in pairs))
+class MachineComparison(_Data):
+    """Two reports of the same golden set, variants and baseline from two machines."""
+
+    schema_version: int = Field(1, description="Shape version.")
+    golden: GoldenInfo = Field(description="The golden set both evaluated (A's record).")
+    baseline: str = Field(description="The baseline of both reports.")
+    a: MachineInfo = Field(description="The first report.")
+    b: MachineInfo = Field(description="The second report.")
+    same_class: bool | None = Field(description="Whether both fingerprints have the same "
+                                    "hardware class (None: a side has no fingerprint).")
+    variants: list[VariantAcross] = Field(description="Every variant, baseline first.")
 
 
-def compare_runs(baseline: str, candidate: str, base_items: Sequence[ItemRun],
-                 cand_items: Sequence[ItemRun], *, logits: LogitSplit | None = None,
-                 noise_floor: LogitSplit | None = None) -> Comparison:
-    """Pair two runs of the same items by id (items only one side answered are ignored)."""
-    cand_by_id = {r.item_id: r for r in cand_items}
-    pairs = [(b, cand_by_id[b.item_id]) for b in base_items if b.item_id in cand_by_id]
-    overall = _delta([(b.passed, c.passed) for b, c in pairs])
-    by_prop: dict[str, list[tuple[bool, bool]]] = {}
-    by_cat: dict[str, list[tuple[bool, bool]]] = {}
-    flips: list[Flip] = []
-    for b, c in pairs:
-        for prop, ok in b.properties.items():
-            by_prop.setdefault(prop, []).append((ok, c.properties.get(prop, False)))
-        by_cat.setdefault(b.category, []).append((b.passed, c.passed))
-        if b.passed != c.passed:
-            changed = [p for p, ok in b.properties.items() if c.properties.get(p) != ok]
-            flips.append(Flip(item_id=b.item_id, category=b.category,
-                              direction="pass->fail" if b.passed else "fail->pass",
-                              properties=changed))
-    test = mcnemar_exact(overall.worse, overall.better)
-    return Comparison(
-        baseline=baseline, candidate=candidate, n_items=len(pairs),
-        worse=overall.worse, better=overall.better,
-        mcnemar_p=test.p_two_sided, mcnemar_p_worse=test.p_worse,
-        overall=overall,
-        properties={p: _delta(v) for p, v in sorted(by_prop.items())},
-        categories={k: _delta(v) for k, v in sorted(by_cat.items())},
-        flips=flips, logits=logits, noise_floor=noise_floor,
-    )
-
-
-# -- the same golden set on two machines -------------------------------------------------
 
 class ReportMismatch(ValueError):
     """Two reports that do not measure the same thing; the message names what differs."""

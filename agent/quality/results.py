@@ -191,69 +191,6 @@ class EvalReport(_Data):
         None, description="Wall time of the teacher-forcing phase (all backends).")
 
 
-# -- one golden set measured on two machines (``quantfleet eval compare``) ----------------
-
-class MachineInfo(_Data):
-    """One side of a cross-machine comparison: which report, measured where."""
-
-    label: str = Field(description="How the comparison names this side (the file's name).")
-    created_at: str = Field(description="When its evaluation finished.")
-    command: str = Field(description="The command line that produced it.")
-    hardware: HardwareFingerprint | None = Field(description="Its fingerprint (None: a "
-                                                 "report from before version 2).")
-    kernels: KernelPath | None = Field(description="Its kernel path (None: before version 2).")
-
-
-class KldAcross(_Data):
-    """One KLD split of one candidate (against the same baseline) on both machines."""
-
-    split: Literal["all", "structured", "prose"] = Field(description="Which tokens.")
-    a_tokens: int | None = Field(description="Tokens scored on A (None: none).")
-    b_tokens: int | None = Field(description="Tokens scored on B (None: none).")
-    a_mean: float | None = Field(description="Mean KLD on A.")
-    b_mean: float | None = Field(description="Mean KLD on B.")
-    mean_diff: float | None = Field(description="b_mean - a_mean (positive: worse on B).")
-    a_p99: float | None = Field(description="p99 KLD on A.")
-    b_p99: float | None = Field(description="p99 KLD on B.")
-    p99_diff: float | None = Field(description="b_p99 - a_p99 (positive: worse on B).")
-
-
-class VariantAcross(_Data):
-    """One variant's answers to the same items on two machines, paired by item."""
-
-    name: str = Field(description="Catalog name of the variant (the same file on both).")
-    precision: str = Field(description="Precision label.")
-    role: Literal["baseline", "candidate"] = Field(description="Its role in both reports.")
-    backend: str = Field(description="Its runtime (empty when neither report says).")
-    n_items: int = Field(description="Items both machines answered.")
-    a: Rate = Field(description="Items passed on A.")
-    b: Rate = Field(description="Items passed on B.")
-    worse: int = Field(description="Items passing on A and failing on B.")
-    better: int = Field(description="Items failing on A and passing on B.")
-    mcnemar_p: float = Field(description="Exact McNemar p-value of A against B, two-sided.")
-    flips: list[Flip] = Field(description="Every item whose pass/fail differs; pass->fail "
-                              "means it passes on A and fails on B.")
-    answers_differ: list[str] = Field(
-        description="Items whose answer text differs between the machines (pass/fail "
-        "the same or not): the greedy path moved.")
-    tokens_per_second: tuple[float, float] = Field(description="(A, B) generation rate.")
-    kld: list[KldAcross] = Field(description="Against the baseline, per split (empty for "
-                                 "the baseline itself).")
-
-
-class MachineComparison(_Data):
-    """Two reports of the same golden set, variants and baseline from two machines."""
-
-    schema_version: int = Field(1, description="Shape version.")
-    golden: GoldenInfo = Field(description="The golden set both evaluated (A's record).")
-    baseline: str = Field(description="The baseline of both reports.")
-    a: MachineInfo = Field(description="The first report.")
-    b: MachineInfo = Field(description="The second report.")
-    same_class: bool | None = Field(description="Whether both fingerprints have the same "
-                                    "hardware class (None: a side has no fingerprint).")
-    variants: list[VariantAcross] = Field(description="Every variant, baseline first.")
-
-
 class ReportFileError(ValueError):
     """A report file that cannot be read; the message names the file and what is wrong."""
 
