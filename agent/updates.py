@@ -30,11 +30,10 @@ import paho.mqtt.client as mqtt
 from quantfleet.agent.backends import LoadOptions, load_backend
 from quantfleet.agent.config import AgentConfig, UpdateConfig
 from quantfleet.agent.hardware import fingerprint
+from quantfleet.agent.mqtt import MqttConfig, connect_options, make_client
 from quantfleet.agent.serving.routing import ModelSet
 from quantfleet.agent.signing import load_public_key
 from quantfleet.agent.soak import SoakPolicy, SoakWatch
-from quantfleet.agent.telemetry.config import MqttConfig, parse_broker_url
-from quantfleet.agent.telemetry.publisher import make_client
 from quantfleet.agent.updater import (
     Check,
     SoakAnswer,
@@ -190,8 +189,7 @@ class StateChannel:
         self._lock = threading.Lock()
 
     def start(self) -> StateChannel:
-        _, host, port = parse_broker_url(self.cfg.broker)
-        self.client.connect_async(host, port, keepalive=self.cfg.keepalive_s)
+        self.client.connect_async(*self.cfg.address(), **connect_options(self.cfg))
         self.client.loop_start()
         return self
 

@@ -33,7 +33,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
-from quantfleet.agent.telemetry.config import MqttConfig
+from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.fleet.ingest import FleetIngest
 from quantfleet.fleet.simulate import FleetSimulator
 from quantfleet.fleet.store import Store

@@ -24,7 +24,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig, parse_broker_url
+from quantfleet.agent.mqtt import MqttConfig, parse_broker_url
+from quantfleet.agent.telemetry.config import PublisherConfig
 from quantfleet.agent.telemetry.outbox import Outbox
 from quantfleet.agent.telemetry.publisher import Publisher, _Lanes
 from quantfleet.agent.wire import RequestEvent, ValidationOutcome, device_topic

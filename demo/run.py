@@ -44,7 +44,7 @@ from rich.live import Live
 from rich.table import Table
 
 from quantfleet.agent.hardware import fingerprint
-from quantfleet.agent.telemetry.config import MqttConfig
+from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.fleet.simulate import DEFAULT_PROFILE, FleetSimulator
 from quantfleet.models.build import build_ladder
 from quantfleet.models.catalog import Catalog, VariantEntry

@@ -46,9 +46,8 @@ def _desired_state(cfg: FleetConfig, store: Any, purpose: str) -> tuple[Any, Any
     """A DesiredState on a connected MQTT client (disconnect it with ``_disconnect``)."""
     import time
 
+    from quantfleet.agent.mqtt import make_client, parse_broker_url
     from quantfleet.agent.signing import SignatureError, load_private_key
-    from quantfleet.agent.telemetry.config import parse_broker_url
-    from quantfleet.agent.telemetry.publisher import make_client
 
     from .desired import DesiredState
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantfleet.agent.telemetry.config import MqttConfig
+from quantfleet.agent.mqtt import MqttConfig
 
 
 class _Base(BaseModel):

@@ -25,8 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from quantfleet.agent.telemetry.config import MqttConfig
-from quantfleet.agent.telemetry.publisher import make_client
+from quantfleet.agent.mqtt import MqttConfig, connect_options, make_client
 from quantfleet.agent.wire import DeviceStatePayload, StatusPayload, TelemetryBatch
 
 from .messages import Cleared, Rejected, parse_message
@@ -72,17 +71,11 @@ class FleetIngest:
 
     # -- lifecycle ------------------------------------------------------
     def start(self, timeout: float = 10.0) -> FleetIngest:
-        from quantfleet.agent.telemetry.config import parse_broker_url
-
-        _tls, host, port = parse_broker_url(self.cfg.broker)
-        kwargs: dict[str, Any] = {"keepalive": self.cfg.keepalive_s}
-        if self.cfg.protocol == "5":
-            from paho.mqtt.packettypes import PacketTypes
-            from paho.mqtt.properties import Properties
-
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = self._session_expiry_s
-            kwargs.update(clean_start=False, properties=props)
+        host, port = self.cfg.address()
+        # A persistent session: messages the fleet has not acknowledged (not committed)
+        # are delivered again when it comes back.
+        kwargs = connect_options(self.cfg, session_expiry_s=self._session_expiry_s,
+                                 clean_start=False)
         self._writer.start()
         self.client.connect_async(host, port, **kwargs)
         self.client.loop_start()

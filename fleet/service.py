@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from quantfleet.agent.mqtt import connect_options, make_client
 from quantfleet.agent.signing import load_private_key
-from quantfleet.agent.telemetry.publisher import make_client
 from quantfleet.models.catalog import Catalog
 
 from . import signals
@@ -113,11 +113,8 @@ class FleetService:
             self.rollouts.tick()
 
     def start(self) -> FleetService:
-        from quantfleet.agent.telemetry.config import parse_broker_url
-
-        _tls, host, port = parse_broker_url(self.cfg.mqtt.broker)
         self.ingest.start()
-        self.publisher.connect(host, port, keepalive=self.cfg.mqtt.keepalive_s)
+        self.publisher.connect(*self.cfg.mqtt.address(), **connect_options(self.cfg.mqtt))
         self.publisher.loop_start()
         self.desired.start()
         self.desired.republish()  # queued: sent as soon as the client is connected

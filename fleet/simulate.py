@@ -42,8 +42,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
-from quantfleet.agent.telemetry.config import MqttConfig, parse_broker_url
-from quantfleet.agent.telemetry.publisher import make_client
+from quantfleet.agent.mqtt import MqttConfig, connect_options, make_client
 from quantfleet.agent.wire import (
     CPU_CLASSES,
     DesiredPayload,
@@ -334,8 +333,7 @@ class FleetSimulator:
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> FleetSimulator:
-        _tls, host, port = parse_broker_url(self.cfg.broker)
-        self.client.connect(host, port, keepalive=self.cfg.keepalive_s)
+        self.client.connect(*self.cfg.address(), **connect_options(self.cfg))
         self.client.loop_start()
         for d in self.devices.values():
             self._wait_for_room()

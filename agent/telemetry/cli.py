@@ -14,7 +14,8 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from quantfleet.agent.telemetry.config import TelemetryConfig, default_state_dir, parse_broker_url
+from quantfleet.agent.mqtt import parse_broker_url
+from quantfleet.agent.telemetry.config import TelemetryConfig, default_state_dir
 
 SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 

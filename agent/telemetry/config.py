@@ -7,14 +7,12 @@ run`` also reads a file holding only this table.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
-from typing import Literal
-from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from quantfleet.agent.wire import DEVICE_ID_PATTERN, TOPIC_ROOT
+from quantfleet.agent.mqtt import MqttConfig
+from quantfleet.agent.wire import DEVICE_ID_PATTERN
 
 MAX_BATCH_BYTES = 64 * 1024
 
@@ -26,86 +24,6 @@ class ConfigBase(BaseModel):
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "quantfleet"
-
-
-def parse_broker_url(url: str) -> tuple[bool, str, int]:
-    """``(tls, host, port)`` of ``mqtt://host[:port]`` or ``mqtts://host[:port]``.
-
-    Raises ValueError with a one-line message naming the URL.
-    """
-    if not isinstance(url, str) or "://" not in url:
-        raise ValueError(f"broker {url!r}: expected mqtt://host[:port] or mqtts://host[:port]")
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:
-        raise ValueError(f"broker {url!r}: not a URL ({exc})") from None
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"broker {url!r}: port must be a number 1-65535") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"broker {url!r}: scheme must be mqtt or mqtts, not {parts.scheme!r}")
-    host = parts.hostname
-    if not host or re.search(r"[\s/]", host):
-        raise ValueError(f"broker {url!r}: no host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise ValueError(f"broker {url!r}: only scheme, host and port are allowed "
-                         "(credentials go in the config)")
-    tls = scheme == "mqtts"
-    if port is None:
-        port = 8883 if tls else 1883
-    if not 1 <= port <= 65535:
-        raise ValueError(f"broker {url!r}: port must be 1-65535")
-    return tls, host, port
-
-
-class MqttConfig(ConfigBase):
-    """How to reach the broker."""
-
-    broker: str = Field("mqtt://127.0.0.1:1883",
-                        description="mqtt://host[:port] or mqtts://host[:port] (TLS).")
-    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
-    client_id: str | None = Field(None, description="Client id (default: qf-<device_id>).")
-    username: str | None = Field(None, description="Username for password authentication.")
-    password_env: str | None = Field(
-        None, description="Environment variable holding the password (read at start)."
-    )
-    password_file: Path | None = Field(
-        None, description="File holding the password (e.g. under $CREDENTIALS_DIRECTORY)."
-    )
-    ca_file: Path | None = Field(None, description="CA bundle for mqtts (default: system CAs).")
-    cert_file: Path | None = Field(None, description="Client certificate (PEM) for mqtts.")
-    key_file: Path | None = Field(None, description="Client key (PEM) for mqtts.")
-    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive in seconds.")
-    topic_root: str = Field(TOPIC_ROOT, description="Topic prefix before /devices/{device}/.")
-
-    @model_validator(mode="after")
-    def _check(self) -> MqttConfig:
-        parse_broker_url(self.broker)
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
-        if self.password_env and self.password_file:
-            raise ValueError("give password_env or password_file, not both")
-        return self
-
-    @property
-    def tls(self) -> bool:
-        return parse_broker_url(self.broker)[0]
-
-    def password(self) -> str | None:
-        """The password from the environment or its file; read now, never logged."""
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ValueError(f"mqtt.password_env: ${self.password_env} is not set")
-            return value
-        if self.password_file:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"mqtt.password_file {self.password_file}: {exc}") from None
-        return None
 
 
 class OutboxConfig(ConfigBase):

@@ -29,11 +29,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig, parse_broker_url
+from quantfleet.agent.mqtt import (
+    MqttConfig,
+    connect_options,
+    make_client,
+    parse_broker_url,
+    will_properties,
+)
+from quantfleet.agent.telemetry.config import PublisherConfig
 from quantfleet.agent.telemetry.outbox import Outbox
 from quantfleet.agent.wire import (
     WIRE_VERSION,
@@ -58,25 +62,6 @@ def _version() -> str:
         return version("quantfleet")
     except Exception:  # pragma: no cover - not installed
         return ""
-
-
-def make_client(mqtt_cfg: MqttConfig, client_id: str) -> mqtt.Client:
-    """A paho client configured for protocol, TLS and credentials (not connected)."""
-    v5 = mqtt_cfg.protocol == "5"
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id,
-        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-        clean_session=None if v5 else True,
-    )
-    if mqtt_cfg.tls:
-        client.tls_set(
-            ca_certs=str(mqtt_cfg.ca_file) if mqtt_cfg.ca_file else None,
-            certfile=str(mqtt_cfg.cert_file) if mqtt_cfg.cert_file else None,
-            keyfile=str(mqtt_cfg.key_file) if mqtt_cfg.key_file else None,
-        )
-    if mqtt_cfg.username:
-        client.username_pw_set(mqtt_cfg.username, mqtt_cfg.password())
-    return client
 
 
 class Publisher:
@@ -172,16 +157,8 @@ class Publisher:
         # slot. The rest of the backlog stays in the outbox.
         client.max_inflight_messages_set(window)
         client.max_queued_messages_set(2 * window + 8)
-        will_props = None
-        connect_props = None
-        if v5:
-            will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
-            will_props.WillDelayInterval = self.cfg.will_delay_s
-            connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            # A Will Delay only matters if the session outlives the connection that long.
-            connect_props.SessionExpiryInterval = self.cfg.will_delay_s
         client.will_set(self.status_topic, self._status("offline", "will"), qos=1, retain=True,
-                        properties=will_props)
+                        properties=will_properties(self.mqtt_cfg, self.cfg.will_delay_s))
 
         def on_connect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
             events.put(("connect", rc, props))
@@ -207,10 +184,9 @@ class Publisher:
         client.on_disconnect = on_disconnect
         client.on_publish = on_publish
         client.on_message = on_message
-        kwargs: dict[str, Any] = {"keepalive": self.mqtt_cfg.keepalive_s}
-        if v5:
-            kwargs.update(clean_start=True, properties=connect_props)
-        client.connect(self._host, self._port, **kwargs)
+        # A Will Delay only matters if the session outlives the connection that long.
+        client.connect(self._host, self._port, **connect_options(
+            self.mqtt_cfg, session_expiry_s=self.cfg.will_delay_s))
         client.loop_start()
         inflight: dict[int, _InFlight] = {}
         try:

@@ -20,9 +20,8 @@ import pytest
 from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
+from quantfleet.agent.mqtt import MqttConfig, make_client
 from quantfleet.agent.signing import generate_keypair, load_private_key
-from quantfleet.agent.telemetry.config import MqttConfig
-from quantfleet.agent.telemetry.publisher import make_client
 from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload, StatusPayload
 from quantfleet.fleet import commands
 from quantfleet.fleet.cli import cli

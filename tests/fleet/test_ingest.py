@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
+from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.agent.signing import generate_keypair, load_private_key, load_public_key, verify
-from quantfleet.agent.telemetry.config import MqttConfig
 from quantfleet.agent.wire import (
     DesiredPayload,
     DeviceStatePayload,

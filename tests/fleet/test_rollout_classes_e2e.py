@@ -29,7 +29,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from quantfleet.agent.telemetry.config import MqttConfig
+from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.fleet.cli import cli
 from quantfleet.fleet.simulate import (
     Faults,

@@ -13,8 +13,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from quantfleet.agent.telemetry.config import MqttConfig
-from quantfleet.agent.telemetry.publisher import make_client
+from quantfleet.agent.mqtt import MqttConfig, make_client
 from quantfleet.agent.wire import TelemetryBatch
 from quantfleet.fleet.simulate import FleetSimulator
 from tests.support import Mosquitto

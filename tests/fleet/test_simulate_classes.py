@@ -18,8 +18,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quantfleet.agent.telemetry.config import MqttConfig
-from quantfleet.agent.telemetry.publisher import make_client
+from quantfleet.agent.mqtt import MqttConfig, make_client
 from quantfleet.agent.wire import CPU_CLASSES, StatusPayload, TelemetryBatch, cpu_class
 from quantfleet.fleet.cli import cli
 from quantfleet.fleet.simulate import (

@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig
+from quantfleet.agent.mqtt import MqttConfig
+from quantfleet.agent.telemetry.config import PublisherConfig
 from quantfleet.agent.telemetry.outbox import Outbox
 from quantfleet.agent.telemetry.publisher import Publisher
 from quantfleet.agent.wire import RequestEvent

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from quantfleet.agent.cli import cli
+from quantfleet.agent.mqtt import parse_broker_url
 from quantfleet.agent.telemetry.aggregates import MinuteAggregator, quantile
-from quantfleet.agent.telemetry.config import TelemetryConfig, parse_broker_url
+from quantfleet.agent.telemetry.config import TelemetryConfig
 from quantfleet.agent.telemetry.health import HealthSampler
 from quantfleet.agent.telemetry.outbox import Outbox
 from quantfleet.agent.telemetry.schemas import render_schemas

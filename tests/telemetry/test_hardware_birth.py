@@ -20,7 +20,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from quantfleet.agent.hardware import fingerprint
-from quantfleet.agent.telemetry.config import MqttConfig, TelemetryConfig
+from quantfleet.agent.mqtt import MqttConfig
+from quantfleet.agent.telemetry.config import TelemetryConfig
 from quantfleet.agent.telemetry.service import TelemetryService
 from quantfleet.agent.wire import HardwareFingerprint, StatusPayload, device_topic
 from quantfleet.fleet.ingest import FleetIngest

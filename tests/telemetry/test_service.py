@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
+from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.agent.serving.recorder import Recorder
-from quantfleet.agent.telemetry.config import MqttConfig, PublisherConfig, TelemetryConfig
+from quantfleet.agent.telemetry.config import PublisherConfig, TelemetryConfig
 from quantfleet.agent.telemetry.outbox import Outbox
 from quantfleet.agent.telemetry.publisher import Publisher
 from quantfleet.agent.telemetry.service import TelemetryService
