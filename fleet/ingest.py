@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,38 +159,47 @@ class FleetIngest:
         log.info("fleet ingest: writer stopped")
 
     def _commit(self, group: list[mqtt.MQTTMessage]) -> None:
-        """Apply a group: its statuses, states and telemetry, each kind in one transaction.
+        apply_messages(self.store, [(m.topic, bytes(m.payload)) for m in group], self.root,
+                       self.stats)
 
-        Within a kind, messages are applied in arrival order (the store folds several
-        for one device as one by one would); the kinds touch different columns, so
-        their order between each other does not matter.
-        """
-        batches: list[TelemetryBatch] = []
-        statuses: list[StatusPayload] = []
-        states: list[DeviceStatePayload] = []
-        for msg in group:
-            self.stats.received += 1
-            parsed = parse_message(msg.topic, bytes(msg.payload), self.root)
-            if isinstance(parsed, Rejected):
-                self.stats.rejected[parsed.reason] = self.stats.rejected.get(parsed.reason, 0) + 1
-                log.warning("rejected %s", parsed.detail[:300])
-                self.store.record_rejection(msg.topic, parsed.reason)
-            elif isinstance(parsed, Cleared):
-                continue
-            elif isinstance(parsed, TelemetryBatch):
-                batches.append(parsed)
-            elif isinstance(parsed, StatusPayload):
-                statuses.append(parsed)
-            elif isinstance(parsed, DeviceStatePayload):
-                states.append(parsed)
-        if statuses:
-            self.store.apply_statuses(statuses)
-            self.stats.statuses += len(statuses)
-        if states:
-            self.store.apply_states(states)
-            self.stats.states += len(states)
-        if batches:
-            result = self.store.ingest_batches(batches)
-            self.stats.events_inserted += result.inserted
-            self.stats.duplicates += result.duplicates
-        self.stats.commits += 1
+
+def apply_messages(store: Store, messages: Sequence[tuple[str, bytes]], root: str,
+                   stats: IngestStats | None = None) -> IngestStats:
+    """Apply a group of (topic, payload) as the ingest's writer does: its statuses,
+    states and telemetry, each kind in one transaction; rejections counted by reason.
+
+    Within a kind, messages are applied in arrival order (the store folds several
+    for one device as one by one would); the kinds touch different columns, so
+    their order between each other does not matter.
+    """
+    stats = stats if stats is not None else IngestStats()
+    batches: list[TelemetryBatch] = []
+    statuses: list[StatusPayload] = []
+    states: list[DeviceStatePayload] = []
+    for topic, payload in messages:
+        stats.received += 1
+        parsed = parse_message(topic, payload, root)
+        if isinstance(parsed, Rejected):
+            stats.rejected[parsed.reason] = stats.rejected.get(parsed.reason, 0) + 1
+            log.warning("rejected %s", parsed.detail[:300])
+            store.record_rejection(topic, parsed.reason)
+        elif isinstance(parsed, Cleared):
+            continue
+        elif isinstance(parsed, TelemetryBatch):
+            batches.append(parsed)
+        elif isinstance(parsed, StatusPayload):
+            statuses.append(parsed)
+        elif isinstance(parsed, DeviceStatePayload):
+            states.append(parsed)
+    if statuses:
+        store.apply_statuses(statuses)
+        stats.statuses += len(statuses)
+    if states:
+        store.apply_states(states)
+        stats.states += len(states)
+    if batches:
+        result = store.ingest_batches(batches)
+        stats.events_inserted += result.inserted
+        stats.duplicates += result.duplicates
+    stats.commits += 1
+    return stats

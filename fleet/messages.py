@@ -85,7 +85,9 @@ def parse_message(topic: str, payload: bytes,
     if not payload and leaf in ("status", "state"):
         return Cleared(device, leaf)
     try:
-        parsed: Payload = model.model_validate_json(payload)
+        # Strict: the wire's JSON Schemas say integer where they say integer ("seq": "5" is
+        # a broken device, not a sequence number).
+        parsed: Payload = model.model_validate_json(payload, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
         where = ".".join(str(p) for p in first["loc"]) or "payload"

@@ -38,3 +38,49 @@ def pipeline(tmp_path: Path, device: str, port: int, root: str, *, protocol: str
     if start:
         publisher.start()
     return outbox, publisher
+
+
+class FleetSide:
+    """The fleet's real ingest (``FleetIngest`` into a SQLite ``Store``) on a test topic root,
+    with the readings telemetry tests make of what arrived."""
+
+    def __init__(self, tmp_path: Path, root: str, port: int = 1883) -> None:
+        from quantfleet.fleet.ingest import FleetIngest
+        from quantfleet.fleet.store import Store
+
+        self.store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
+        cfg = MqttConfig(broker=f"mqtt://127.0.0.1:{port}", topic_root=root)
+        self.ingest = FleetIngest(self.store, cfg, client_id=f"fleet-{root}", share_group="",
+                                  session_expiry_s=0)
+
+    def start(self) -> FleetSide:
+        self.ingest.start()
+        return self
+
+    def stop(self) -> None:
+        self.ingest.stop()
+        self.store.close()
+
+    def _rows(self, sql: str, **params: Any) -> list[Any]:
+        from sqlalchemy import text
+
+        with self.store.engine.connect() as conn:
+            return list(conn.execute(text(sql), params).all())
+
+    def bodies(self, device: str, kind: str) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(r[0]) for r in self._rows(
+            "SELECT body FROM events WHERE device_id = :d AND kind = :k ORDER BY seq",
+            d=device, k=kind)]
+
+    def count(self, device: str) -> int:
+        return int(self._rows("SELECT count(*) FROM events WHERE device_id = :d",
+                              d=device)[0][0])
+
+    def seqs(self, device: str) -> list[int]:
+        return [int(r[0]) for r in self._rows(
+            "SELECT seq FROM events WHERE device_id = :d ORDER BY seq", d=device)]
+
+    def device(self, device: str) -> dict[str, Any] | None:
+        return next((d for d in self.store.devices() if d["device_id"] == device), None)

@@ -25,17 +25,15 @@ from quantfleet.agent.telemetry.outbox import Outbox
 from quantfleet.agent.telemetry.publisher import Publisher
 from quantfleet.agent.telemetry.service import TelemetryService
 from quantfleet.agent.wire import device_topic
-from quantfleet.fleet.consumer import Consumer, TelemetryStore
 from tests.support import free_port
 
 from .conftest import Mosquitto, wait_until
-from .helpers import request_event
+from .helpers import FleetSide, request_event
 
 
 def test_service_is_a_recorder_and_sends_raw_events_aggregates_health_and_status(
         tmp_path: Path, topic_root: str) -> None:
-    store = TelemetryStore(tmp_path / "fleet.db")
-    consumer = Consumer(store, root=topic_root, client_id=f"c-{topic_root}").start()
+    fleet = FleetSide(tmp_path, topic_root).start()
     cfg = TelemetryConfig.model_validate({
         "device_id": "dev-svc", "aggregate_interval_s": 0.3, "health_interval_s": 0.3,
         "labels": {"site": "lab", "hw": "pi5"},
@@ -56,32 +54,40 @@ def test_service_is_a_recorder_and_sends_raw_events_aggregates_health_and_status
     for i in range(100):
         service.record(request_event(i, ts=past + i % 50, status=200 if i % 10 else 500))
     try:
-        wait_until(lambda: any(True for _ in store.events("dev-svc", "aggregate")),
-                   what="an aggregate")
-        wait_until(lambda: any(True for _ in store.events("dev-svc", "health")), what="health")
+        wait_until(lambda: bool(fleet.bodies("dev-svc", "aggregate")), what="an aggregate")
+        wait_until(lambda: bool(fleet.bodies("dev-svc", "health")), what="health")
     finally:
         service.close()
-    wait_until(lambda: (store.status("dev-svc") or {}).get("state") == "offline",
+    wait_until(lambda: (fleet.device("dev-svc") or {}).get("status_reason") == "shutdown",
                what="offline")
+    assert fleet.device("dev-svc")["online"] is False  # type: ignore[index]
     births = [m for m in sub_status if m["reason"] == "birth"]
     assert births and births[0]["labels"] == {"site": "lab", "hw": "pi5"}
-    aggs = [e["body"] for e in store.events("dev-svc", "aggregate")]
+    aggs = fleet.bodies("dev-svc", "aggregate")
     assert sum(a["requests"] for a in aggs) == 100
     assert sum(a["errors"] for a in aggs) == 10
     assert {a["variant"] for a in aggs} == {"Q8_0"}
-    assert sum(1 for _ in store.events("dev-svc", "request")) == 100
-    statuses = [e["body"] for e in store.events("dev-svc", "device_status")]
+    assert len(fleet.bodies("dev-svc", "request")) == 100
+    statuses = fleet.bodies("dev-svc", "device_status")
     assert statuses and statuses[-1]["variant"] == "Q8_0"
-    assert store.gaps("dev-svc") == []
-    consumer.stop()
+    assert fleet.store.seq_gaps(["dev-svc"]) == []
+    fleet.stop()
     watcher.loop_stop()
     watcher.disconnect()
 
 
 def test_after_an_outage_recent_events_go_first_and_the_backlog_is_historical_and_paced(
         tmp_path: Path, topic_root: str) -> None:
-    store = TelemetryStore(tmp_path / "fleet.db")
-    consumer = Consumer(store, root=topic_root, client_id=f"c-{topic_root}").start()
+    fleet = FleetSide(tmp_path, topic_root).start()
+    # What the publisher sent, batch by batch, in the order the broker delivered it.
+    sent: list[tuple[bool, list[int]]] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda c, u, m: sent.append(
+        (json.loads(m.payload)["historical"], [e["seq"] for e in json.loads(m.payload)["events"]]))
+    watcher.connect("127.0.0.1", 1883)
+    watcher.subscribe(device_topic("dev-l", "telemetry", topic_root), qos=1)
+    watcher.loop_start()
+    time.sleep(0.3)
     outbox = Outbox(tmp_path / "dev-l.db", "dev-l", commit_interval_s=0.05).start()
     old = time.time() - 3600
     for i in range(3000):  # recorded during a long outage
@@ -97,23 +103,28 @@ def test_after_an_outage_recent_events_go_first_and_the_backlog_is_historical_an
     started = time.monotonic()
     publisher.start()
     try:
-        wait_until(lambda: store.event_count("dev-l") == 3200, timeout=60, what="all events")
+        wait_until(lambda: fleet.count("dev-l") == 3200, timeout=60, what="all events")
         elapsed = time.monotonic() - started
+        wait_until(lambda: sum(len(seqs) for _, seqs in sent) >= 3200, what="the watcher")
+        rows = fleet._rows("SELECT seq, historical FROM events WHERE device_id = :d", d="dev-l")
     finally:
         publisher.stop()
         outbox.close()
-        consumer.stop()
-    rows = store._query("SELECT seq, historical, batch_id FROM events WHERE device_id = ?",
-                        ("dev-l",))
-    live = [r for r in rows if r[0] > 3000]
-    backlog = [r for r in rows if r[0] <= 3000]
-    assert all(not r[1] for r in live) and all(r[1] for r in backlog)
+        fleet.stop()
+        watcher.loop_stop()
+        watcher.disconnect()
+    # The fleet stored each event with the lane it came in.
+    assert all(bool(h) == (seq <= 3000) for seq, h in rows) and len(rows) == 3200
+    live = [i for i, (historical, _) in enumerate(sent) if not historical]
+    backlog = [i for i, (historical, _) in enumerate(sent) if historical]
+    assert all(s > 3000 for i in live for s in sent[i][1])
+    assert all(s <= 3000 for i in backlog for s in sent[i][1])
     # The live lane went before the backlog...
-    assert max(r[2] for r in live) < min(r[2] for r in backlog)
+    assert max(live) < min(backlog)
     # ...and the backlog went oldest-first, no faster than the rate limit allows.
-    by_batch = sorted({(r[2], r[0]) for r in backlog})
-    assert [s for _, s in by_batch] == sorted(s for _, s in by_batch)
-    batches = len({r[2] for r in backlog})
+    order = [s for i in backlog for s in sent[i][1]]
+    assert order == sorted(order)
+    batches = len(backlog)
     assert batches > 12
     assert elapsed >= (batches - rate) / rate
 
@@ -159,9 +170,7 @@ def test_mqtts_with_a_password_from_the_environment(
         f"listener {tls_port} 127.0.0.1", f"cafile {ca}", f"certfile {cert}", f"keyfile {key}",
         "allow_anonymous false", f"password_file {passwd}"]))
     private_broker.start()
-    store = TelemetryStore(tmp_path / "fleet.db")
-    consumer = Consumer(store, port=private_broker.port, root=topic_root,
-                        client_id=f"c-{topic_root}").start()
+    fleet = FleetSide(tmp_path, topic_root, port=private_broker.port).start()
     monkeypatch.setenv("QF_TEST_MQTT_PASSWORD", password)
     outbox = Outbox(tmp_path / "o.db", "dev-tls", commit_interval_s=0.05).start()
     publisher = Publisher(outbox, MqttConfig(
@@ -172,18 +181,18 @@ def test_mqtts_with_a_password_from_the_environment(
         for i in range(300):
             outbox.record(request_event(i))
         if password == "s3cret":
-            wait_until(lambda: store.event_count("dev-tls") == 300, what="events over TLS")
-            assert store.seqs("dev-tls") == list(range(1, 301))
+            wait_until(lambda: fleet.count("dev-tls") == 300, what="events over TLS")
+            assert fleet.seqs("dev-tls") == list(range(1, 301))
         else:
             time.sleep(2.0)  # several refused attempts
             outbox.flush()
-            assert publisher.connects == 0 and store.event_count("dev-tls") == 0
+            assert publisher.connects == 0 and fleet.count("dev-tls") == 0
             assert outbox.stats()["rows"] == 300  # kept for when the credentials are fixed
             assert "not authorised" in private_broker.log().lower()
     finally:
         publisher.stop(timeout=1)
         outbox.close()
-        consumer.stop()
+        fleet.stop()
         private_broker.stop()
         private_broker.write_config()
         private_broker.start()
