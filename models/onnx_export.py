@@ -419,8 +419,8 @@ class Int8Settings:
         """
         if self.kernel in ("U8S8", "S8S8") and not self.reduce_range:
             return [{"arch": "x86_64", "any_of": list(VNNI_FEATURES),
-                     "why": f"int8 {self.kernel} MatMuls without reduce_range saturate in "
-                            "16-bit sums on x86 CPUs without VNNI (vpmaddubsw)"}]
+                     "why": f"int8 {self.kernel} MatMuls without reduce_range overflow "
+                            "vpmaddubsw's saturating 16-bit sums on x86 CPUs without VNNI"}]
         return []
 
     def record(self) -> dict[str, Any]:
