@@ -7,6 +7,8 @@ properties; docs/onnx.md quotes them. Thresholds are what the issue asks
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -36,6 +38,7 @@ TEXT = (
     "moves several times more people per hour than a lane full of cars, costs far less to "
     "build, and makes the air cleaner for everyone who lives nearby."
 )
+RecordProperty = Callable[[str, object], None]  # pytest's record_property fixture
 PROMPTS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -71,7 +74,7 @@ def figures(loaded: dict[str, Backend], fresh_onnx: dict[str, Backend]
 
 
 def test_fp32_matches_the_llama_cpp_reference(figures: dict[str, tuple[float, float, float]],
-                                              record_property: pytest.RecordProperty) -> None:
+                                              record_property: RecordProperty) -> None:
     same, kld, p99 = figures["onnx-fp32"]
     record_property("onnx_fp32_same_top", same)
     record_property("onnx_fp32_mean_kld", kld)
@@ -81,7 +84,7 @@ def test_fp32_matches_the_llama_cpp_reference(figures: dict[str, tuple[float, fl
 
 
 def test_int8_and_int4_lose_quality_in_order(figures: dict[str, tuple[float, float, float]],
-                                             record_property: pytest.RecordProperty) -> None:
+                                             record_property: RecordProperty) -> None:
     fp32, int8, int4 = figures["onnx-fp32"], figures["onnx-int8"], figures["onnx-int4"]
     for label in ("onnx-int8", "onnx-int4"):
         record_property(f"{label}_same_top", figures[label][0])
@@ -105,7 +108,7 @@ def test_int4_is_as_good_as_its_gguf_counterpart(
 def _greedy(backend: Backend, user: str) -> list[int]:
     prompt = ChatTemplate(backend.chat_template, **backend.special_tokens).render(
         [{"role": "user", "content": user}])
-    return backend.generate(GenerationRequest(prompt=prompt, max_tokens=32)).token_ids
+    return list(backend.generate(GenerationRequest(prompt=prompt, max_tokens=32)).token_ids)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -119,7 +122,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def test_greedy_generations_agree_with_llama_cpp(loaded: dict[str, Backend],
                                                  fresh_onnx: dict[str, Backend],
-                                                 record_property: pytest.RecordProperty) -> None:
+                                                 record_property: RecordProperty) -> None:
     ref = loaded["F16"]
     report = {}
     reference = {user: _greedy(ref, user) for user in PROMPTS}  # once, not per label
