@@ -145,3 +145,23 @@ def test_ladder_int8_keys_parse_or_fail_naming_the_rung(keys: dict[str, Any]) ->
     assert rung.weight_type in ("QInt8", "QUInt8")
     assert isinstance(rung.per_channel, bool) and isinstance(rung.reduce_range, bool)
     assert all(re.fullmatch(CLASS_PATTERN, c) for c in rung.validated_on)
+
+
+@pytest.mark.parametrize(("weight_type", "reduce_range", "fmt", "needs_vnni"), [
+    ("QInt8", False, "dynamic", True),    # U8S8: vpmaddubsw saturates without VNNI (3.9 KLD)
+    ("QInt8", True, "dynamic", False),    # 7-bit weights: the pair sums fit in 16 bits
+    ("QUInt8", False, "dynamic", False),  # U8U8: widened, exact (the ladder's rung)
+    ("QInt8", False, "qdq_static", False),  # S8S8: measured the same on the AVX2 path
+])
+def test_which_int8_settings_need_vnni(weight_type: str, reduce_range: bool, fmt: str,
+                                       needs_vnni: bool) -> None:
+    from quantfleet.models.onnx_export import VNNI_FEATURES, Int8Settings
+
+    settings = Int8Settings(weight_type, reduce_range=reduce_range, quant_format=fmt)
+    requires = [CpuRequirement.model_validate(r) for r in settings.requires_cpu()]
+    assert bool(requires) == needs_vnni
+    haswell = _hw("x86_64", ["avx2", "fma", "f16c"])
+    assert bool(unmet(requires, haswell)) == needs_vnni
+    assert not unmet(requires, _hw("x86_64", ["avx2", "avx_vnni"]))
+    assert not unmet(requires, _hw("aarch64", ["asimd"]))
+    assert all(r.any_of == list(VNNI_FEATURES) for r in requires)
