@@ -91,7 +91,11 @@ def test_int8_and_int4_lose_quality_in_order(figures: dict[str, tuple[float, flo
         record_property(f"{label}_mean_kld", figures[label][1])
     assert fp32[1] < int8[1] < int4[1]
     assert fp32[0] >= int8[0] >= int4[0] - 0.02
-    # measured on this text: int8 80 % / 0.07, int4 61 % / 0.41 (GGUF Q4_0: 70 % / 0.31)
+    # Measured on this text (docs/onnx.md, "Every CPU"): int8 (U8U8) 87 % / 0.072 natively
+    # on x86-amx; on the AVX2 path (qemu Haswell) its KLD moves by about +-11 % (fp32
+    # rounding flips a quantized activation here and there), int4 61 % / 0.41 on both paths
+    # alike (GGUF Q4_0: 71 % / 0.31, the same AVX2 build on both). The old U8S8 int8 gave
+    # 4.4 on an AVX2-only CPU: these bounds fail it by 30x.
     assert int8[0] >= 0.75 and int8[1] < 0.15
     assert int4[0] >= 0.50 and int4[1] < 0.7
 
@@ -139,6 +143,9 @@ def test_greedy_generations_agree_with_llama_cpp(loaded: dict[str, Backend],
               + ", ".join(f"{x:.0%}" for x in agree))
     # fp32 carries the same weights: every greedy answer is the reference's, token for token
     assert all(x == 1.0 for x in report["onnx-fp32"])
-    # quantized variants drift, but they start the same way on these easy prompts
-    for label in ("onnx-int8", "onnx-int4"):
-        assert np.mean(report[label]) > 0.2
+    # quantized variants drift, but they start the same way on these easy prompts: measured
+    # int8 45 % (0, 100, 41, 41) and int4 21 % (19, 36, 6, 22) of each answer; greedy text
+    # flips on one near-tie, so the bounds sit at about half of that (the old U8S8 int8 on
+    # an AVX2-only CPU: 0.8 %)
+    assert np.mean(report["onnx-int8"]) > 0.2
+    assert np.mean(report["onnx-int4"]) > 0.1
