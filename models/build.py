@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 import tomllib
@@ -22,16 +23,25 @@ from pathlib import Path
 
 from quantfleet.agent.backends.gguf_file import ModelFileError, read_gguf
 
-from .catalog import Catalog, CatalogError, Precision, SourceEntry, VariantEntry, now_iso
+from .catalog import (
+    CLASS_PATTERN,
+    Catalog,
+    CatalogError,
+    Precision,
+    SourceEntry,
+    VariantEntry,
+    now_iso,
+)
 from .catalog import sha256_file as _sha256
 from .sources import file_type_of, source_entry
 
 log = logging.getLogger(__name__)
 
 
-ONNX_METHODS = ("export", "int8_dynamic", "int4_matmulnbits")
+ONNX_METHODS = ("export", "int8_dynamic", "int8_qdq_static", "int4_matmulnbits")
 _GGUF_KEYS = {"label", "ftype", "why", "format"}
-_ONNX_KEYS = {"label", "format", "method", "why", "block_size", "keep_float", "accuracy_level"}
+_ONNX_KEYS = {"label", "format", "method", "why", "block_size", "keep_float", "accuracy_level",
+              "weight_type", "per_channel", "reduce_range", "validated_on"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,12 @@ class Rung:
     block_size: int = 32  # int4 only: weights per scale
     keep_float: tuple[str, ...] = ()  # int8 only: weight-name parts left in float
     accuracy_level: int | None = None  # int4 only: MatMulNBits compute type (None: float)
+    # int8 only (onnx_export.Int8Settings): the defaults are the recipe that is exact on
+    # every CPU (U8U8, see docs/onnx.md)
+    weight_type: str = "QUInt8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    validated_on: tuple[str, ...] = ()  # hardware classes its quality was measured on
 
 
 @dataclass(frozen=True)
@@ -128,7 +144,24 @@ def _rung(r: object, i: int, where: str) -> Rung:
     level = r.get("accuracy_level")
     if level is not None and level not in (0, 1, 2, 3, 4):
         raise CatalogError(f"{where}: rung {label!r} accuracy_level must be 0-4")
-    return Rung(label, "", why, "onnx", method, block, tuple(keep), level)
+    from .onnx_export import INT8_WEIGHT_TYPES
+
+    weight_type = r.get("weight_type", Rung.weight_type)
+    if weight_type not in INT8_WEIGHT_TYPES:
+        raise CatalogError(f"{where}: rung {label!r} weight_type must be one of "
+                           f"{list(INT8_WEIGHT_TYPES)}")
+    flags = {k: r.get(k, getattr(Rung, k)) for k in ("per_channel", "reduce_range")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise CatalogError(f"{where}: rung {label!r} {key} must be true or false")
+    validated = r.get("validated_on", [])
+    if not isinstance(validated, list) or not all(
+            isinstance(c, str) and re.fullmatch(CLASS_PATTERN, c) for c in validated) or len(
+            set(validated)) != len(validated):
+        raise CatalogError(f"{where}: rung {label!r} validated_on must be a list of distinct "
+                           "hardware classes like 'x86-avx2'")
+    return Rung(label, "", why, "onnx", method, block, tuple(keep), level, weight_type,
+                flags["per_channel"], flags["reduce_range"], tuple(validated))
 
 
 def ftype_id(name: str) -> int:

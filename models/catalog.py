@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 CATALOG_FILE = "catalog.json"
 CATALOG_VERSION = 1
@@ -53,6 +55,44 @@ class Precision(_Strict):
     bits_per_weight: float = Field(description="File bits divided by parameter count.")
 
 
+# Names as ``agent.hardware`` and ``wire.cpu_class`` spell them: architectures
+# (x86_64, aarch64), features (avx2, avx512_vnni, dotprod, ...) and hardware
+# classes (x86-avx2, x86-amx, arm-i8mm, ...).
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_]*$"
+CLASS_PATTERN = r"^[a-z0-9][a-z0-9_]*(-[a-z0-9][a-z0-9_]*)*$"
+
+
+def _unique(values: list[str], what: str) -> list[str]:
+    dupes = sorted({v for v in values if values.count(v) > 1})
+    if dupes:
+        raise ValueError(f"{what} {dupes} appear more than once")
+    return values
+
+
+class CpuRequirement(_Strict):
+    """A CPU feature a variant's kernels need on one architecture to compute correctly."""
+
+    arch: str = Field(max_length=32, pattern=NAME_PATTERN,
+                      description="The architecture it applies to (x86_64, aarch64, ...); "
+                      "devices of other architectures are not concerned.")
+    any_of: list[str] = Field(
+        min_length=1, max_length=16,
+        description="Features, as the hardware fingerprint names them (avx512_vnni, "
+        "avx_vnni, amx_int8, dotprod, ...); a device of this architecture needs one.")
+    why: str = Field("", max_length=300, description="What goes wrong without it.")
+
+    @field_validator("any_of")
+    @classmethod
+    def _feature_names(cls, values: list[str]) -> list[str]:
+        bad = [v for v in values if not (len(v) <= 32 and re.fullmatch(NAME_PATTERN, v))]
+        if bad:
+            raise ValueError(f"feature names {bad} are not lower-case names like 'avx512_vnni'")
+        return _unique(values, "features")
+
+    def met_by(self, arch: str, features: Iterable[str]) -> bool:
+        return arch != self.arch or not set(self.any_of).isdisjoint(features)
+
+
 class VariantEntry(_Strict):
     name: str = Field(description="Unique name: '<source>-<precision label>'.")
     source: str
@@ -65,7 +105,27 @@ class VariantEntry(_Strict):
     reference: bool = Field(False, description="The variant others are measured against.")
     notes: list[str] = Field(default_factory=list)
     build: dict[str, Any] = Field(default_factory=dict, description="How it was built.")
+    requires_cpu: list[CpuRequirement] = Field(
+        default_factory=list, max_length=8,
+        description="CPU features its kernels need (every requirement of the device's "
+        "architecture must be met); the agent refuses to load it on a device without them.")
+    validated_on: list[str] = Field(
+        default_factory=list, max_length=16,
+        description="Hardware classes (``wire.cpu_class``: x86-avx2, x86-amx, ...) its "
+        "quality was measured on against the reference (docs/onnx.md).")
     created_at: str = ""
+
+    @field_validator("validated_on")
+    @classmethod
+    def _class_names(cls, values: list[str]) -> list[str]:
+        bad = [v for v in values if not (len(v) <= 32 and re.fullmatch(CLASS_PATTERN, v))]
+        if bad:
+            raise ValueError(f"hardware classes {bad} are not names like 'x86-avx2'")
+        return _unique(values, "hardware classes")
+
+    def unmet_requirements(self, arch: str, features: Iterable[str]) -> list[CpuRequirement]:
+        have = set(features)
+        return [r for r in self.requires_cpu if not r.met_by(arch, have)]
 
     def path(self, models_dir: Path) -> Path:
         return models_dir / self.file
@@ -82,6 +142,8 @@ class VariantEntry(_Strict):
             "sha256": self.sha256,
             "source": self.source,
             "reference": self.reference,
+            "requires_cpu": [r.model_dump() for r in self.requires_cpu],
+            "validated_on": list(self.validated_on),
         }
 
 

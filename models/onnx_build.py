@@ -16,16 +16,35 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .catalog import Catalog, CatalogError, Precision, SourceEntry, VariantEntry, now_iso
+from .catalog import (
+    Catalog,
+    CatalogError,
+    CpuRequirement,
+    Precision,
+    SourceEntry,
+    VariantEntry,
+    now_iso,
+)
 from .catalog import sha256_file as _sha256
 
 if TYPE_CHECKING:
     from .build import BuildOutcome, Rung
+    from .onnx_export import Int8Settings
 
 log = logging.getLogger(__name__)
 
 # recipe keys that say which tool versions ran; a new version alone does not rebuild
 _VERSION_KEYS = {"from", "onnx", "onnxruntime"}
+INT8_METHODS = ("int8_dynamic", "int8_qdq_static")
+
+
+def _int8_note(settings: Int8Settings, requires: list[CpuRequirement]) -> str:
+    rr = ", reduce_range (7-bit weights)" if settings.reduce_range else ""
+    where = ("exact on every CPU kernel" if not requires else
+             "needs " + "; ".join(f"{' or '.join(r.any_of)} on {r.arch}" for r in requires))
+    return (f"int8 {settings.kernel} ({settings.activation_type} activations, "
+            f"{settings.weight_type} weights, "
+            f"{'per channel' if settings.per_channel else 'per tensor'}{rr}): {where}")
 
 
 @contextlib.contextmanager
@@ -49,9 +68,11 @@ def onnx_recipe(rung: Rung, parent: VariantEntry) -> dict[str, Any]:
     if rung.method == "export":
         recipe.update(tool="quantfleet.onnx_export", exporter_version=EXPORTER_VERSION,
                       opset=OPSET, dtype="float32")
-    elif rung.method == "int8_dynamic":
-        recipe.update(tool="onnxruntime.quantize_dynamic", weight_type="QInt8",
-                      per_channel=True, op_types=["MatMul"], keep_float=list(rung.keep_float))
+    elif rung.method in INT8_METHODS:
+        tool = ("onnxruntime.quantize_dynamic" if rung.method == "int8_dynamic"
+                else "onnxruntime.quantize_static")
+        # every setting that picks a kernel is part of the recipe: changing one rebuilds
+        recipe.update(tool=tool, op_types=["MatMul"], **int8_settings(rung).record())
     else:
         recipe.update(tool="onnxruntime.MatMulNBitsQuantizer", bits=4,
                       block_size=rung.block_size, symmetric=True,
@@ -59,18 +80,28 @@ def onnx_recipe(rung: Rung, parent: VariantEntry) -> dict[str, Any]:
     return recipe
 
 
+def int8_settings(rung: Rung) -> Int8Settings:
+    from .onnx_export import Int8Settings
+
+    return Int8Settings(
+        weight_type=rung.weight_type, per_channel=rung.per_channel,
+        reduce_range=rung.reduce_range,
+        quant_format="dynamic" if rung.method == "int8_dynamic" else "qdq_static",
+        keep_float=rung.keep_float)
+
+
 def _matches(entry: VariantEntry, recipe: dict[str, Any]) -> bool:
     return all(entry.build.get(k) == v for k, v in recipe.items() if k not in _VERSION_KEYS)
 
 
-def _make(rung: Rung, parent_path: Path, dst: Path, source_sha256: str) -> None:
+def _make(rung: Rung, parent_path: Path, dst: Path, source_sha256: str, name: str) -> None:
     from . import onnx_export
 
     with _quiet():
         if rung.method == "export":
             onnx_export.export(parent_path, dst, source_sha256=source_sha256)
-        elif rung.method == "int8_dynamic":
-            onnx_export.quantize_int8(parent_path, dst, keep_float=rung.keep_float)
+        elif rung.method in INT8_METHODS:
+            onnx_export.quantize_int8(parent_path, dst, int8_settings(rung), variant=name)
         else:
             onnx_export.quantize_int4(parent_path, dst, block_size=rung.block_size,
                                       accuracy_level=rung.accuracy_level)
@@ -108,7 +139,7 @@ def build_onnx_rungs(
         dst = models_dir / f"{name}.onnx"
         partial = dst.with_name(dst.name + ".partial")
         try:
-            _make(rung, parent.path(models_dir), partial, reference.sha256)
+            _make(rung, parent.path(models_dir), partial, reference.sha256, name)
             tensor_types, _ = describe_onnx(partial)
         except ExportError as exc:
             partial.unlink(missing_ok=True)
@@ -121,6 +152,11 @@ def build_onnx_rungs(
         notes = [rung.why] if rung.why else []
         if rung.keep_float:
             notes.append(f"weights named {', '.join(rung.keep_float)} stay in float32")
+        requires: list[CpuRequirement] = []
+        if rung.method in INT8_METHODS:
+            settings = int8_settings(rung)
+            requires = [CpuRequirement.model_validate(r) for r in settings.requires_cpu()]
+            notes.append(_int8_note(settings, requires))
         entry = VariantEntry(
             name=name,
             source=source.name,
@@ -137,6 +173,8 @@ def build_onnx_rungs(
             reference=False,
             notes=notes,
             build=recipe,
+            requires_cpu=requires,
+            validated_on=list(rung.validated_on),
             created_at=now_iso(),
         )
         catalog.put_variant(entry)

@@ -369,34 +369,178 @@ def export(gguf_path: Path | str, out_path: Path | str, *, source_sha256: str = 
     return out
 
 
-def quantize_int8(src: Path | str, dst: Path | str, *,
-                  keep_float: tuple[str, ...] | list[str] = ()) -> Path:
-    """Dynamic int8 quantization of the weight MatMuls (activations quantized per call).
+@dataclass(frozen=True)
+class Int8Settings:
+    """How the int8 rung is quantized: everything that changes which kernel runs.
 
-    ``keep_float`` lists parts of weight names left in float32: SmolLM's
-    ``ffn_down`` input has activation outliers that per-tensor activation
-    quantization cannot represent (measured: mean KLD 0.31 quantized, 0.05 kept).
+    ``dynamic`` is ``quantize_dynamic``: weights quantized ahead (``weight_type``),
+    activations quantized per call to uint8 by DynamicQuantizeLinear, so the
+    MatMuls are U8S8 (QInt8 weights) or U8U8 (QUInt8 weights). ``qdq_static`` is
+    ``quantize_static`` in QDQ format with int8 activations whose scales come
+    from a calibration run over a few prompts (S8S8).
+    """
+
+    weight_type: str = "QUInt8"  # "QInt8" or "QUInt8"
+    per_channel: bool = True
+    reduce_range: bool = False  # 7-bit weights: u8 x s7 pair sums fit in 16 bits
+    quant_format: str = "dynamic"  # "dynamic" or "qdq_static"
+    keep_float: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.weight_type not in INT8_WEIGHT_TYPES:
+            raise ExportError(f"int8 weight_type {self.weight_type!r} is not one of "
+                              f"{list(INT8_WEIGHT_TYPES)}")
+        if self.quant_format not in INT8_FORMATS:
+            raise ExportError(f"int8 quant_format {self.quant_format!r} is not one of "
+                              f"{list(INT8_FORMATS)}")
+
+    @property
+    def activation_type(self) -> str:
+        return "QUInt8" if self.quant_format == "dynamic" else "QInt8"
+
+    @property
+    def kernel(self) -> str:
+        """The integer GEMM ONNX Runtime runs: activation type, then weight type."""
+        a = "U8" if self.activation_type == "QUInt8" else "S8"
+        w = "U8" if self.weight_type == "QUInt8" else "S8"
+        return a + w
+
+    def requires_cpu(self) -> list[dict[str, Any]]:
+        """The CPU features a device needs for these settings to compute correctly.
+
+        Without VNNI, MLAS's x86 U8S8 kernels (AVX2 and AVX-512BW) multiply with
+        vpmaddubsw, which adds each pair of u8 x s8 products into a *saturating*
+        16-bit lane: 2 x 255 x 127 overflows it. Measured on this model under
+        qemu -cpu Haswell: mean KLD 3.9 against fp32 (0.08 natively; docs/onnx.md).
+        VNNI (vpdpbusd) and AMX accumulate in 32 bits. ``reduce_range`` (7-bit
+        weights: 2 x 255 x 64 fits) and U8U8 (widened to 16 bits, then vpmaddwd)
+        are exact on every x86 kernel; the S8S8 QDQ model measured the same on
+        the AVX2 path as natively; ARM's NEON and dot-product kernels widen.
+        Per-tensor U8S8 happened to stay clear of saturation on this model
+        (its weights are small against the tensor-wide scale) but can saturate,
+        so it needs VNNI too.
+        """
+        if self.kernel == "U8S8" and not self.reduce_range:
+            return [{"arch": "x86_64", "any_of": list(VNNI_FEATURES),
+                     "why": f"int8 {self.kernel} MatMuls without reduce_range overflow "
+                            "vpmaddubsw's saturating 16-bit sums on x86 CPUs without VNNI"}]
+        return []
+
+    def record(self) -> dict[str, Any]:
+        """The settings as stored in the .onnx (``quantfleet.quantization``) and the catalog."""
+        return {
+            "method": "int8_dynamic" if self.quant_format == "dynamic" else "int8_qdq_static",
+            "quant_format": self.quant_format,
+            "weight_type": self.weight_type,
+            "activation_type": self.activation_type,
+            "kernel": self.kernel,
+            "per_channel": self.per_channel,
+            "reduce_range": self.reduce_range,
+            "keep_float": list(self.keep_float),
+        }
+
+
+INT8_WEIGHT_TYPES = ("QInt8", "QUInt8")
+INT8_FORMATS = ("dynamic", "qdq_static")
+#: x86 features whose int8 dot products accumulate in 32 bits (no 16-bit saturation)
+VNNI_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
+#: Recipe of the int8 files quantfleet built before it recorded the settings:
+#: what an int8 file without ``quantfleet.quantization`` is taken to be.
+LEGACY_INT8 = Int8Settings(weight_type="QInt8", per_channel=True, reduce_range=False,
+                           keep_float=("ffn_down",))
+META_QUANTIZATION = "quantfleet.quantization"
+
+# Calibration prompts for the static (QDQ) recipe: short, varied, and not the
+# text the agreement test measures on.
+CALIBRATION_TEXTS = (
+    "<|im_start|>user\nWhat is the tallest mountain in Europe?<|im_end|>\n<|im_start|>assistant\n"
+    "Mount Elbrus in the Caucasus, at 5,642 metres, is usually counted as the tallest.",
+    "Rain fell on the old stone bridge all night, and by morning the river had risen to the "
+    "arches. The baker opened late; the postman did not come at all.",
+    '{"name": "Ada Lovelace", "born": 1815, "known_for": ["the Analytical Engine", "notes"]}',
+    "for i in range(10):\n    if i % 3 == 0:\n        print(i, 'fizz')\n",
+    "Prices rose 3.2 percent in March, after 2.9 percent in February; economists had "
+    "expected 3.0. The central bank meets again on 14 May.",
+)
+
+
+def quantize_int8(src: Path | str, dst: Path | str, settings: Int8Settings, *,
+                  variant: str = "") -> Path:
+    """int8 weight MatMuls (``settings`` say how); the settings are stored in the file.
+
+    ``settings.keep_float`` lists parts of weight names left in float32:
+    SmolLM's ``ffn_down`` input has activation outliers that per-tensor
+    activation quantization cannot represent (measured: mean KLD 0.31
+    quantized, 0.07 kept).
     """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType
 
     model = onnx.load_model(str(src), load_external_data=False)
     meta = metadata_of(model)
     exclude = [n.name for n in model.graph.node
                if n.op_type == "MatMul" and len(n.input) > 1
-               and any(k in n.input[1] for k in keep_float)]
+               and any(k in n.input[1] for k in settings.keep_float)]
     del model
-    quantize_dynamic(
-        str(src), str(dst),
-        op_types_to_quantize=["MatMul"],
-        per_channel=True,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=exclude,
-        # attention's activation x activation MatMuls stay in float
-        extra_options={"MatMulConstBOnly": True},
-    )
+    weight_type = getattr(QuantType, settings.weight_type)
+    # attention's activation x activation MatMuls stay in float
+    extra = {"MatMulConstBOnly": True}
+    if settings.quant_format == "dynamic":
+        from onnxruntime.quantization import quantize_dynamic
+
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"],
+                         per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                         weight_type=weight_type, nodes_to_exclude=exclude,
+                         extra_options=extra)
+    else:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+
+        quantize_static(str(src), str(dst), _Calibration(Path(src), meta),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
+                        per_channel=settings.per_channel, reduce_range=settings.reduce_range,
+                        activation_type=QuantType.QInt8, weight_type=weight_type,
+                        nodes_to_exclude=exclude, calibrate_method=CalibrationMethod.MinMax,
+                        extra_options=extra)
+    record = {**settings.record(), "requires_cpu": settings.requires_cpu(), "variant": variant}
+    meta[META_QUANTIZATION] = json.dumps(record, sort_keys=True)
     _restore_metadata(Path(dst), meta)
     return Path(dst)
+
+
+class _Calibration:
+    """Feeds CALIBRATION_TEXTS, tokenized as the device would, to ``quantize_static``."""
+
+    def __init__(self, model_path: Path, meta: dict[str, str]) -> None:
+        from quantfleet.agent.backends.onnx_tokenizer import BPETokenizer
+
+        cfg = json.loads(meta[META_CONFIG])
+        tok = BPETokenizer(json.loads(meta[META_TOKENIZER]))
+        empty = np.zeros((1, cfg["n_head_kv"], 0, cfg["head_dim"]), dtype=np.float32)
+        self._feeds = []
+        for text in CALIBRATION_TEXTS:
+            ids = tok.encode(text)
+            feed = {"input_ids": np.asarray([ids], dtype=np.int64),
+                    "logits_to_keep": np.asarray([1], dtype=np.int64)}
+            for i in range(cfg["n_layer"]):
+                feed[f"past_key_values.{i}.key"] = empty
+                feed[f"past_key_values.{i}.value"] = empty
+            self._feeds.append(feed)
+        self._it = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def __iter__(self) -> _Calibration:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        feed = self.get_next()
+        if feed is None:
+            raise StopIteration
+        return feed
+
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
 
 
 def quantize_int4(src: Path | str, dst: Path | str, *, block_size: int = 32,

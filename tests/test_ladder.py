@@ -85,6 +85,46 @@ def test_a_damaged_rung_is_detected_and_rebuilt(tmp_path: Path) -> None:
     assert Catalog(tmp_path).verify(Catalog(tmp_path).resolve("Q8_0")) is None
 
 
+# The catalog entry of onnx-int8 as quantfleet wrote it before the recipe recorded
+# its kernel settings (U8S8, no reduce_range: garbage on x86 without VNNI).
+OLD_INT8_RECIPE = {"tool": "onnxruntime.quantize_dynamic", "weight_type": "QInt8",
+                   "per_channel": True, "op_types": ["MatMul"], "keep_float": ["ffn_down"]}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the build replaces files, it never writes into them
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def test_a_ladder_with_the_old_int8_recipe_is_rebuilt(ladder_dir: Path, tmp_path: Path) -> None:
+    catalog = Catalog(ladder_dir)
+    old = Catalog(tmp_path)
+    old.doc.sources = dict(catalog.doc.sources)
+    for label in ("F16", "onnx-fp32", "onnx-int8"):
+        entry = catalog.resolve(label)
+        _link_or_copy(entry.path(ladder_dir), tmp_path / entry.file)
+        if label == "onnx-int8":  # the file still matches its size and sha256
+            recipe = {k: v for k, v in entry.build.items()
+                      if k in ("from", "from_sha256", "onnx", "onnxruntime")}
+            entry = entry.model_copy(update={"build": {**recipe, **OLD_INT8_RECIPE},
+                                             "requires_cpu": [], "validated_on": []})
+        old.put_variant(entry)
+    old.save()
+    outcomes = build_ladder(tmp_path, only={"onnx-int8"})
+    assert [(o.variant.precision.label, o.action) for o in outcomes] == [
+        ("F16", "verified"), ("onnx-fp32", "verified"), ("onnx-int8", "built")]
+    rebuilt = Catalog(tmp_path).resolve("onnx-int8")
+    assert rebuilt.build["weight_type"] == "QUInt8" and rebuilt.build["kernel"] == "U8U8"
+    assert rebuilt.validated_on == ["x86-amx", "x86-avx2"] and rebuilt.requires_cpu == []
+    assert any("U8U8" in n and "every CPU" in n for n in rebuilt.notes)
+    # the same weights as the session's int8 (one recipe, one result)
+    assert rebuilt.size_bytes == catalog.resolve("onnx-int8").size_bytes
+    again = build_ladder(tmp_path, only={"onnx-int8"})
+    assert [o.action for o in again] == ["verified"] * 3
+
+
 def test_models_list_json_gives_what_scripts_need(ladder_dir: Path) -> None:
     result = CliRunner().invoke(cli, ["models", "list", "--models-dir", str(ladder_dir), "--json"])
     assert result.exit_code == 0, result.output

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 
 from .base import Backend, BackendError, GenerationRequest, GenerationResult, LoadOptions
+from .cpu import UnsupportedCpuError, check_cpu
 from .gguf_file import ModelFileError
+
+log = logging.getLogger(__name__)
 
 # catalog ``backend`` value -> "module:Class"; imported lazily so a device that
 # only runs GGUF never imports onnxruntime and vice versa.
@@ -23,9 +27,31 @@ def load_backend(kind: str, path: Path | str, options: LoadOptions | None = None
     except KeyError:
         known = ", ".join(sorted(BACKENDS))
         raise BackendError(f"unknown backend {kind!r} (known: {known})") from None
+    _check_catalog_requirements(Path(path))
     module_name, _, class_name = target.partition(":")
     cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
     return cls(Path(path), options or LoadOptions())
+
+
+def _check_catalog_requirements(path: Path) -> None:
+    """Refuse the file when its entry in the catalog beside it needs a CPU feature we lack.
+
+    Checked before the runtime maps the file, so a refusal costs nothing. A file
+    with no catalog next to it (or none naming it) has only its own record, which
+    the backend checks.
+    """
+    from quantfleet.models.catalog import CATALOG_FILE, Catalog, CatalogError
+
+    if not (path.parent / CATALOG_FILE).is_file():
+        return
+    try:
+        catalog = Catalog(path.parent)
+    except CatalogError as exc:  # the caller resolved its entry elsewhere; say so, go on
+        log.warning("CPU requirements not checked from the catalog: %s", exc)
+        return
+    for entry in catalog.variants:
+        if entry.file == path.name:
+            check_cpu(path, entry.name, entry.requires_cpu)
 
 
 __all__ = [
@@ -36,5 +62,7 @@ __all__ = [
     "GenerationResult",
     "LoadOptions",
     "ModelFileError",
+    "UnsupportedCpuError",
+    "check_cpu",
     "load_backend",
 ]

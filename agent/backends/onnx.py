@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 META_CONFIG = "quantfleet.config"
 META_TOKENIZER = "quantfleet.tokenizer"
 META_CHAT_TEMPLATE = "quantfleet.chat_template"
+META_QUANTIZATION = "quantfleet.quantization"
+QUANTIZER_PRODUCER = "onnx.quantize"  # what onnxruntime's quantize_dynamic/_static write
 JSON_ATTEMPTS = 3
 RETRY_TEMPERATURE = 0.7
 JSON_CANDIDATES = 256  # most likely tokens tried against the JSON syntax before the rest
@@ -83,8 +85,10 @@ class OnnxBackend(Backend):
         except Exception as exc:  # ORT raises its own pybind exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelFileError(p, f"onnxruntime could not load it ({first})") from None
-        meta = self._session.get_modelmeta().custom_metadata_map
+        modelmeta = self._session.get_modelmeta()
+        meta = modelmeta.custom_metadata_map
         self._cfg = self._read_config(meta)
+        self.quantization = self._check_cpu(meta, modelmeta.producer_name)
         try:
             self._tok = BPETokenizer(json.loads(meta.get(META_TOKENIZER, "null") or "null"))
         except (TokenizerError, TypeError, json.JSONDecodeError) as exc:
@@ -127,6 +131,41 @@ class OnnxBackend(Backend):
         if missing:
             raise ModelFileError(self.path, f"metadata {META_CONFIG!r} lacks integer {missing}")
         return dict(cfg)
+
+    def _check_cpu(self, meta: dict[str, str], producer: str) -> dict[str, Any]:
+        """The file's recorded quantization settings; refuses a file this CPU cannot run."""
+        from quantfleet.models.catalog import CpuRequirement
+
+        from .cpu import check_cpu
+
+        raw = meta.get(META_QUANTIZATION)
+        if raw is None and producer != QUANTIZER_PRODUCER:
+            return {}  # not quantized by onnxruntime's int8 quantizers (fp32, int4)
+        if raw is None:
+            # An int8 file from before the settings were recorded: quantfleet's
+            # recipe then was U8S8 without reduce_range, garbage without VNNI.
+            from quantfleet.models.onnx_export import LEGACY_INT8
+
+            record: Any = {**LEGACY_INT8.record(), "legacy": True, "requires_cpu": [
+                {**r, "why": r["why"] + "; the file records no int8 settings, so it is taken "
+                 "to be that old recipe (rebuild it: quantfleet models build)"}
+                for r in LEGACY_INT8.requires_cpu()]}
+        else:
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ModelFileError(self.path, f"metadata {META_QUANTIZATION!r} is not JSON "
+                                                f"({exc})") from None
+        try:
+            if not isinstance(record, dict):
+                raise TypeError("not a JSON object")
+            requires = [CpuRequirement.model_validate(r) for r in record.get("requires_cpu", [])]
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+            first = " ".join(str(exc).split())
+            raise ModelFileError(self.path, f"metadata {META_QUANTIZATION!r} is unusable "
+                                            f"({first})") from None
+        check_cpu(self.path, str(record.get("variant") or self.path.stem), requires)
+        return dict(record)
 
     def _check_signature(self) -> int:
         """Check inputs and outputs against the export contract; return the vocab size."""

@@ -7,6 +7,8 @@ properties; docs/onnx.md quotes them. Thresholds are what the issue asks
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -36,6 +38,7 @@ TEXT = (
     "moves several times more people per hour than a lane full of cars, costs far less to "
     "build, and makes the air cleaner for everyone who lives nearby."
 )
+RecordProperty = Callable[[str, object], None]  # pytest's record_property fixture
 PROMPTS = [
     "What is the capital of France?",
     "Name three primary colors.",
@@ -71,7 +74,7 @@ def figures(loaded: dict[str, Backend], fresh_onnx: dict[str, Backend]
 
 
 def test_fp32_matches_the_llama_cpp_reference(figures: dict[str, tuple[float, float, float]],
-                                              record_property: pytest.RecordProperty) -> None:
+                                              record_property: RecordProperty) -> None:
     same, kld, p99 = figures["onnx-fp32"]
     record_property("onnx_fp32_same_top", same)
     record_property("onnx_fp32_mean_kld", kld)
@@ -81,14 +84,18 @@ def test_fp32_matches_the_llama_cpp_reference(figures: dict[str, tuple[float, fl
 
 
 def test_int8_and_int4_lose_quality_in_order(figures: dict[str, tuple[float, float, float]],
-                                             record_property: pytest.RecordProperty) -> None:
+                                             record_property: RecordProperty) -> None:
     fp32, int8, int4 = figures["onnx-fp32"], figures["onnx-int8"], figures["onnx-int4"]
     for label in ("onnx-int8", "onnx-int4"):
         record_property(f"{label}_same_top", figures[label][0])
         record_property(f"{label}_mean_kld", figures[label][1])
     assert fp32[1] < int8[1] < int4[1]
     assert fp32[0] >= int8[0] >= int4[0] - 0.02
-    # measured on this text: int8 80 % / 0.07, int4 61 % / 0.41 (GGUF Q4_0: 70 % / 0.31)
+    # Measured on this text (docs/onnx.md, "Every CPU"): int8 (U8U8) 87 % / 0.072 natively
+    # on x86-amx; on the AVX2 path (qemu Haswell) its KLD moves by about +-11 % (fp32
+    # rounding flips a quantized activation here and there), int4 61 % / 0.41 on both paths
+    # alike (GGUF Q4_0: 71 % / 0.31, the same AVX2 build on both). The old U8S8 int8 gave
+    # 4.4 on an AVX2-only CPU: these bounds fail it by 30x.
     assert int8[0] >= 0.75 and int8[1] < 0.15
     assert int4[0] >= 0.50 and int4[1] < 0.7
 
@@ -105,7 +112,7 @@ def test_int4_is_as_good_as_its_gguf_counterpart(
 def _greedy(backend: Backend, user: str) -> list[int]:
     prompt = ChatTemplate(backend.chat_template, **backend.special_tokens).render(
         [{"role": "user", "content": user}])
-    return backend.generate(GenerationRequest(prompt=prompt, max_tokens=32)).token_ids
+    return list(backend.generate(GenerationRequest(prompt=prompt, max_tokens=32)).token_ids)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -119,7 +126,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def test_greedy_generations_agree_with_llama_cpp(loaded: dict[str, Backend],
                                                  fresh_onnx: dict[str, Backend],
-                                                 record_property: pytest.RecordProperty) -> None:
+                                                 record_property: RecordProperty) -> None:
     ref = loaded["F16"]
     report = {}
     reference = {user: _greedy(ref, user) for user in PROMPTS}  # once, not per label
@@ -136,6 +143,9 @@ def test_greedy_generations_agree_with_llama_cpp(loaded: dict[str, Backend],
               + ", ".join(f"{x:.0%}" for x in agree))
     # fp32 carries the same weights: every greedy answer is the reference's, token for token
     assert all(x == 1.0 for x in report["onnx-fp32"])
-    # quantized variants drift, but they start the same way on these easy prompts
-    for label in ("onnx-int8", "onnx-int4"):
-        assert np.mean(report[label]) > 0.2
+    # quantized variants drift, but they start the same way on these easy prompts: measured
+    # int8 45 % (0, 100, 41, 41) and int4 21 % (19, 36, 6, 22) of each answer; greedy text
+    # flips on one near-tie, so the bounds sit at about half of that (the old U8S8 int8 on
+    # an AVX2-only CPU: 0.8 %)
+    assert np.mean(report["onnx-int8"]) > 0.2
+    assert np.mean(report["onnx-int4"]) > 0.1

@@ -39,6 +39,10 @@ def test_onnx_rungs_are_catalogued_with_real_figures(catalog: Catalog) -> None:
     # int8 keeps the 30 ffn_down projections in float (activation outliers)
     assert int8.precision.tensor_types["op:MatMulInteger"] == 211 - 30
     assert any("ffn_down" in n for n in int8.notes)
+    # U8U8: the weights are uint8 (per channel, with uint8 zero points), no int8 tensor left
+    assert int8.precision.tensor_types["UINT8"] > 0 and "INT8" not in int8.precision.tensor_types
+    assert int8.build["kernel"] == "U8U8" and int8.requires_cpu == []
+    assert fp32.requires_cpu == int4.requires_cpu == []
 
 
 def test_the_graph_has_a_kv_cache(onnx_path: dict[str, Path]) -> None:

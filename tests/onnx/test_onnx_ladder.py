@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quantfleet.models.build import _wanted_onnx, load_ladder
+from quantfleet.models.build import Rung, _wanted_onnx, load_ladder
 from quantfleet.models.catalog import CatalogError
 
 BASE = 'reference = "F16"\n[[rung]]\nlabel = "F16"\nftype = "F16"\n'
@@ -22,7 +22,9 @@ def ladder_from(tmp_path: Path, text: str) -> Path:
 
 def test_only_picks_the_export_with_any_onnx_rung() -> None:
     ladder = load_ladder()
-    labels = lambda rungs: [r.label for r in rungs]  # noqa: E731 - a one-line helper
+    def labels(rungs: list[Rung]) -> list[str]:
+        return [r.label for r in rungs]
+
     assert labels(_wanted_onnx(ladder, None)) == ["onnx-fp32", "onnx-int8", "onnx-int4"]
     assert labels(_wanted_onnx(ladder, {"onnx-int4"})) == ["onnx-fp32", "onnx-int4"]
     assert labels(_wanted_onnx(ladder, {"onnx-fp32"})) == ["onnx-fp32"]
@@ -32,6 +34,10 @@ def test_only_picks_the_export_with_any_onnx_rung() -> None:
 def test_the_packaged_onnx_rungs_say_how_they_are_built() -> None:
     rungs = {r.label: r for r in load_ladder().onnx_rungs}
     assert rungs["onnx-int8"].keep_float == ("ffn_down",)
+    # U8U8: exact on every CPU kernel (U8S8 without reduce_range saturates without VNNI)
+    int8 = rungs["onnx-int8"]
+    assert (int8.weight_type, int8.per_channel, int8.reduce_range) == ("QUInt8", True, False)
+    assert int8.validated_on == ("x86-amx", "x86-avx2")
     assert rungs["onnx-int4"].block_size == 32
     assert all(r.why for r in rungs.values())
 
@@ -45,6 +51,12 @@ def test_the_packaged_onnx_rungs_say_how_they_are_built() -> None:
      "keep_float must be a list"),
     ('[[rung]]\nlabel = "x"\nformat = "onnx"\nmethod = "int8_dynamic"\nftype = "Q8_0"\n',
      "unknown keys ['ftype']"),
+    ('[[rung]]\nlabel = "x"\nformat = "onnx"\nmethod = "int8_dynamic"\nweight_type = "QInt4"\n',
+     "weight_type must be one of ['QInt8', 'QUInt8']"),
+    ('[[rung]]\nlabel = "x"\nformat = "onnx"\nmethod = "int8_dynamic"\nreduce_range = "yes"\n',
+     "reduce_range must be true or false"),
+    ('[[rung]]\nlabel = "x"\nformat = "onnx"\nmethod = "int8_dynamic"\n'
+     'validated_on = ["x86 avx2"]\n', "validated_on must be a list of distinct hardware classes"),
     (EXPORT.replace("onnx-fp32", "onnx-fp32b"), "exactly one rung with method 'export' (found 2)"),
     ('[[rung]]\nlabel = "onnx-fp32"\nftype = "Q8_0"\n', "appear more than once"),
 ])
