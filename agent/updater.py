@@ -334,8 +334,7 @@ class Updater:
         precision = Precision(label=label, tensor_types={}, bits_per_weight=0.0)
         if d.backend == "llama.cpp":
             from quantfleet.models.build import describe_gguf
-
-            from .backends.gguf_file import ModelFileError
+            from quantfleet.models.gguf_file import ModelFileError
 
             # A file that does not parse keeps the empty description: verification
             # below reports its real problem.

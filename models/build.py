@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from quantfleet.agent.backends.gguf_file import ModelFileError, read_gguf
+from quantfleet.models.gguf_file import ModelFileError, read_gguf
 
 from .catalog import (
     CLASS_PATTERN,

@@ -102,7 +102,7 @@ def _config(reader: Any, path: Path, source_sha256: str) -> DecoderConfig:
 
 
 def tokenizer_data(reader: Any, path: Path) -> dict[str, Any]:
-    """The GGUF's tokenizer as JSON-able data (what ``onnx_tokenizer`` reads)."""
+    """The GGUF's tokenizer as JSON-able data (what ``models.tokenizer`` reads)."""
     model = _field(reader, "tokenizer.ggml.model", path)
     if model != "gpt2":
         raise ExportError(f"{path}: tokenizer model {model!r} is not supported (only 'gpt2' BPE)")
@@ -511,7 +511,7 @@ class _Calibration:
     """Feeds CALIBRATION_TEXTS, tokenized as the device would, to ``quantize_static``."""
 
     def __init__(self, model_path: Path, meta: dict[str, str]) -> None:
-        from quantfleet.agent.backends.onnx_tokenizer import BPETokenizer
+        from quantfleet.models.tokenizer import BPETokenizer
 
         cfg = json.loads(meta[META_CONFIG])
         tok = BPETokenizer(json.loads(meta[META_TOKENIZER]))

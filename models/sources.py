@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from quantfleet.agent.backends.gguf_file import GGUFSummary, read_gguf
+from quantfleet.models.gguf_file import GGUFSummary, read_gguf
 
 from .catalog import Catalog, CatalogError, SourceEntry, sha256_file
 

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from quantfleet.agent.backends import ModelFileError, load_backend
-from quantfleet.agent.backends.gguf_file import read_gguf
 from quantfleet.models.catalog import Catalog
+from quantfleet.models.gguf_file import read_gguf
 
 
 def _one_line(exc: BaseException, path: Path) -> str:

@@ -6,9 +6,10 @@ import importlib
 import logging
 from pathlib import Path
 
+from quantfleet.models.gguf_file import ModelFileError
+
 from .base import Backend, BackendError, GenerationRequest, GenerationResult, LoadOptions
 from .cpu import UnsupportedCpuError, check_cpu
-from .gguf_file import ModelFileError
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from quantfleet.agent.wire import HardwareFingerprint
 from quantfleet.models.catalog import CpuRequirement
-
-from .gguf_file import ModelFileError
+from quantfleet.models.gguf_file import ModelFileError
 
 
 class UnsupportedCpuError(ModelFileError):

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from quantfleet.models.gguf_file import ModelFileError, read_gguf
+
 from .base import (
     Backend,
     BackendError,
@@ -30,7 +32,6 @@ from .base import (
     Stopwatch,
     StreamHandle,
 )
-from .gguf_file import ModelFileError, read_gguf
 from .stops import StopScanner
 
 log = logging.getLogger(__name__)

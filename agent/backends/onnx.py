@@ -2,7 +2,7 @@
 
 The decoder graph takes ``input_ids`` plus the past KV cache and returns the
 logits of the last ``logits_to_keep`` positions plus the present cache, so
-generation is incremental. Tokenization is ``onnx_tokenizer.BPETokenizer``
+generation is incremental. Tokenization is ``quantfleet.models.tokenizer.BPETokenizer``
 over the vocabulary stored in the file, which gives llama.cpp's ids exactly.
 
 Structured output: the schema is not compiled to a token mask, so a
@@ -26,6 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from quantfleet.models.gguf_file import ModelFileError
+from quantfleet.models.tokenizer import BPETokenizer, TokenizerError
+
 from .base import (
     Backend,
     BackendError,
@@ -37,9 +40,7 @@ from .base import (
     Stopwatch,
     StreamHandle,
 )
-from .gguf_file import ModelFileError
 from .onnx_json import DONE, JsonPrefix
-from .onnx_tokenizer import BPETokenizer, TokenizerError
 from .stops import StopScanner
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ import pytest
 
 from quantfleet.agent.backends import LoadOptions
 from quantfleet.agent.backends.onnx import OnnxBackend
-from quantfleet.agent.backends.onnx_tokenizer import BPETokenizer
 from quantfleet.models.catalog import Catalog
+from quantfleet.models.tokenizer import BPETokenizer
 
 ONNX_LABELS = ["onnx-fp32", "onnx-int8", "onnx-int4"]
 

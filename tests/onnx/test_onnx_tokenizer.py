@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quantfleet.agent.backends import Backend
-from quantfleet.agent.backends.onnx_tokenizer import BPETokenizer, TokenizerError, char_class
+from quantfleet.models.tokenizer import BPETokenizer, TokenizerError, char_class
 
 CORPUS = [
     "",
