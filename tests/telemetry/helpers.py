@@ -44,14 +44,18 @@ class FleetSide:
     """The fleet's real ingest (``FleetIngest`` into a SQLite ``Store``) on a test topic root,
     with the readings telemetry tests make of what arrived."""
 
-    def __init__(self, tmp_path: Path, root: str, port: int = 1883) -> None:
+    def __init__(self, tmp_path: Path, root: str, port: int = 1883, *, protocol: str = "5",
+                 db: str = "fleet.db") -> None:
         from quantfleet.fleet.ingest import FleetIngest
         from quantfleet.fleet.store import Store
 
-        self.store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
-        cfg = MqttConfig(broker=f"mqtt://127.0.0.1:{port}", topic_root=root)
-        self.ingest = FleetIngest(self.store, cfg, client_id=f"fleet-{root}", share_group="",
-                                  session_expiry_s=0)
+        self.store = Store(f"sqlite:///{tmp_path / db}")
+        cfg = MqttConfig(broker=f"mqtt://127.0.0.1:{port}", topic_root=root,
+                         protocol=protocol)  # type: ignore[arg-type]
+        # A persistent session, as the fleet's: it (and its subscriptions) outlive a
+        # broker restart, so nothing published meanwhile finds no subscriber.
+        self.ingest = FleetIngest(self.store, cfg, client_id=f"fleet-{root}-{db}",
+                                  share_group="", session_expiry_s=3600)
 
     def start(self) -> FleetSide:
         self.ingest.start()
@@ -74,7 +78,7 @@ class FleetSide:
             "SELECT body FROM events WHERE device_id = :d AND kind = :k ORDER BY seq",
             d=device, k=kind)]
 
-    def count(self, device: str) -> int:
+    def event_count(self, device: str) -> int:
         return int(self._rows("SELECT count(*) FROM events WHERE device_id = :d",
                               d=device)[0][0])
 
@@ -84,3 +88,23 @@ class FleetSide:
 
     def device(self, device: str) -> dict[str, Any] | None:
         return next((d for d in self.store.devices() if d["device_id"] == device), None)
+
+    def events(self, device: str) -> list[dict[str, Any]]:
+        """The device's events in seq order: seq, boot_epoch, kind."""
+        return [{"seq": int(r[0]), "boot_epoch": int(r[1]), "kind": r[2]} for r in self._rows(
+            "SELECT seq, boot_epoch, kind FROM events WHERE device_id = :d ORDER BY seq",
+            d=device)]
+
+    def gaps(self, device: str) -> list[tuple[int, int]]:
+        return [(g.first, g.last) for g in self.store.seq_gaps([device])]
+
+    def rejections(self) -> dict[str, int]:
+        return self.store.rejection_counts()
+
+    def status(self, device: str) -> dict[str, Any] | None:
+        """The device's liveness as the fleet keeps it (None before any status)."""
+        d = self.device(device)
+        if d is None or not d["status_reason"]:
+            return None
+        return {"state": "online" if d["online"] else "offline",
+                "reason": d["status_reason"], "boot_epoch": d["boot_epoch"]}

@@ -11,18 +11,15 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from quantfleet.agent.wire import StatusPayload, device_topic
-from quantfleet.fleet.consumer import Consumer, TelemetryStore
 
 from .conftest import Mosquitto, wait_until
-from .helpers import pipeline, request_event
+from .helpers import FleetSide, pipeline, request_event
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_every_event_arrives_once_on_the_shared_broker(tmp_path: Path, topic_root: str,
                                                        protocol: str) -> None:
-    store = TelemetryStore(tmp_path / "fleet.db")
-    consumer = Consumer(store, port=1883, root=topic_root, client_id=f"c-{topic_root}",
-                        protocol=protocol).start()
+    store = FleetSide(tmp_path, topic_root, protocol=protocol).start()
     outbox, publisher = pipeline(tmp_path, "dev-a", 1883, topic_root, protocol=protocol)
     try:
         for i in range(3000):
@@ -42,14 +39,12 @@ def test_every_event_arrives_once_on_the_shared_broker(tmp_path: Path, topic_roo
     wait_until(lambda: (store.status("dev-a") or {}).get("state") == "offline",
                what="explicit offline status")
     assert store.status("dev-a")["reason"] == "shutdown"  # type: ignore[index]
-    consumer.stop()
+    store.stop()
 
 
 def test_broker_stopped_and_restarted_mid_stream(tmp_path: Path, topic_root: str,
                                                  private_broker: Mosquitto) -> None:
-    store = TelemetryStore(tmp_path / "fleet.db")
-    consumer = Consumer(store, port=private_broker.port, root=topic_root,
-                        client_id=f"c-{topic_root}").start()
+    store = FleetSide(tmp_path, topic_root, port=private_broker.port).start()
     outbox, publisher = pipeline(tmp_path, "dev-b", private_broker.port, topic_root,
                                  max_inflight=5)
     total = 6000
@@ -86,7 +81,7 @@ def test_broker_stopped_and_restarted_mid_stream(tmp_path: Path, topic_root: str
         stop_feeding.wait(30)
         publisher.stop()
         outbox.close()
-        consumer.stop()
+        store.stop()
 
 
 def test_failing_puback_keeps_the_rows(tmp_path: Path, topic_root: str,
@@ -97,9 +92,7 @@ def test_failing_puback_keeps_the_rows(tmp_path: Path, topic_root: str,
                                     f"topic read {topic_root}/devices/+/telemetry\n")
     private_broker.reload()
     time.sleep(0.3)
-    store = TelemetryStore(tmp_path / "fleet.db")
-    consumer = Consumer(store, port=private_broker.port, root=topic_root,
-                        client_id=f"c-{topic_root}").start()
+    store = FleetSide(tmp_path, topic_root, port=private_broker.port).start()
     outbox, publisher = pipeline(tmp_path, "dev-c", private_broker.port, topic_root)
     try:
         for i in range(500):
@@ -121,7 +114,7 @@ def test_failing_puback_keeps_the_rows(tmp_path: Path, topic_root: str,
         private_broker.reload()
         publisher.stop()
         outbox.close()
-        consumer.stop()
+        store.stop()
 
 
 def test_a_stale_retained_will_is_replaced_by_a_new_birth(tmp_path: Path, topic_root: str) -> None:
@@ -141,8 +134,8 @@ def test_a_stale_retained_will_is_replaced_by_a_new_birth(tmp_path: Path, topic_
         c.loop_stop()
         c.disconnect()
         # A newcomer sees only the retained message: it must be the new start's birth.
-        store = TelemetryStore(tmp_path / "fresh.db")
-        fresh = Consumer(store, root=topic_root, client_id=f"fresh-{topic_root}").start()
+        store = FleetSide(tmp_path, topic_root, db="fresh.db").start()
+        fresh = store
         wait_until(lambda: store.status("dev-w") is not None, what="retained status")
         status = store.status("dev-w")
         assert status is not None

@@ -10,9 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from quantfleet.fleet.consumer import Consumer, TelemetryStore
-
 from .conftest import wait_until
+from .helpers import FleetSide
 
 
 def _run(config: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -47,8 +46,7 @@ backoff_initial_s = 0.1
 backoff_max_s = 1.0
 will_delay_s = 0
 """)
-    store = TelemetryStore(tmp_path / "fleet.db")
-    consumer = Consumer(store, root=topic_root, client_id=f"c-{topic_root}").start()
+    store = FleetSide(tmp_path, topic_root).start()
     try:
         first = _run(config, "--synthetic-rate", "3000", "--synthetic-count", "10000000")
         wait_until(lambda: store.event_count(device) >= 3000, what="events before the kill")
@@ -88,4 +86,4 @@ will_delay_s = 0
         assert store.status(device)["state"] == "offline"  # type: ignore[index]
         assert store.status(device)["reason"] == "shutdown"  # type: ignore[index]
     finally:
-        consumer.stop()
+        store.stop()

@@ -103,7 +103,7 @@ def test_after_an_outage_recent_events_go_first_and_the_backlog_is_historical_an
     started = time.monotonic()
     publisher.start()
     try:
-        wait_until(lambda: fleet.count("dev-l") == 3200, timeout=60, what="all events")
+        wait_until(lambda: fleet.event_count("dev-l") == 3200, timeout=60, what="all events")
         elapsed = time.monotonic() - started
         wait_until(lambda: sum(len(seqs) for _, seqs in sent) >= 3200, what="the watcher")
         rows = fleet._rows("SELECT seq, historical FROM events WHERE device_id = :d", d="dev-l")
@@ -181,12 +181,12 @@ def test_mqtts_with_a_password_from_the_environment(
         for i in range(300):
             outbox.record(request_event(i))
         if password == "s3cret":
-            wait_until(lambda: fleet.count("dev-tls") == 300, what="events over TLS")
+            wait_until(lambda: fleet.event_count("dev-tls") == 300, what="events over TLS")
             assert fleet.seqs("dev-tls") == list(range(1, 301))
         else:
             time.sleep(2.0)  # several refused attempts
             outbox.flush()
-            assert publisher.connects == 0 and fleet.count("dev-tls") == 0
+            assert publisher.connects == 0 and fleet.event_count("dev-tls") == 0
             assert outbox.stats()["rows"] == 300  # kept for when the credentials are fixed
             assert "not authorised" in private_broker.log().lower()
     finally:
