@@ -147,9 +147,13 @@ def devices_list(config_path: Path, selector: str, as_json: bool,
 
 def _devices_table(rows: list[dict[str, Any]], selector: str) -> Table:
     table = Table(title=f"devices ({selector}) at {time.strftime('%H:%M:%S')}")
+    # Identifiers never wrap (an operator greps and copies them); the rest folds.
     for col in ("device", "hardware", "labels", "online", "variant", "update", "target",
                 "detail", "last seen"):
-        table.add_column(col, overflow="fold")
+        if col in ("device", "variant"):
+            table.add_column(col, no_wrap=True)
+        else:
+            table.add_column(col, overflow="fold")
     now = time.time()
     for r in rows:
         # The class is its own column; the other derived cpu.* labels stay with the labels.

@@ -96,7 +96,8 @@ def test_demo_promotes_q8_catches_q2k_and_stops_everything(ladder_dir: Path,
         assert command in out, command
     assert "rollout.rolled_back" in out and "rollout.complete" in out
     # what the simulated devices do was measured on this machine, and said so
-    assert "calibrated:" in out and "injected" not in out
+    assert "calibrated:" in out and "Nothing is injected" in out
+    assert "injected JSON regression" not in out and "injected regression" not in out
     assert list((ladder_dir / "calibration").glob("demo-*.json"))
 
 

@@ -291,6 +291,14 @@ def test_devices_cohorts_and_signals_by_hardware_class(setup: tuple[Fleet, str, 
         finally:
             console.width = width
         assert "hardware" in table and "x86-avx2" in table and "x86-amx" in table, table
+        # In an 80-column terminal the other columns fold; a device ID never splits.
+        console.width = 80
+        try:
+            narrow = run("devices", "list", "--config", cfg)
+        finally:
+            console.width = width
+        for device_id in ("avx2-1", "amx-1", "old-1"):
+            assert device_id in narrow, narrow
 
         # An operator's labels replace the device's, but not the facts derived from its
         # hardware: a clashing cpu.* label is refused with a word why.
