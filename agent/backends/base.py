@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -28,6 +28,22 @@ FinishReason = Literal["stop", "length", "cancelled"]
 # "validate_retry"— no masking in this backend, output validated and retried;
 # "none"          — no constraint was asked for.
 ConstraintMode = Literal["grammar", "generic_json", "validate_retry", "none"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond generating free text. The serving path asks
+    these instead of guessing from which runtime it is talking to.
+
+    ``grammar``
+        Applies a GBNF grammar as a token mask (``GenerationRequest.grammar``).
+        With it, ``tool_choice="auto"`` constrains the shape of a tool call while
+        leaving a prose answer free; without it a grammar is never sent, and a
+        JSON schema is held by the backend's own means (ONNX: generated, checked
+        and retried), which it reports in ``GenerationResult.constraint``.
+    """
+
+    grammar: bool = False
 
 
 class BackendError(RuntimeError):
@@ -120,6 +136,8 @@ class Backend(abc.ABC):
 
     #: the catalog's ``backend`` value this class serves
     kind: str = ""
+    #: what it can do beyond free text (the serving path asks, never sniffs ``kind``)
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, path: Path, options: LoadOptions) -> None:
         self.path = path

@@ -23,6 +23,7 @@ from quantfleet.models.gguf_file import ModelFileError, read_gguf
 from .base import (
     Backend,
     BackendError,
+    Capabilities,
     ConstraintMode,
     FinishReason,
     GenerationChunk,
@@ -49,6 +50,7 @@ def _import_llama_cpp() -> Any:
 
 class LlamaCppBackend(Backend):
     kind = "llama.cpp"
+    capabilities = Capabilities(grammar=True)
 
     def __init__(self, path: Path, options: LoadOptions | None = None) -> None:
         options = options or LoadOptions()

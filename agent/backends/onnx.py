@@ -32,6 +32,7 @@ from quantfleet.models.tokenizer import BPETokenizer, TokenizerError
 from .base import (
     Backend,
     BackendError,
+    Capabilities,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -66,6 +67,9 @@ def _import_ort() -> Any:
 
 class OnnxBackend(Backend):
     kind = "onnxruntime"
+    # No token masks: a JSON schema is generated free, checked and retried
+    # (onnx_json.py), and a grammar is refused; the serving path never sends one.
+    capabilities = Capabilities(grammar=False)
 
     def __init__(self, path: Path, options: LoadOptions | None = None) -> None:
         options = options or LoadOptions()

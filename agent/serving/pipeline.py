@@ -100,7 +100,7 @@ def prepare(request: ChatRequest | Mapping[str, Any], backend: Backend,
     tools = req.tool_dicts()
     tool_choice = req.tool_choice_value()
     kind, constraint = constraint_for(tools, tool_choice,
-                                      grammar_ok=getattr(backend, "kind", "") == "llama.cpp")
+                                      grammar_ok=backend.capabilities.grammar)
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
     json_expected = False

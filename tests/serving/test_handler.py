@@ -1,0 +1,103 @@
+"""The request path settles every request once: one event, and the quota charged with
+exactly the tokens its events say were spent, whatever the outcome."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from quantfleet.agent.backends import Backend
+from quantfleet.agent.backends.base import Capabilities
+
+from .conftest import ScriptedBackend, ServeFactory
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}},
+          "required": ["name"]}
+
+
+def test_every_outcome_settles_once_and_the_quota_matches_the_events(
+        serve_app: ServeFactory, loaded: dict[str, Backend]) -> None:
+    real = loaded["Q4_K_M"]
+    # The active variant breaks JSON (a fallback), fails mid-generation on "<FAIL>" and is
+    # slow enough for a deadline; the fallback answers valid JSON.
+    active = ScriptedBackend(real, ['{"name": ', "one two three four five six",
+                                    "a <FAIL> b", " ".join(["word"] * 60)], delay_s=0.02)
+    fallback = ScriptedBackend(real, ['{"name": "Ada"}'])
+    agent = serve_app({"Q4_K_M": active, "Q8_0": fallback},
+                      budgets={"tokens_per_minute": 1_000_000})
+    url = agent.url + "/v1/chat/completions"
+    msg = [{"role": "user", "content": "Who wrote the first program?"}]
+    json_fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+    requests: list[tuple[str, dict[str, Any] | bytes, int]] = [
+        ("fallback", {"model": "default", "messages": msg, "response_format": json_fmt}, 200),
+        ("stream", {"model": "default", "messages": msg, "stream": True,
+                    "stream_options": {"include_usage": True}}, 200),
+        ("backend failure", {"model": "default", "messages": msg}, 500),
+        ("deadline", {"model": "default", "messages": msg, "max_tokens": 200,
+                      "quantfleet": {"deadline_s": 0.3}}, 504),
+        ("bad JSON", b'{"model": ', 400),
+        ("unknown field", {"model": "default", "messages": msg, "surprise": 1}, 400),
+        ("unknown model", {"model": "nope", "messages": msg}, 404),
+        ("bad priority", {"model": "default", "messages": msg,
+                          "quantfleet": {"priority": "urgent"}}, 400),
+    ]
+    ids: dict[str, str] = {}
+    with httpx.Client(timeout=60, headers={"X-Client-Id": "app"}) as client:
+        for name, body, want in requests:
+            if isinstance(body, bytes):
+                r = client.post(url, content=body, headers={"Content-Type": "application/json"})
+            else:
+                r = client.post(url, json=body)
+            text = r.text  # a stream is read to its end
+            assert r.status_code == want, (name, r.status_code, text)
+            ids[name] = r.headers["X-Request-Id"]
+            if name == "stream":
+                assert text.rstrip().endswith("data: [DONE]")
+                usage = [json.loads(line[6:]) for line in text.splitlines()
+                         if line.startswith("data: {") and '"usage"' in line][-1]["usage"]
+                assert usage["completion_tokens"] == 6
+    agent.idle()
+    events = {e.request_id: e for e in (agent.wait_event(i) for i in ids.values())}
+    all_events = agent.events()
+    assert len(all_events) == len(requests) and len(events) == len(requests)
+    by_name = {name: events[i] for name, i in ids.items()}
+    assert {n: e.status for n, e in by_name.items()} == {n: w for n, _, w in requests}
+    fb = by_name["fallback"]
+    assert fb.fallback_from == "Q4_K_M" and fb.variant == "Q8_0"
+    assert fb.attempt_tokens > fb.prompt_tokens + fb.completion_tokens  # both attempts
+    assert by_name["stream"].completion_tokens == 6 and by_name["stream"].stream
+    deadline = by_name["deadline"]
+    assert deadline.error_class == "deadline" and 0 < deadline.completion_tokens < 60
+    assert by_name["backend failure"].attempt_tokens == 0
+    for name in ("bad JSON", "unknown field", "unknown model", "bad priority"):
+        assert by_name[name].attempt_tokens == 0 and by_name[name].completion_tokens == 0
+    # The quota is charged with what the events say was spent, once each: nothing more.
+    spent = sum(e.attempt_tokens for e in all_events)
+    assert spent > 0 and agent.service.quotas.used("app") == spent
+
+
+def test_capabilities_decide_the_constraint_not_the_backend_name(
+        serve_app: ServeFactory, loaded: dict[str, Backend]) -> None:
+    """tool_choice="auto" gets a grammar only from a backend that says it applies one."""
+    real = loaded["Q4_K_M"]
+    assert type(real).capabilities.grammar
+    plain = ScriptedBackend(real, ["Hello."])
+    assert not plain.capabilities.grammar
+
+    class Masking(ScriptedBackend):
+        kind = "llama.cpp-lookalike"  # neither "llama.cpp" nor sniffed
+        capabilities = Capabilities(grammar=True)
+
+    masking = Masking(real, ["Hello."])
+    tools = [{"type": "function", "function": {
+        "name": "weather", "parameters": {"type": "object",
+                                          "properties": {"city": {"type": "string"}}}}}]
+    body = {"model": "default", "messages": [{"role": "user", "content": "Hi"}],
+            "tools": tools, "tool_choice": "auto"}
+    for backend, grammar in ((plain, False), (masking, True)):
+        agent = serve_app({"Q4_K_M": backend}, models={"fallback": ""})
+        r = httpx.post(agent.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert (backend.calls[-1].grammar is not None) is grammar
