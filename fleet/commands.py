@@ -56,6 +56,8 @@ def serve_cmd(config_path: Path) -> None:
     """
     import uvicorn
 
+    from quantfleet.agent.serving.systemd import CleanStopServer
+
     from .service import FleetService
 
     cfg = _config(config_path)
@@ -63,12 +65,17 @@ def serve_cmd(config_path: Path) -> None:
         service = FleetService(cfg).start()
     except Exception as exc:
         raise click.ClickException(f"the fleet could not start: {exc}") from None
-    server = uvicorn.Server(uvicorn.Config(service.app(), host=cfg.http.host, port=cfg.http.port,
-                                           log_level="info", lifespan="off"))
+    # SIGTERM (systemd's stop) ends run() normally, so the shutdown below runs and the
+    # process exits 0: MQTT sessions closed, desired state flushed, the store closed.
+    server = CleanStopServer(uvicorn.Config(service.app(), host=cfg.http.host,
+                                            port=cfg.http.port, log_level="info",
+                                            lifespan="off"))
     try:
         server.run()
     finally:
         service.stop()
+        click.echo("quantfleet serve: stopped (ingest and publisher disconnected, store "
+                   "closed)", err=True)
 
 
 @click.group(name="keys")

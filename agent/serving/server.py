@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -24,7 +23,7 @@ from quantfleet.agent.config import AgentConfig
 from .api import AgentService, create_app
 from .recorder import JsonlRecorder, MemoryRecorder, Recorder, TeeRecorder
 from .routing import ModelSet
-from .systemd import Notifier
+from .systemd import CleanStopServer, Notifier
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ def _telemetry(recorder: Recorder) -> Any:
     return next((s for s in sinks if isinstance(s, TelemetryService)), None)
 
 
-class _DrainingServer(uvicorn.Server):
+class _DrainingServer(CleanStopServer):
     def __init__(self, config: uvicorn.Config, service: AgentService, notifier: Notifier
                  ) -> None:
         super().__init__(config)
@@ -70,12 +69,7 @@ class _DrainingServer(uvicorn.Server):
             stop()
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.service.begin_drain)
-        super().handle_exit(sig, frame)
-        # uvicorn re-raises the signal after shutting down, so the process would die
-        # "by SIGTERM"; a drained, flushed agent exits 0 instead (systemd: clean stop).
-        captured = getattr(self, "_captured_signals", None)
-        if isinstance(captured, list) and sig == signal.SIGTERM:
-            captured[:] = [s for s in captured if s != signal.SIGTERM]
+        super().handle_exit(sig, frame)  # a drained, flushed agent exits 0 on SIGTERM
 
 
 def serve(config: AgentConfig, models: Callable[[], ModelSet] | None = None,

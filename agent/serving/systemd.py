@@ -6,6 +6,13 @@ in a container, or in a terminal. ``READY=1`` is sent once the model is
 loaded (not when the socket opens), ``WATCHDOG=1`` every half of
 ``$WATCHDOG_USEC`` from the event loop itself — a wedged loop stops petting
 and systemd restarts the service — and ``STOPPING=1`` when SIGTERM arrives.
+
+``CleanStopServer`` is a uvicorn server that exits normally on SIGTERM once
+its shutdown has run. uvicorn re-raises a captured SIGTERM after its own
+shutdown, so the process would die "by SIGTERM" (status 143) before any
+``finally`` after ``server.run()`` — where a service closes its MQTT sessions
+and flushes — could run; systemd then logs a failure for an ordered stop.
+Both ``quantfleet-agent serve`` and ``quantfleet serve`` run on it.
 """
 
 from __future__ import annotations
@@ -13,6 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+from types import FrameType
+
+import uvicorn
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +77,14 @@ class Notifier:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+
+class CleanStopServer(uvicorn.Server):
+    """A uvicorn server whose SIGTERM ends ``run()`` normally, after the shutdown."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured[:] = [s for s in captured if s != signal.SIGTERM]

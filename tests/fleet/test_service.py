@@ -358,6 +358,23 @@ def test_devices_cohorts_and_signals_by_hardware_class(setup: tuple[Fleet, str, 
         dev.loop_stop()
 
 
+def test_sigterm_runs_the_shutdown_and_exits_0(tmp_path: Path, store_url: str,
+                                               ladder_dir: Path) -> None:
+    """systemd's stop: the fleet closes its sessions and store, then exits 0 (not 143)."""
+    fleet, _ = make_fleet(tmp_path, store_url, ladder_dir)
+    fleet.start()
+    assert fleet.proc is not None
+    try:
+        fleet.proc.send_signal(signal.SIGTERM)
+        out, _ = fleet.proc.communicate(timeout=30)
+    finally:
+        fleet.stop()
+    text = out.decode()
+    assert fleet.proc.returncode == 0, text
+    assert "quantfleet serve: stopped (ingest and publisher disconnected, store closed)" \
+        in text, text
+
+
 def test_bad_config_is_one_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "fleet.toml"
     bad.write_text('[store]\nurl = "mysql://x"\n[http]\nport = 99999\nsurprise = 1\n')
