@@ -18,7 +18,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, create_engine, event, func, select, text, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    case,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from quantfleet.agent.wire import (
@@ -44,9 +54,15 @@ class IngestResult:
 
 @dataclass(frozen=True)
 class SeqGap:
+    """Events ``first``..``last`` of a device that never arrived and that no gap record
+    of the device accounts for. ``restart`` counts the times the device's sequence
+    started over before this hole (0: its first sequence): an outbox that was lost
+    or replaced starts again at 1 under a new boot epoch."""
+
     device_id: str
     first: int
     last: int
+    restart: int = 0
 
     @property
     def events(self) -> int:
@@ -412,37 +428,53 @@ class Store:
             return int(conn.execute(q).scalar_one())
 
     def seq_gaps(self, device_ids: Iterable[str] | None = None) -> list[SeqGap]:
-        """Holes in each device's seq, less what the device's own gap records account for."""
+        """Holes in each device's sequence, less what the device's own gap records cover.
+
+        A device's events are read in (boot epoch, seq) order: seq runs on across
+        restarts, and when it starts over (a lost outbox; ``seq`` at or below the
+        one before, under a later epoch) a new sequence begins. Holes and gap
+        records are matched within one sequence, so a record from before a restart
+        never covers a hole after it, and a restart's overlap never hides one.
+        """
         e = schema.events
-        prev = func.lag(e.c.seq).over(partition_by=e.c.device_id, order_by=e.c.seq)
-        inner = select(e.c.device_id, e.c.seq, prev.label("prev"))
+        order = (e.c.boot_epoch, e.c.seq)
+        prev = func.lag(e.c.seq).over(partition_by=e.c.device_id, order_by=order)
+        gap_body = case((e.c.kind == "gap", e.c.body), else_=None)  # only gaps' bodies
+        inner = select(e.c.device_id, e.c.boot_epoch, e.c.seq, e.c.kind,
+                       gap_body.label("body"), prev.label("prev"))
         if device_ids is not None:
             inner = inner.where(e.c.device_id.in_(list(device_ids)))
-        sub = inner.subquery()
-        q = select(sub.c.device_id, sub.c.prev, sub.c.seq).where(sub.c.seq > sub.c.prev + 1)
+        lagged = inner.subquery()
+        restarted = case((lagged.c.seq <= lagged.c.prev, 1), else_=0)
+        run = func.sum(restarted).over(partition_by=lagged.c.device_id,
+                                       order_by=(lagged.c.boot_epoch, lagged.c.seq))
+        runs = select(lagged.c.device_id, lagged.c.seq, lagged.c.prev, lagged.c.kind,
+                      lagged.c.body, run.label("run")).subquery()
         with self.engine.connect() as conn:
-            holes = [SeqGap(r.device_id, int(r.prev) + 1, int(r.seq) - 1)
-                     for r in conn.execute(q)]
-            reported = conn.execute(
-                select(e.c.device_id, e.c.body).where(e.c.kind == "gap")).all()
-        covered: dict[str, set[int]] = {}
-        for device_id, body in reported:
-            seqs = covered.setdefault(device_id, set())
-            for a, b in json.loads(body).get("ranges", []):
+            holes = [SeqGap(r.device_id, int(r.prev) + 1, int(r.seq) - 1, int(r.run))
+                     for r in conn.execute(select(runs.c.device_id, runs.c.prev,
+                                                  runs.c.seq, runs.c.run)
+                                           .where(runs.c.seq > runs.c.prev + 1))]
+            reported = conn.execute(select(runs.c.device_id, runs.c.run, runs.c.body)
+                                    .where(runs.c.kind == "gap")).all()
+        covered: dict[tuple[str, int], set[int]] = {}
+        for device_id, run_no, body in reported:
+            seqs = covered.setdefault((device_id, int(run_no)), set())
+            data = json.loads(body) if isinstance(body, str) else body
+            for a, b in data.get("ranges", []):
                 seqs.update(range(int(a), int(b) + 1))
         out = []
         for gap in holes:
-            missing = [s for s in range(gap.first, gap.last + 1)
-                       if s not in covered.get(gap.device_id, ())]
+            known = covered.get((gap.device_id, gap.restart), set())
+            missing = [s for s in range(gap.first, gap.last + 1) if s not in known]
             # Split what is left into contiguous runs.
             start = None
             for i, s in enumerate(missing):
                 if start is None:
                     start = s
                 if i + 1 == len(missing) or missing[i + 1] != s + 1:
-                    out.append(SeqGap(gap.device_id, start, s))
+                    out.append(SeqGap(gap.device_id, start, s, gap.restart))
                     start = None
         return out
-
 
 __all__ = ["IngestResult", "SeqGap", "Store", "event_row"]

@@ -113,6 +113,26 @@ def test_seq_gaps_less_what_the_device_reported(store: Store) -> None:
     assert gaps[0].events == 5
 
 
+def test_seq_gaps_across_an_outbox_that_started_over(store: Store) -> None:
+    """A lost outbox starts again at seq 1 under a new epoch: the holes of the new
+    sequence are found, and the old sequence's gap record covers only its own."""
+    def ev(epoch: int, seq: int) -> TelemetryEvent:
+        return request_event(seq, boot=epoch)
+
+    first = [ev(100, s) for s in range(1, 41) if not 20 <= s <= 22]  # reported below
+    gap = GapRecord(reason="evicted", events=3, counts={"request": 3}, ranges=[(20, 22)])
+    first.append(TelemetryEvent(boot_epoch=100, seq=41, kind="gap", ts=2000.0, body=gap))
+    # A restart (epoch 101, seq runs on): nothing lost in between.
+    first += [ev(101, s) for s in range(42, 51)]
+    # The outbox is lost: epoch 200 starts at 1, and 5-9 and 20-22 never arrive.
+    second = [ev(200, s) for s in range(1, 31) if not (5 <= s <= 9 or 20 <= s <= 22)]
+    store.ingest_batch(batch("dev-1", first))
+    store.ingest_batch(batch("dev-1", second))
+    gaps = store.seq_gaps()
+    assert [(g.first, g.last, g.restart) for g in gaps] == [(5, 9, 1), (20, 22, 1)]
+    assert sum(g.events for g in gaps) == 8
+
+
 def test_rejections_are_counted(store: Store) -> None:
     store.record_rejection("quantfleet/v1/devices/x/telemetry", "not JSON")
     store.record_rejection("quantfleet/v1/devices/x/telemetry", "not JSON")
