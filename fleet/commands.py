@@ -154,18 +154,20 @@ def devices_list(config_path: Path, selector: str, as_json: bool,
 
 def _devices_table(rows: list[dict[str, Any]], selector: str) -> Table:
     table = Table(title=f"devices ({selector}) at {time.strftime('%H:%M:%S')}")
-    # Identifiers never wrap (an operator greps and copies them); the rest folds.
+    # Identifiers and states never wrap (an operator greps and copies them); the rest
+    # folds in a narrow terminal.
     for col in ("device", "hardware", "labels", "online", "variant", "update", "target",
                 "detail", "last seen"):
-        if col in ("device", "variant"):
+        if col in ("device", "variant", "update"):
             table.add_column(col, no_wrap=True)
         else:
             table.add_column(col, overflow="fold")
     now = time.time()
     for r in rows:
-        # The class is its own column; the other derived cpu.* labels stay with the labels.
+        # The hardware class is its own column; the other cpu.* labels derive from the
+        # same fingerprint and are in `devices show` and --json.
         labels = ",".join(f"{k}={v}" for k, v in sorted((r["labels"] or {}).items())
-                          if k != "cpu.class")
+                          if not k.startswith("cpu."))
         state = r.get("state") or {}
         table.add_row(r["device_id"], hardware_class(r), labels,
                       "yes" if r["online"] else "no",

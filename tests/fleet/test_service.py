@@ -297,8 +297,8 @@ def test_devices_cohorts_and_signals_by_hardware_class(setup: tuple[Fleet, str, 
             narrow = run("devices", "list", "--config", cfg)
         finally:
             console.width = width
-        for device_id in ("avx2-1", "amx-1", "old-1"):
-            assert device_id in narrow, narrow
+        for word in ("avx2-1", "amx-1", "old-1"):
+            assert word in narrow, narrow
 
         # An operator's labels replace the device's, but not the facts derived from its
         # hardware: a clashing cpu.* label is refused with a word why.
