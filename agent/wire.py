@@ -222,7 +222,11 @@ class GapRecord(WirePayload):
     """Events the device lost on purpose (eviction) or by accident (a quarantined database)."""
 
     type: Literal["gap"] = "gap"
-    reason: Literal["evicted", "quarantined"] = Field(description="Why the events are gone.")
+    reason: Literal["evicted", "quarantined", "lost", "unwritable"] = Field(
+        description="Why the events are gone: evicted (the outbox was full), quarantined "
+        "(its database failed the integrity check and was replaced), lost (its database or "
+        "-wal file was removed), unwritable (shed from memory while its disk could not be "
+        "written).")
     events: int = Field(ge=0, description="How many events are gone (0 when unknown).")
     counts: dict[str, int] = Field(default_factory=dict, description="Events gone per kind.")
     ranges: list[tuple[int, int]] = Field(

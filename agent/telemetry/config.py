@@ -40,7 +40,13 @@ class OutboxConfig(ConfigBase):
                     "what a power cut can take).",
     )
     max_buffered: int = Field(
-        50_000, ge=100, description="Appends held in memory before a commit is forced."
+        50_000, ge=100, description="Appends held in memory before a commit is forced; "
+        "while the disk cannot be written, the most kept (the rest is shed and reported)."
+    )
+    min_free_bytes: int = Field(
+        32 * 1024 * 1024, ge=0,
+        description="Free space the outbox leaves on its file system: it evicts before a "
+                    "commit would leave less (0: only max_bytes bounds it).",
     )
 
 

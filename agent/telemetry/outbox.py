@@ -13,8 +13,22 @@ go first, then aggregates and health, then all but the newest device status;
 gap records are kept. Every eviction pass appends a ``GapRecord`` with the
 counts per kind and the seq ranges evicted, which is forwarded like any event.
 
-A database that fails its integrity check at start is renamed aside
-(``outbox.db.corrupt-<time>``), reported, and replaced by a fresh one.
+Every loss is reported, with real counts. After each commit the outbox
+writes a small state file beside the database (``outbox.db.state``: the next
+seq and the seq ranges of the rows it holds). At start, when the database
+holds less than that file says — its ``-wal`` file or the database itself was
+removed, or it failed its integrity check and was renamed aside
+(``outbox.db.corrupt-<time>``) and replaced by a fresh one — the rows that are
+gone become a ``GapRecord`` (``lost`` or ``quarantined``) with their seq
+ranges, and seq carries on from the state file instead of starting over at 1.
+
+A disk that cannot be written (full, or failing) never stops serving: a
+failed commit is rolled back and everything in it stays buffered and is
+retried; while the disk stays unwritable the buffer is bounded by shedding
+the lowest-priority, oldest buffered events, whose seqs are reported as a
+``GapRecord`` (``unwritable``) as soon as a commit succeeds again. To keep
+the disk from filling in the first place, the outbox evicts before a commit
+would leave less than ``min_free_bytes`` free on its file system.
 
 "In flight" lives only in memory: after a restart every row is pending again,
 which is exactly what the publisher needs (the consumer deduplicates).
@@ -22,14 +36,17 @@ which is exactly what the publisher needs (the consumer deduplicates).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import shutil
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import sqlite_utils
 from pydantic import BaseModel
@@ -51,6 +68,13 @@ ROW_OVERHEAD = 64
 class OutboxError(Exception):
     """The outbox cannot be used (closed, or its file cannot be created)."""
 
+
+#: What an eviction's gap record becomes when its transaction is rolled back: its
+#: seq stays taken, so it is kept and says that nothing was evicted.
+_ROLLED_BACK_EVICTION = GapRecord(
+    reason="evicted", events=0,
+    detail="an eviction rolled back with a failed commit; nothing was evicted",
+).model_dump_json()
 
 #: One stored event as read for publishing: (seq, accounted size, ``TelemetryEvent`` JSON).
 Row = tuple[int, int, bytes]
@@ -136,17 +160,52 @@ def _merge(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def _subtract(spans: Iterable[tuple[int, int]], minus: Iterable[tuple[int, int]]
+              ) -> list[tuple[int, int]]:
+    """The seqs of ``spans`` that are in none of ``minus`` (both inclusive ranges)."""
+    cut = _merge(minus)
+    out: list[tuple[int, int]] = []
+    for a, b in _merge(spans):
+        for c, d in cut:
+            if d < a or c > b:
+                continue
+            if c > a:
+                out.append((a, c - 1))
+            a = max(a, d + 1)
+            if a > b:
+                break
+        if a <= b:
+            out.append((a, b))
+    return out
+
+
+def _coarsen(spans: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    """At most ``limit`` ranges covering ``spans``, joining across the smallest holes."""
+    out = list(spans)
+    while len(out) > limit:
+        i = min(range(len(out) - 1), key=lambda k: out[k + 1][0] - out[k][1])
+        out[i:i + 2] = [(out[i][0], out[i + 1][1])]
+    return out
+
+
+#: Most seq ranges the state file keeps of the rows held (rows are mostly one range).
+STATE_RANGES = 256
+
+
 class Outbox:
     """Durable, bounded, priority-evicting event buffer; usable as the serving Recorder."""
 
     def __init__(self, path: Path, device_id: str, *, max_bytes: int = 64 * 1024 * 1024,
                  commit_interval_s: float = 0.5, max_buffered: int = 50_000,
+                 min_free_bytes: int = 0,
                  clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
+        self.state_path = self.path.with_name(self.path.name + ".state")
         self.device_id = device_id
         self.max_bytes = max_bytes
         self.commit_interval_s = commit_interval_s
         self.max_buffered = max_buffered
+        self.min_free_bytes = min_free_bytes
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -161,6 +220,13 @@ class Outbox:
         self._flush_requested = 0
         self._flush_done = 0
         self._writer_error: BaseException | None = None
+        self._failed_ticket = 0  # the newest flush request an attempt failed with
+        self._shed: list[int] = []  # seqs dropped from the buffer while the disk failed
+        self._shed_counts: dict[str, int] = {}
+        self.shed_total = 0
+        self.lost_at_open = 0
+        self._pending: list[tuple[int, int]] = []  # seq ranges of the rows in the database
+        self._state_error_logged = False
         self.quarantined: Path | None = None
         self._mean_item = 512.0
         self._open()
@@ -179,9 +245,19 @@ class Outbox:
             conn = self._open_checked()
         self._conn = conn
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        self.boot_epoch = max(int(meta.get("boot_epoch", 0)) + 1, int(self._clock()))
+        state = self._read_state()
+        self.boot_epoch = max(int(meta.get("boot_epoch", 0)) + 1, int(self._clock()),
+                              int(state.get("boot_epoch", 0)) + 1)
         self._next_seq = int(meta.get("next_seq", 1))
         self.evicted_total = int(meta.get("evicted_total", 0))
+        self._pending = _ranges(r[0] for r in conn.execute("SELECT seq FROM outbox"))
+        lost: list[tuple[int, int]] = []
+        if int(state.get("next_seq", 0)) > self._next_seq:
+            # The database holds less than it had committed: what it held then and
+            # holds no more is lost; seq carries on rather than start over.
+            held = [(int(a), int(b)) for a, b in state.get("pending", [])]
+            lost = _subtract(held, self._pending)
+            self._next_seq = int(state["next_seq"])
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('boot_epoch', ?)", (self.boot_epoch,))
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (self._next_seq,))
@@ -191,11 +267,52 @@ class Outbox:
         self._bytes = int(size)  # sizes already include ROW_OVERHEAD
         self._committed_seq = self._next_seq - 1
         self._reader = threading.local()
+        self.lost_at_open = sum(b - a + 1 for a, b in lost)
         if self.quarantined is not None:
-            self.append(GapRecord(reason="quarantined", events=0,
-                                  detail=f"corrupt outbox moved to {self.quarantined.name}"))
+            self.append(GapRecord(
+                reason="quarantined", events=self.lost_at_open, ranges=lost,
+                detail=f"corrupt outbox moved to {self.quarantined.name}"
+                       + ("" if state else " (no state file: how many events is unknown)")))
+        elif lost:
+            log.error("outbox %s lost %d committed events %s (its -wal file or the database "
+                      "was removed); reported as a gap", self.path, self.lost_at_open, lost)
+            self.append(GapRecord(
+                reason="lost", events=self.lost_at_open, ranges=lost,
+                detail="the database holds less than it had committed (its -wal file or "
+                       "the file itself was removed)"))
+        self._save_state()
         log.info("outbox %s open: boot epoch %d, next seq %d, %d rows, %d bytes",
                  self.path, self.boot_epoch, self._next_seq, self._rows, self._bytes)
+
+    def _read_state(self) -> dict[str, Any]:
+        """The state file of this device's outbox ({} when missing or unusable)."""
+        try:
+            data = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("outbox state %s unreadable (%s); ignored", self.state_path, exc)
+            return {}
+        if not isinstance(data, dict) or data.get("device_id") != self.device_id:
+            return {}
+        return data
+
+    def _save_state(self) -> None:
+        """Write the state file (next seq, the ranges held) after a commit; never raises."""
+        with self._lock:
+            data = {"device_id": self.device_id, "boot_epoch": self.boot_epoch,
+                    "next_seq": self._committed_seq + 1,
+                    "pending": _coarsen(self._pending, STATE_RANGES)}
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(data, separators=(",", ":")))
+            os.replace(tmp, self.state_path)
+        except OSError as exc:  # a full disk: the next commit tries again
+            if not self._state_error_logged:
+                log.warning("outbox state %s not written (%s)", self.state_path, exc)
+                self._state_error_logged = True
+        else:
+            self._state_error_logged = False
 
     def _open_checked(self) -> sqlite3.Connection:
         conn = _connect(self.path)
@@ -242,11 +359,21 @@ class Outbox:
                 raise OutboxError(f"outbox {self.path} is closed")
             seq = self._enqueue_locked(kind, at, payload)
             full = len(self._buffer) >= self.max_buffered
-            if full:
+            if full and self._writer_error is not None:
+                # The disk cannot be written: bound memory, account for what goes.
+                self._shed_locked()
+                full = False
+            elif full:
                 self._wake.notify_all()
         if full and self._writer is not None and threading.current_thread() is not self._writer:
             # Backpressure: the writer is behind; wait for it rather than grow memory.
-            self.flush(timeout=30)
+            try:
+                self.flush(timeout=30)
+            except OutboxError:
+                with self._lock:  # the disk failed meanwhile: shed instead (bounded)
+                    if self._writer_error is not None and \
+                            len(self._buffer) >= self.max_buffered:
+                        self._shed_locked()
         return seq
 
     def _enqueue_locked(self, kind: str, at: float, payload: str) -> int:
@@ -257,6 +384,21 @@ class Outbox:
         self._buffer.append((seq, self.boot_epoch, kind, EVENT_PRIORITY[kind], at,
                              len(item) + ROW_OVERHEAD, item))
         return seq
+
+    def _shed_locked(self) -> None:
+        """Drop a tenth of the buffer, lowest priority and oldest first (never a gap
+        record), remembering each seq for the gap record of the next good commit."""
+        n = max(1, len(self._buffer) // 10)
+        order = sorted((row for row in self._buffer if row[2] != "gap"),
+                       key=lambda row: (row[3], row[0]))
+        drop = {row[0] for row in order[:n]}
+        for row in order[:n]:
+            self._shed_counts[row[2]] = self._shed_counts.get(row[2], 0) + 1
+        self._shed.extend(drop)
+        self.shed_total += len(drop)
+        self._buffer = [row for row in self._buffer if row[0] not in drop]
+        log.warning("outbox %s cannot be written: shed %d buffered events (%d so far)",
+                    self.path, len(drop), self.shed_total)
 
     def record(self, event: RequestEvent) -> None:
         """The serving layer's Recorder: keep one raw request event (never raises)."""
@@ -276,7 +418,9 @@ class Outbox:
             self._wake.notify_all()
             deadline = time.monotonic() + timeout
             while self._flush_done < ticket:
-                if self._writer_error is not None:
+                # Only a failed attempt that included this request counts; one from
+                # before it is retried first.
+                if self._failed_ticket >= ticket and self._writer_error is not None:
                     raise OutboxError(f"outbox writer failed: {self._writer_error}")
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -316,23 +460,40 @@ class Outbox:
             try:
                 self._write_once()
             except BaseException as exc:  # a disk error must not vanish in a thread
-                log.exception("outbox writer failed")
                 with self._lock:
+                    first = self._writer_error is None
                     self._writer_error = exc
+                    self._failed_ticket = max(self._failed_ticket, ticket)
                     self._committed.notify_all()
+                if first:
+                    log.exception("outbox %s: a commit failed; everything stays buffered "
+                                  "and is retried", self.path)
                 time.sleep(1.0)
                 continue
             with self._lock:
+                if self._writer_error is not None:
+                    log.warning("outbox %s is writable again (%d events were shed)",
+                                self.path, self.shed_total)
+                self._writer_error = None
                 self._flush_done = max(self._flush_done, ticket)
                 self._committed.notify_all()
 
     def _write_once(self) -> None:
         with self._lock:
+            if self._shed:
+                # What the buffer shed while the disk failed, reported with this commit.
+                shed = _ranges(self._shed)
+                self._enqueue_locked("gap", self._clock(), GapRecord(
+                    reason="unwritable", events=len(self._shed), counts=self._shed_counts,
+                    ranges=shed, detail="dropped from memory while the outbox's disk "
+                    "could not be written").model_dump_json())
+                self._shed, self._shed_counts = [], {}
             rows, self._buffer = self._buffer, []
             deletes, self._deletes = self._deletes, []
         if not rows and not deletes:
             return
         conn = self._conn
+        extra: list[tuple[int, int, str, int, float, int, str]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             if rows:
@@ -349,18 +510,31 @@ class Outbox:
                     freed += int(size)
             added = sum(r[5] for r in rows)
             new_bytes = self._bytes + added - freed
-            extra: list[tuple[int, int, str, int, float, int, str]] = []
+            evicted_ranges: list[tuple[int, int]] = []
             evicted = 0
-            if new_bytes > self.max_bytes:
-                new_bytes, extra, evicted = self._evict(conn, new_bytes)
+            limit = self._byte_limit(new_bytes, added)
+            if new_bytes > limit:
+                new_bytes, extra, evicted_ranges = self._evict(conn, new_bytes, limit)
+                evicted = sum(b - a + 1 for a, b in evicted_ranges)
             last = (extra or rows)[-1][0] if (extra or rows) else None
             if last is not None:
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'next_seq'", (last + 1,))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite may have rolled back itself (a full disk does that): then there is
+            # no transaction left to roll back, and everything must still be kept.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.exception("outbox %s: rollback failed", self.path)
+            if extra:  # the eviction was rolled back with the rest: its record says so
+                seq, epoch, kind, prio, at, _, _ = extra[0]
+                item = (f'{{"boot_epoch":{epoch},"seq":{seq},"kind":"gap","ts":{at!r},'
+                        f'"body":{_ROLLED_BACK_EVICTION}}}')
+                extra[0] = (seq, epoch, kind, prio, at, len(item) + ROW_OVERHEAD, item)
             with self._lock:  # put everything back so the next attempt retries it
-                self._buffer[:0] = rows
+                self._buffer[:0] = rows + extra
                 self._deletes[:0] = deletes
             raise
         with self._lock:
@@ -371,13 +545,47 @@ class Outbox:
                 self._committed_seq = max(self._committed_seq, last)
             for d in deletes:
                 self._claims.pop(d[0], None)
+            held = self._pending + [(r[0], r[0]) for r in rows + extra]
+            gone = [(d[1], d[2]) for d in deletes] + evicted_ranges
+            self._pending = _subtract(held, gone)
+        self._save_state()
+        self._give_back_wal()
         for callback in self._listeners:
             callback()
 
-    def _evict(self, conn: sqlite3.Connection, total: int
-               ) -> tuple[int, list[tuple[int, int, str, int, float, int, str]], int]:
-        """Delete the lowest-priority, oldest rows down to 90 % of the cap; add a gap record."""
-        target = int(self.max_bytes * 0.9)
+    def _give_back_wal(self) -> None:
+        """Near the free-space floor, fold the -wal file into the database and truncate
+        it: the WAL otherwise keeps its largest size (up to ~4 MB between checkpoints)."""
+        if not self.min_free_bytes:
+            return
+        try:
+            if shutil.disk_usage(self.path.parent).free >= 2 * self.min_free_bytes:
+                return
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except (OSError, sqlite3.Error) as exc:
+            log.debug("outbox %s: checkpoint near the floor failed (%s)", self.path, exc)
+
+    def _byte_limit(self, total: int, added: int) -> int:
+        """The bytes the outbox may hold after this commit: its cap, less what it must
+        give back so that its file system keeps ``min_free_bytes`` free."""
+        limit = self.max_bytes
+        if self.min_free_bytes:
+            try:
+                free = shutil.disk_usage(self.path.parent).free
+            except OSError:
+                return limit
+            # The -wal file takes about twice what a commit adds before it is folded in.
+            shortfall = self.min_free_bytes - (free - 2 * added)
+            if shortfall > 0:
+                limit = max(0, min(limit, total - shortfall))
+        return limit
+
+    def _evict(self, conn: sqlite3.Connection, total: int, limit: int
+               ) -> tuple[int, list[tuple[int, int, str, int, float, int, str]],
+                          list[tuple[int, int]]]:
+        """Delete the lowest-priority, oldest rows down to 90 % of ``limit``; add a gap
+        record. Returns the new byte total, the rows added and the seq ranges evicted."""
+        target = int(limit * 0.9)
         with self._lock:
             claimed = _merge(self._claims.values())
         newest_status = conn.execute(
@@ -403,9 +611,9 @@ class Outbox:
                     break
             cur.close()
         if not victims:
-            log.warning("outbox %s over its cap (%d > %d bytes) with nothing evictable",
-                        self.path, total, self.max_bytes)
-            return total, [], 0
+            log.warning("outbox %s over its limit (%d > %d bytes) with nothing evictable",
+                        self.path, total, limit)
+            return total, [], []
         ranges = _ranges(victims)
         conn.executemany("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", ranges)
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('evicted_total', ?)",
@@ -418,7 +626,7 @@ class Outbox:
             self._enqueue_locked("gap", self._clock(), gap.model_dump_json())
             extra, self._buffer = self._buffer, []
         conn.executemany("INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?)", extra)
-        return total - freed + sum(r[5] for r in extra), extra, len(victims)
+        return total - freed + sum(r[5] for r in extra), extra, ranges
 
     # -- the publisher's side -------------------------------------------------
 
@@ -520,7 +728,9 @@ class Outbox:
             return {"rows": self._rows, "bytes": self._bytes,
                     "buffered": len(self._buffer), "evicted_total": self.evicted_total,
                     "next_seq": self._next_seq, "committed_seq": self._committed_seq,
-                    "in_flight": len(self._claims)}
+                    "in_flight": len(self._claims), "shed_total": self.shed_total,
+                    "lost_at_open": self.lost_at_open,
+                    "writable": int(self._writer_error is None)}
 
     def device_status(self, **publisher: object) -> DeviceStatusPayload:
         s = self.stats()

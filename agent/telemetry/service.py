@@ -32,7 +32,8 @@ class TelemetryService:
         self._variant = variant
         o = cfg.outbox
         self.outbox = Outbox(cfg.outbox_path(), cfg.device_id, max_bytes=o.max_bytes,
-                             commit_interval_s=o.commit_interval_s, max_buffered=o.max_buffered)
+                             commit_interval_s=o.commit_interval_s, max_buffered=o.max_buffered,
+                             min_free_bytes=o.min_free_bytes)
         self.publisher = Publisher(self.outbox, cfg.mqtt, cfg.publisher, labels=cfg.labels,
                                    hardware=fingerprint())
         self.aggregator = MinuteAggregator(self.outbox.append)
