@@ -126,7 +126,7 @@ def _check_update_key(config: Any) -> None:
     """[update] public_key must be a readable ed25519 key before the agent starts."""
     if config.update is None:
         return
-    from .signing import SignatureError, load_public_key
+    from .update.signing import SignatureError, load_public_key
 
     try:
         load_public_key(config.update.public_key)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from quantfleet.agent.config import ConfigError, parse_config
-from quantfleet.agent.soak import SoakPolicy, SoakWatch, outcome_of
+from quantfleet.agent.update.soak import SoakPolicy, SoakWatch, outcome_of
 from quantfleet.agent.wire import RequestEvent, ValidationOutcome
 
 POLICY = SoakPolicy(min_requests=20, max_validation_increase=0.10, max_error_increase=0.05,

@@ -8,7 +8,7 @@
   publishes each update state retained on ``…/devices/{id}/state``; the latest
   state is published again after every reconnect. Each state also goes into
   the telemetry outbox as a ``state`` event, so the fleet keeps the whole walk;
-- the ``Updater`` state machine (agent/updater.py);
+- the ``Updater`` state machine (agent/update/updater.py);
 - ``ServingHooks``, which give that machine the real model steps: pre-flight
   on a sampled golden subset against the variant serving now, the hot swap
   in the serving ``ModelSet``, and the soak watch on live requests.
@@ -32,9 +32,9 @@ from quantfleet.agent.config import AgentConfig, UpdateConfig
 from quantfleet.agent.hardware import fingerprint
 from quantfleet.agent.mqtt import MqttConfig, connect_options, make_client
 from quantfleet.agent.serving.routing import ModelSet
-from quantfleet.agent.signing import load_public_key
-from quantfleet.agent.soak import SoakPolicy, SoakWatch
-from quantfleet.agent.updater import (
+from quantfleet.agent.update.signing import load_public_key
+from quantfleet.agent.update.soak import SoakPolicy, SoakWatch
+from quantfleet.agent.update.updater import (
     Check,
     SoakAnswer,
     UpdatePolicy,

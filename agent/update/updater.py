@@ -34,11 +34,11 @@ from typing import Literal, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
+from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload, UpdateState
 from quantfleet.models.catalog import Catalog, Precision, VariantEntry, now_iso
 
 from .download import DownloadError, download
 from .signing import SignatureError, verify
-from .wire import DesiredPayload, DeviceStatePayload, UpdateState
 
 log = logging.getLogger(__name__)
 
