@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -367,6 +366,3 @@ class Updater:
             log.info("pruned %s", name)
         if removed:
             catalog.save()
-
-    def disk_free(self) -> int:
-        return shutil.disk_usage(self.models_dir).free
