@@ -114,19 +114,35 @@ config_option = click.option(
 
 
 def _load_agent_config(path: Path) -> Any:
-    from .config import ConfigError, load_config
+    """Load and validate the file; an option under an old name loads, and is said so.
 
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    Each old name's DeprecationWarning (e.g. ``update.soak_s``) is printed on stderr
+    as ``warning: FILE: ...``: under systemd that is the journal, from both
+    ``config check`` (ExecStartPre=) and ``serve``.
+    """
+    import warnings
+
+    from .config import ConfigError, DeprecatedOptionWarning, load_config
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecatedOptionWarning)
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+    for w in caught:
+        if issubclass(w.category, DeprecatedOptionWarning):
+            click.echo(f"warning: {path}: {w.message}", err=True)
+        else:  # not ours to report: as if it had not been caught
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return config
 
 
 def _check_update_key(config: Any) -> None:
     """[update] public_key must be a readable ed25519 key before the agent starts."""
     if config.update is None:
         return
-    from .signing import SignatureError, load_public_key
+    from .update.signing import SignatureError, load_public_key
 
     try:
         load_public_key(config.update.public_key)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,6 +173,26 @@ class EventsConfig(_Section):
     memory_events: int = Field(1000, ge=0, description="Recent events kept in memory.")
 
 
+class DeprecatedOptionWarning(DeprecationWarning):
+    """An option under its old name: it still loads; the message names its new place."""
+
+
+#: The flat ``[update]`` keys of the first release, and the table and key each moved to.
+MOVED_UPDATE_KEYS: dict[str, tuple[str, str]] = {
+    "preflight_sample": ("preflight", "sample"),
+    "preflight_golden": ("preflight", "golden"),
+    "preflight_seed": ("preflight", "seed"),
+    "preflight_threads": ("preflight", "threads"),
+    "preflight_policy": ("preflight", "policy"),
+    "soak_s": ("soak", "duration_s"),
+    "soak_poll_s": ("soak", "poll_s"),
+    "soak_min_requests": ("soak", "min_requests"),
+    "soak_max_validation_increase": ("soak", "max_validation_increase"),
+    "soak_max_error_increase": ("soak", "max_error_increase"),
+    "soak_max_latency_ratio": ("soak", "max_latency_ratio"),
+}
+
+
 class UpdateConfig(_Section):
     """How this device follows the fleet's desired variant (docs/updates.md)."""
 
@@ -189,35 +210,54 @@ class UpdateConfig(_Section):
                                "disk (the current and known-good ones always are).")
     download_timeout_s: float = Field(3600.0, gt=0, description="Give up on a download "
                                       "after this long.")
-    preflight_sample: int = Field(12, ge=0, le=1000, description="Golden items the candidate "
-                                  "and the current variant both answer before activation; 0 "
-                                  "skips the pre-flight.")
-    preflight_golden: Path | None = Field(None, description="Golden set for the pre-flight "
-                                          "(default: the starter set shipped with quantfleet).")
-    preflight_seed: int = Field(0, description="Seed of the pre-flight's sample.")
-    preflight_threads: int = Field(1, ge=1, le=512, description="CPU threads of the "
-                                   "pre-flight's generations (1 leaves the rest to serving).")
-    preflight_policy: dict[str, Any] = Field(
+    preflight: PreflightConfig = Field(
+        default_factory=lambda: PreflightConfig(), description="The pre-flight: the "
+        "candidate and the serving variant answer the same golden items; only a pass is "
+        "activated.")
+    soak: SoakConfig = Field(
+        default_factory=lambda: SoakConfig(), description="The soak: live requests on the new "
+        "variant against the previous one's; a breach rolls back to the known-good variant.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_keys(cls, data: Any) -> Any:
+        """The first release's flat keys (``soak_s``) still load, each with a
+        DeprecatedOptionWarning naming its new place (``quantfleet-agent`` prints them)."""
+        if not isinstance(data, dict) or not data.keys() & MOVED_UPDATE_KEYS.keys():
+            return data
+        data = dict(data)
+        for old in [k for k in data if k in MOVED_UPDATE_KEYS]:  # in the file's order
+            table, key = MOVED_UPDATE_KEYS[old]
+            section = data.get(table, {})
+            if not isinstance(section, dict):
+                continue  # not a table: [update.<table>]'s own error names the problem
+            if key in section:
+                raise ValueError(f"update.{old} and update.{table}.{key} both set; keep "
+                                 f"update.{table}.{key}")
+            data[table] = {**section, key: data.pop(old)}
+            warnings.warn(f"update.{old} is deprecated: use [update.{table}] {key}",
+                          DeprecatedOptionWarning, stacklevel=2)
+        return data
+
+
+# [update]'s own tables follow it (read top-down: the table, then its parts).
+class PreflightConfig(_Section):
+    """The candidate against the serving variant on golden items, before activation."""
+
+    sample: int = Field(12, ge=0, le=1000, description="Golden items the candidate and the "
+                        "current variant both answer before activation; 0 skips the "
+                        "pre-flight.")
+    golden: Path | None = Field(None, description="Golden set for the pre-flight (default: "
+                                "the starter set shipped with quantfleet).")
+    seed: int = Field(0, description="Seed of the pre-flight's sample.")
+    threads: int = Field(1, ge=1, le=512, description="CPU threads of the pre-flight's "
+                         "generations (1 leaves the rest to serving).")
+    policy: dict[str, Any] = Field(
         default_factory=dict, description="VerdictPolicy overrides for the pre-flight (see "
         "docs/eval.md), e.g. {max_kld_p99_structured = 0.8}; the device defaults are in "
         "docs/updates.md.")
-    soak_s: float = Field(300.0, ge=0, description="How long a new variant is watched before "
-                          "it is reported healthy and becomes the known-good one.")
-    soak_poll_s: float = Field(5.0, gt=0, description="How often the soak compares signals.")
-    soak_min_requests: int = Field(20, ge=1, description="Requests on the new variant before "
-                                   "the soak judges a rate or a latency.")
-    soak_max_validation_increase: float = Field(
-        0.10, ge=0, le=1, description="Breach when the new variant's validation failure rate "
-        "exceeds the previous one's by more than this (Wilson lower bound against the "
-        "previous rate).")
-    soak_max_error_increase: float = Field(
-        0.05, ge=0, le=1, description="Breach when the new variant's error rate (5xx) exceeds "
-        "the previous one's by more than this (Wilson lower bound).")
-    soak_max_latency_ratio: float = Field(
-        2.0, gt=0, description="Breach when the new variant's p95 latency exceeds the previous "
-        "variant's p95 times this.")
 
-    @field_validator("preflight_policy")
+    @field_validator("policy")
     @classmethod
     def _policy_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
         from quantfleet.agent.quality.verdict import VerdictPolicy
@@ -229,6 +269,29 @@ class UpdateConfig(_Section):
             where = ".".join(str(p) for p in first["loc"])
             raise ValueError(f"{where}: {first['msg']}") from None
         return value
+
+
+class SoakConfig(_Section):
+    """The watch on live requests after activation: the device's own rollback trigger."""
+
+    duration_s: float = Field(300.0, ge=0, description="How long a new variant is watched "
+                              "before it is reported healthy and becomes the known-good one.")
+    poll_s: float = Field(5.0, gt=0, description="How often the soak compares signals.")
+    min_requests: int = Field(20, ge=1, description="Requests on the new variant before the "
+                              "soak judges a rate or a latency.")
+    max_validation_increase: float = Field(
+        0.10, ge=0, le=1, description="Breach when the new variant's validation failure rate "
+        "exceeds the previous one's by more than this (Wilson lower bound against the "
+        "previous rate).")
+    max_error_increase: float = Field(
+        0.05, ge=0, le=1, description="Breach when the new variant's error rate (5xx) exceeds "
+        "the previous one's by more than this (Wilson lower bound).")
+    max_latency_ratio: float = Field(
+        2.0, gt=0, description="Breach when the new variant's p95 latency exceeds the previous "
+        "variant's p95 times this.")
+
+
+UpdateConfig.model_rebuild()  # its tables are defined now
 
 
 class AgentConfig(_Section):
@@ -252,7 +315,9 @@ class AgentConfig(_Section):
     update: UpdateConfig | None = Field(
         None, description="Follow the fleet's desired variant over [telemetry]'s broker: "
         "download, verify, pre-flight, hot swap, soak, roll back (docs/updates.md). Absent: "
-        "the device serves its configured variants only.")
+        "the device serves its configured variants only. The first release's flat names "
+        "(preflight_sample, soak_s, ...) still load, each with a warning naming its place "
+        "in [update.preflight] or [update.soak].")
 
     @model_validator(mode="after")
     def _routes_resolve(self) -> AgentConfig:
@@ -366,27 +431,37 @@ def reference_markdown() -> str:
             lines += [f"## [{name}]", "", field.description or "", ""]
             continue
         assert isinstance(section, type) and issubclass(section, BaseModel)
-        lines += [f"## [{name}]", "", field.description or "", "",
-                  "| option | type | default | meaning |", "|---|---|---|---|"]
-        for opt, f in section.model_fields.items():
-            default = f.get_default(call_default_factory=True)
-            if f.is_required():
-                shown = "required"
-            elif opt == "id" or opt == "dir":
-                shown = "(see meaning)"
-            elif isinstance(default, list) and len(str(default)) > 60:
-                shown = f"(built-in list of {len(default)})"
-            elif isinstance(default, str) and len(default) > 40:
-                shown = "(built-in)"
-            else:
-                shown = f"`{default!r}`" if default is not None else "unset"
-            ann = getattr(f.annotation, "__name__", None) if isinstance(f.annotation, type) \
-                else None
-            ann = ann or str(f.annotation).replace("typing.", "").replace("pathlib._local.", "")
-            ann = ann.replace("pathlib.", "").replace("|", "or")
-            lines.append(f"| `{opt}` | {ann} | {shown} | {f.description or ''} |")
-        lines.append("")
+        lines += _reference_table(name, field.description or "", section)
     return "\n".join(lines)
+
+
+def _reference_table(name: str, description: str, section: type[BaseModel]) -> list[str]:
+    """One table's options; a table inside it ([update.soak]) follows as its own section."""
+    lines = [f"## [{name}]", "", description, "",
+             "| option | type | default | meaning |", "|---|---|---|---|"]
+    tables: list[str] = []
+    for opt, f in section.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            tables += _reference_table(f"{name}.{opt}", f.description or "", f.annotation)
+            continue
+        default = f.get_default(call_default_factory=True)
+        if f.is_required():
+            shown = "required"
+        elif opt == "id" or opt == "dir":
+            shown = "(see meaning)"
+        elif isinstance(default, list) and len(str(default)) > 60:
+            shown = f"(built-in list of {len(default)})"
+        elif isinstance(default, str) and len(default) > 40:
+            shown = "(built-in)"
+        else:
+            shown = f"`{default!r}`" if default is not None else "unset"
+        ann = getattr(f.annotation, "__name__", None) if isinstance(f.annotation, type) \
+            else None
+        ann = ann or str(f.annotation).replace("typing.", "").replace("pathlib._local.", "")
+        ann = ann.replace("pathlib.", "").replace("|", "or")
+        lines.append(f"| `{opt}` | {ann} | {shown} | {f.description or ''} |")
+    lines.append("")
+    return lines + tables
 
 
 if __name__ == "__main__":  # pragma: no cover

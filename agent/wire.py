@@ -450,7 +450,7 @@ class DesiredPayload(WirePayload):
     url: str = Field(pattern=r"^https?://", max_length=2048, description="Where to fetch it.")
     signature: str = Field(
         min_length=1, max_length=256,
-        description="ed25519 over variant, backend, sha256, size_bytes (agent/signing.py).",
+        description="ed25519 over variant, backend, sha256, size_bytes (agent/update/signing.py).",
     )
     rollout_id: str | None = Field(None, description="The rollout that set it, if any.")
     issued_at: float = Field(description="Unix time the fleet made this message.")

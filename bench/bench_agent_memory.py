@@ -34,15 +34,15 @@ from pathlib import Path
 import httpx
 import psutil
 
-from quantfleet.agent.signing import generate_keypair
+from quantfleet.agent.update.signing import generate_keypair
 from quantfleet.models.catalog import Catalog
 
 MB = 1024 * 1024
 TARGET_MB = 80.0
 
 IMPORTS = """
-import quantfleet.agent.serving.server, quantfleet.agent.updates
-import quantfleet.agent.telemetry.service, quantfleet.agent.soak
+import quantfleet.agent.serving.server, quantfleet.agent.update.service
+import quantfleet.agent.telemetry.service, quantfleet.agent.update.soak
 import quantfleet.agent.backends.llama_cpp, quantfleet.agent.backends.onnx
 import psutil, sys
 p = psutil.Process()

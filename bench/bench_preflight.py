@@ -1,6 +1,6 @@
 """How far from its limits does a device's pre-flight decide? Margins per candidate, per sample.
 
-The pre-flight (agent/updates.py) answers a dozen golden items with the
+The pre-flight (agent/update/service.py) answers a dozen golden items with the
 serving variant and the candidate and judges the pair with the device policy
 (``DEVICE_PREFLIGHT_POLICY``): McNemar's one-sided test on the items'
 pass/fail and the token-level KLD over every answer token. This runs exactly
@@ -29,7 +29,7 @@ from quantfleet.agent.quality.golden import load_golden, starter_golden_path
 from quantfleet.agent.quality.results import LogitSummary
 from quantfleet.agent.quality.runner import evaluate_backends
 from quantfleet.agent.quality.verdict import Verdict, VerdictPolicy, judge
-from quantfleet.agent.updates import DEVICE_PREFLIGHT_POLICY
+from quantfleet.agent.update.service import DEVICE_PREFLIGHT_POLICY
 from quantfleet.models.catalog import Catalog
 
 

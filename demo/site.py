@@ -115,8 +115,8 @@ def write_agent(run_dir: Path, device_id: str, baseline: VariantEntry, source: C
         "telemetry.outbox": {"path": home / "outbox.db", "commit_interval_s": 0.5},
         # The pre-flight keeps its default sample (12 golden items): on fewer, one or
         # two flipped items decide (docs/updates.md).
-        "update": {"public_key": public_key, "state_file": home / "updater.json",
-                   "soak_s": soak_s},
+        "update": {"public_key": public_key, "state_file": home / "updater.json"},
+        "update.soak": {"duration_s": soak_s},
     }
     config.write_text("# Written by `quantfleet demo`; see packaging/agent.example.toml.\n"
                       + _tables(tables))

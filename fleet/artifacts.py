@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from quantfleet.agent.signing import sign
+from quantfleet.agent.update.signing import sign
 from quantfleet.models.catalog import Catalog, CatalogError, VariantEntry
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ def _desired_state(cfg: FleetConfig, store: Any, purpose: str) -> tuple[Any, Any
     import time
 
     from quantfleet.agent.mqtt import make_client, parse_broker_url
-    from quantfleet.agent.signing import SignatureError, load_private_key
+    from quantfleet.agent.update.signing import SignatureError, load_private_key
 
     from .desired import DesiredState
 

@@ -93,7 +93,7 @@ def keys_generate(out: Path) -> None:
     Example:
       quantfleet keys generate --out /etc/quantfleet
     """
-    from quantfleet.agent.signing import generate_keypair
+    from quantfleet.agent.update.signing import generate_keypair
 
     if (out / "signing.key").exists():
         raise click.ClickException(f"{out / 'signing.key'} exists; refusing to replace a key "

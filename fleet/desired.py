@@ -36,7 +36,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from quantfleet.agent.signing import sign
+from quantfleet.agent.update.signing import sign
 from quantfleet.agent.wire import DesiredPayload, device_topic
 from quantfleet.models.catalog import Catalog, CatalogError
 

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from quantfleet.agent.mqtt import connect_options, make_client
-from quantfleet.agent.signing import load_private_key
+from quantfleet.agent.update.signing import load_private_key
 from quantfleet.models.catalog import Catalog
 
 from . import signals

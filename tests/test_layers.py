@@ -43,14 +43,14 @@ def test_the_tree_keeps_every_contract(tmp_path: Path) -> None:
 
 def test_a_device_module_importing_fleet_code_breaks_the_contract(tmp_path: Path) -> None:
     tree = _tree(tmp_path)
-    soak = tree / "quantfleet" / "agent" / "soak.py"
+    soak = tree / "quantfleet" / "agent" / "update" / "soak.py"
     soak.write_text(soak.read_text() + "\n\ndef _shortcut() -> None:\n"
                     "    from quantfleet.fleet.store import Store  # noqa: F401\n")
     result = _lint(tree)
     assert result.returncode != 0
     out = result.stdout
     assert "device code never imports fleet code" in out and "BROKEN" in out, out
-    assert "quantfleet.agent.soak -> quantfleet.fleet.store" in out, out
+    assert "quantfleet.agent.update.soak -> quantfleet.fleet.store" in out, out
 
 
 def test_models_importing_the_agent_breaks_the_contract(tmp_path: Path) -> None:

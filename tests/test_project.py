@@ -85,7 +85,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 import quantfleet.agent.cli
 import quantfleet.agent.serving.server
-import quantfleet.agent.updates
+import quantfleet.agent.update.service
 import quantfleet.agent.quality.golden
 import quantfleet.agent.quality.runner
 import quantfleet.agent.quality.verdict

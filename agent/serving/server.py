@@ -82,8 +82,8 @@ def serve(config: AgentConfig, models: Callable[[], ModelSet] | None = None,
 
     watch = None
     if config.update is not None:
-        from quantfleet.agent.soak import SoakWatch
-        from quantfleet.agent.updates import restore_known_good
+        from quantfleet.agent.update.service import restore_known_good
+        from quantfleet.agent.update.soak import SoakWatch
 
         restore_known_good(config)
         watch = SoakWatch()
@@ -98,7 +98,7 @@ def serve(config: AgentConfig, models: Callable[[], ModelSet] | None = None,
         assert service.models is not None
         notifier.ready(f"serving {service.models.active}")
         if watch is not None:
-            from quantfleet.agent.updates import DeviceUpdates
+            from quantfleet.agent.update.service import DeviceUpdates
 
             telemetry = _telemetry(recorder)
             try:

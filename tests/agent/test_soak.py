@@ -1,16 +1,12 @@
-"""The soak watch's judgement on request events, and the [update] configuration.
+"""The soak watch's judgement on request events ([update.soak] is tested with the rest of
+[update] in tests/agent/test_update_config.py).
 
 Its Wilson bound is fleet/evaluation/stats.wilson_interval, checked against scipy in
 tests/eval/test_stats.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
-from quantfleet.agent.config import ConfigError, parse_config
-from quantfleet.agent.soak import SoakPolicy, SoakWatch, outcome_of
+from quantfleet.agent.update.soak import SoakPolicy, SoakWatch, outcome_of
 from quantfleet.agent.wire import RequestEvent, ValidationOutcome
 
 POLICY = SoakPolicy(min_requests=20, max_validation_increase=0.10, max_error_increase=0.05,
@@ -87,19 +83,3 @@ def test_without_a_previous_variant_rates_compare_with_zero() -> None:
     feed(w, "new", 0, 30, valid=False)
     v = w.judge("new", None, 0, POLICY)
     assert v.breach and "on nothing" in v.reason
-
-
-def test_update_config_needs_telemetry_and_a_valid_policy(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"\[update\] needs \[telemetry\]"):
-        parse_config({"update": {"public_key": str(tmp_path / "k.pub")}})
-    telemetry = {"device_id": "d1"}
-    with pytest.raises(ConfigError, match=r"update\.preflight_policy: max_kld_p99: "):
-        parse_config({"telemetry": telemetry, "update": {
-            "public_key": "k.pub", "preflight_policy": {"max_kld_p99": -1}}})
-    with pytest.raises(ConfigError, match=r"update\.soak_poll_s"):
-        parse_config({"telemetry": telemetry, "update": {"public_key": "k.pub",
-                                                        "soak_poll_s": 0}})
-    with pytest.raises(ConfigError, match=r"update\.public_key: Field required"):
-        parse_config({"telemetry": telemetry, "update": {}})
-    cfg = parse_config({"telemetry": telemetry, "update": {"public_key": "k.pub"}})
-    assert cfg.update is not None and cfg.update.preflight_sample == 12

@@ -207,7 +207,7 @@ def _install(catalog: Catalog, dest: Path, labels: tuple[str, ...]) -> Catalog:
 
 
 def _agent_config(a: AgentProc, *, cohort: str, broker: str, root: str, public_key: Path,
-                  extra: str = "") -> None:
+                  update: str = "", preflight: str = "", soak: str = "") -> None:
     a.config.write_text(f"""
 [device]
 id = "{a.name}"
@@ -234,9 +234,13 @@ path = "{a.dir / 'outbox.db'}"
 [update]
 public_key = "{public_key}"
 min_free_mb = 0
-soak_poll_s = 0.5
-soak_min_requests = 5
-{extra}
+{update}
+[update.preflight]
+{preflight}
+[update.soak]
+poll_s = 0.5
+min_requests = 5
+{soak}
 """)
 
 
@@ -263,11 +267,11 @@ def world(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Iterato
     # agent-1: the defaults but a short soak; agent-2: a slow link (killed mid-download);
     # agent-3: a soak policy no variant can meet (it must roll back), no pre-flight.
     _agent_config(agents["agent-1"], cohort="main", broker=url, root=root, public_key=pub,
-                  extra="soak_s = 6")
+                  soak="duration_s = 6")
     _agent_config(agents["agent-2"], cohort="main", broker=url, root=root, public_key=pub,
-                  extra="soak_s = 6\nbandwidth_bps = 12000000")
+                  update="bandwidth_bps = 12000000", soak="duration_s = 6")
     _agent_config(agents["agent-3"], cohort="strict", broker=url, root=root, public_key=pub,
-                  extra="soak_s = 120\npreflight_sample = 0\nsoak_max_latency_ratio = 0.05")
+                  preflight="sample = 0", soak="duration_s = 120\nmax_latency_ratio = 0.05")
     w = World(fleet, root, fleet_models, agents, states, {})
     try:
         for a in agents.values():

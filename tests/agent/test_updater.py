@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 from quantfleet.agent.backends import GenerationRequest, LoadOptions, load_backend
-from quantfleet.agent.signing import generate_keypair, load_private_key, load_public_key, sign
-from quantfleet.agent.updater import Check, SoakAnswer, UpdatePolicy, Updater
+from quantfleet.agent.update.signing import (
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    sign,
+)
+from quantfleet.agent.update.updater import Check, SoakAnswer, UpdatePolicy, Updater
 from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload
 from quantfleet.fleet.artifacts import create_artifact_app
 from quantfleet.models.catalog import Catalog, VariantEntry

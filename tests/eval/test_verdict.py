@@ -115,7 +115,7 @@ def test_the_device_policy_decides_on_paired_flips_and_kld_far_from_its_limits(
     """The pre-flight's policy on a dozen items: no raw pass-rate drop is judged; McNemar
     and the token-level KLD decide, each far from its limit for a sound and a broken rung
     (the margins measured on several CPUs are in docs/updates.md)."""
-    from quantfleet.agent.updates import DEVICE_PREFLIGHT_POLICY
+    from quantfleet.agent.update.service import DEVICE_PREFLIGHT_POLICY
 
     policy = VerdictPolicy.model_validate({**DEVICE_PREFLIGHT_POLICY, "min_items": 10})
     sound, broken = judge(comparison(evaluation, "Q8_0"), policy), judge(

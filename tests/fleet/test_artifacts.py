@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from quantfleet.agent.download import DownloadError, Throttle, download
-from quantfleet.agent.signing import (
+from quantfleet.agent.update.download import DownloadError, Throttle, download
+from quantfleet.agent.update.signing import (
     SignatureError,
     generate_keypair,
     load_private_key,

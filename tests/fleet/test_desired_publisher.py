@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
 from quantfleet.agent.mqtt import MqttConfig, make_client
-from quantfleet.agent.signing import generate_keypair, load_private_key
+from quantfleet.agent.update.signing import generate_keypair, load_private_key
 from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload, StatusPayload
 from quantfleet.fleet import commands
 from quantfleet.fleet.cli import cli

@@ -16,7 +16,12 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion
 
 from quantfleet.agent.mqtt import MqttConfig
-from quantfleet.agent.signing import generate_keypair, load_private_key, load_public_key, verify
+from quantfleet.agent.update.signing import (
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    verify,
+)
 from quantfleet.agent.wire import (
     DesiredPayload,
     DeviceStatePayload,

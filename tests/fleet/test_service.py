@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
-from quantfleet.agent.signing import generate_keypair, load_public_key, verify
+from quantfleet.agent.update.signing import generate_keypair, load_public_key, verify
 from quantfleet.agent.wire import (
     DesiredPayload,
     HardwareFingerprint,

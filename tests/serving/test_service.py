@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
+from pydantic import BaseModel
 
 from quantfleet.agent.cli import cli
 from quantfleet.agent.config import AgentConfig, UpdateConfig, load_config, reference_markdown
@@ -88,8 +89,15 @@ def test_config_reference_is_generated_from_the_model() -> None:
         if section == "telemetry":
             continue  # the telemetry path's own config, documented and tested in its area
         model = UpdateConfig if section == "update" else field.annotation
-        for name, f in model.model_fields.items():  # type: ignore[union-attr]
-            assert f.description, f"{section}.{name} has no description"
+        tables = [(section, model)]
+        while tables:  # a table and the tables inside it ([update.soak])
+            where, table = tables.pop()
+            for name, f in table.model_fields.items():  # type: ignore[union-attr]
+                assert f.description, f"{where}.{name} has no description"
+                if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                    tables.append((f"{where}.{name}", f.annotation))
+    assert "## [update.preflight]" in reference_markdown()
+    assert "## [update.soak]" in reference_markdown()
 
 
 def test_api_doc_mentions_every_endpoint_and_extension() -> None:

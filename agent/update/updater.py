@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -34,11 +33,11 @@ from typing import Literal, Protocol
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
+from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload, UpdateState
 from quantfleet.models.catalog import Catalog, Precision, VariantEntry, now_iso
 
 from .download import DownloadError, download
 from .signing import SignatureError, verify
-from .wire import DesiredPayload, DeviceStatePayload, UpdateState
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +366,3 @@ class Updater:
             log.info("pruned %s", name)
         if removed:
             catalog.save()
-
-    def disk_free(self) -> int:
-        return shutil.disk_usage(self.models_dir).free

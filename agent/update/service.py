@@ -8,7 +8,7 @@
   publishes each update state retained on ``…/devices/{id}/state``; the latest
   state is published again after every reconnect. Each state also goes into
   the telemetry outbox as a ``state`` event, so the fleet keeps the whole walk;
-- the ``Updater`` state machine (agent/updater.py);
+- the ``Updater`` state machine (agent/update/updater.py);
 - ``ServingHooks``, which give that machine the real model steps: pre-flight
   on a sampled golden subset against the variant serving now, the hot swap
   in the serving ``ModelSet``, and the soak watch on live requests.
@@ -32,9 +32,9 @@ from quantfleet.agent.config import AgentConfig, UpdateConfig
 from quantfleet.agent.hardware import fingerprint
 from quantfleet.agent.mqtt import MqttConfig, connect_options, make_client
 from quantfleet.agent.serving.routing import ModelSet
-from quantfleet.agent.signing import load_public_key
-from quantfleet.agent.soak import SoakPolicy, SoakWatch
-from quantfleet.agent.updater import (
+from quantfleet.agent.update.signing import load_public_key
+from quantfleet.agent.update.soak import SoakPolicy, SoakWatch
+from quantfleet.agent.update.updater import (
     Check,
     SoakAnswer,
     UpdatePolicy,
@@ -46,7 +46,7 @@ from quantfleet.models.catalog import Catalog, CatalogError, VariantEntry
 
 log = logging.getLogger(__name__)
 
-#: The pre-flight's verdict policy on a device, before ``[update] preflight_policy``.
+#: The pre-flight's verdict policy on a device, before ``[update.preflight] policy``.
 #: A device checks a dozen items, so no raw pass-rate drop is judged (three items
 #: are 25 points, and which three flip depends on the CPU's kernels). It decides
 #: with McNemar's one-sided test on the items' paired pass/fail and with the KLD
@@ -104,13 +104,15 @@ class ServingHooks:
         self.loop = loop
         self.watch = watch
         self.activated_at = time.time()
-        self.policy = SoakPolicy(self.cfg.soak_min_requests, self.cfg.soak_max_validation_increase,
-                                 self.cfg.soak_max_error_increase, self.cfg.soak_max_latency_ratio)
+        soak = self.cfg.soak
+        self.policy = SoakPolicy(soak.min_requests, soak.max_validation_increase,
+                                 soak.max_error_increase, soak.max_latency_ratio)
 
     def preflight(self, entry: VariantEntry, path: Path) -> Check:
-        n = self.cfg.preflight_sample
+        cfg = self.cfg.preflight
+        n = cfg.sample
         if n == 0:
-            return Check(True, "pre-flight skipped (preflight_sample = 0)")
+            return Check(True, "pre-flight skipped (update.preflight.sample = 0)")
         from quantfleet.agent.quality.golden import (
             GoldenFileError,
             load_golden,
@@ -120,20 +122,19 @@ class ServingHooks:
         from quantfleet.agent.quality.verdict import VerdictPolicy, judge
 
         try:
-            golden = load_golden(self.cfg.preflight_golden or starter_golden_path())
+            golden = load_golden(cfg.golden or starter_golden_path())
         except (GoldenFileError, OSError) as exc:
             return Check(False, f"golden set unusable: {exc}")
-        items = golden.sample(n, seed=self.cfg.preflight_seed).items
+        items = golden.sample(n, seed=cfg.seed).items
         baseline = self.models.active
         catalog = Catalog(self.config.models.dir)
         try:
             base_entry = catalog.resolve(baseline)
         except CatalogError as exc:
             return Check(False, f"the serving variant is not in the catalog: {exc}")
-        options = LoadOptions(n_ctx=self.config.models.n_ctx,
-                              n_threads=self.cfg.preflight_threads)
+        options = LoadOptions(n_ctx=self.config.models.n_ctx, n_threads=cfg.threads)
         policy = VerdictPolicy.model_validate(
-            {**DEVICE_PREFLIGHT_POLICY, "min_items": len(items), **self.cfg.preflight_policy})
+            {**DEVICE_PREFLIGHT_POLICY, "min_items": len(items), **cfg.policy})
         started = time.monotonic()
         # Separate instances: serving keeps every one of its workers meanwhile.
         base = load_backend(base_entry.backend, base_entry.path(catalog.dir), options)
@@ -144,7 +145,7 @@ class ServingHooks:
             return Check(False, f"{entry.name} does not load: {exc}")
         try:
             [comparison] = evaluate_backends(items, (baseline, base), {entry.name: cand},
-                                             seed=self.cfg.preflight_seed)
+                                             seed=cfg.seed)
         finally:
             cand.close()
             base.close()
@@ -250,7 +251,8 @@ class DeviceUpdates:
         self.channel = StateChannel(config.telemetry.mqtt, config.device.id, self._desired)
         policy = UpdatePolicy(
             bandwidth_bps=u.bandwidth_bps, min_free_bytes=u.min_free_mb * 1024 * 1024,
-            soak_s=u.soak_s, soak_poll_s=u.soak_poll_s, download_timeout_s=u.download_timeout_s,
+            soak_s=u.soak.duration_s, soak_poll_s=u.soak.poll_s,
+            download_timeout_s=u.download_timeout_s,
             keep_variants=u.keep_variants)
         self.updater = Updater(config.device.id, Path(config.models.dir), state_file(config),
                                load_public_key(u.public_key), self.hooks, self._report,
