@@ -139,15 +139,17 @@ def _load_agent_config(path: Path) -> Any:
 
 
 def _check_update_key(config: Any) -> None:
-    """[update] public_key must be a readable ed25519 key before the agent starts."""
+    """[update] public_key and every retired key must be readable ed25519 keys before
+    the agent starts."""
     if config.update is None:
         return
-    from .update.signing import SignatureError, load_public_key
+    from .update.service import keyring
+    from .update.signing import SignatureError
 
     try:
-        load_public_key(config.update.public_key)
+        keyring(config)
     except SignatureError as exc:
-        raise click.ClickException(f"update.public_key: {exc}") from None
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command(name="serve")

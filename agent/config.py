@@ -17,6 +17,7 @@ import os
 import socket
 import tomllib
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,12 +194,32 @@ MOVED_UPDATE_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
+class RetiredKey(_Section):
+    """A fleet key this device still accepts, until a deadline (key rotation)."""
+
+    path: Path = Field(description="The retiring ed25519 public key (PEM).")
+    accept_until: datetime = Field(description="Desired states signed by it are accepted "
+                                   "before this time only, and only if issued before it "
+                                   "(a TOML date-time with its offset, e.g. "
+                                   "2027-03-01T00:00:00Z).")
+
+    @field_validator("accept_until")
+    @classmethod
+    def _has_offset(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("needs a UTC offset (e.g. 2027-03-01T00:00:00Z)")
+        return value
+
+
 class UpdateConfig(_Section):
     """How this device follows the fleet's desired variant (docs/updates.md)."""
 
     public_key: Path = Field(description="The fleet's ed25519 public key (PEM, as written by "
                              "`quantfleet keys generate`): desired states not signed by it are "
                              "refused.")
+    retired_keys: list[RetiredKey] = Field(
+        default_factory=list, description="Keys being rotated out, each accepted until its "
+        "deadline: `[[update.retired_keys]]` with `path` and `accept_until` (docs/security.md).")
     state_file: Path | None = Field(None, description="Where the updater remembers the "
                                     "revision acted on and the known-good variant (default: "
                                     "updater.json in models.dir).")

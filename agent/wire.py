@@ -438,11 +438,17 @@ class DesiredPayload(WirePayload):
 
     ``revision`` increases with every change for a device; a device ignores a
     revision lower than the last one it acted on (a stale retained message).
+    Version 2 signs every field (``key_id`` names the key); a device refuses
+    version 1, whose signature covered neither the device nor the revision.
     """
 
+    SCHEMA_VERSION: ClassVar[int] = 2
+
+    schema_version: int = Field(2, description="Version of this payload's schema.")
     type: Literal["desired"] = "desired"
     device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="The device addressed.")
-    revision: int = Field(ge=1, description="Increases with every change for this device.")
+    revision: int = Field(ge=1, le=2**53, description="Increases with every change for this "
+                          "device.")
     variant: str = Field(min_length=1, max_length=128, description="Catalog variant name.")
     backend: Literal["llama.cpp", "onnxruntime"] = Field(description="Runtime of the variant.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Of the artifact file.")
@@ -450,10 +456,21 @@ class DesiredPayload(WirePayload):
     url: str = Field(pattern=r"^https?://", max_length=2048, description="Where to fetch it.")
     signature: str = Field(
         min_length=1, max_length=256,
-        description="ed25519 over variant, backend, sha256, size_bytes (agent/update/signing.py).",
+        description="ed25519 over every other field as canonical JSON (version 2; version 1: "
+        "over variant, backend, sha256, size_bytes); agent/update/signing.py.",
     )
-    rollout_id: str | None = Field(None, description="The rollout that set it, if any.")
-    issued_at: float = Field(description="Unix time the fleet made this message.")
+    rollout_id: str | None = Field(None, max_length=128,
+                                   description="The rollout that set it, if any.")
+    issued_at: float = Field(ge=0, allow_inf_nan=False,
+                             description="Unix time the fleet made this message.")
+    key_id: str | None = Field(None, pattern=r"^[0-9a-f]{16}$",
+                               description="Id of the key that signed it (version 2).")
+
+    @model_validator(mode="after")
+    def _v2_names_its_key(self) -> DesiredPayload:
+        if self.schema_version >= 2 and self.key_id is None:
+            raise ValueError("key_id is required from schema version 2")
+        return self
 
 
 #: The payloads whose JSON Schemas are published in docs/schemas/.

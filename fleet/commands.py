@@ -98,8 +98,38 @@ def keys_generate(out: Path) -> None:
     if (out / "signing.key").exists():
         raise click.ClickException(f"{out / 'signing.key'} exists; refusing to replace a key "
                                    "devices may already trust")
+    from quantfleet.agent.update.signing import key_id, load_public_key
+
     private, public = generate_keypair(out)
-    console.print(f"private key: {private}\npublic key:  {public}")
+    console.print(f"private key: {private}\npublic key:  {public}\n"
+                  f"key id:      {key_id(load_public_key(public))}")
+
+
+@keys_group.command(name="id")
+@click.argument("key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def keys_id(key: Path) -> None:
+    """The id of a key (private or public), as desired states name their signer.
+
+    \b
+    Example:
+      quantfleet keys id /etc/quantfleet/signing.pub
+    """
+    from quantfleet.agent.update.signing import (
+        SignatureError,
+        key_id,
+        load_private_key,
+        load_public_key,
+    )
+
+    try:
+        public = load_public_key(key)
+    except SignatureError:
+        try:
+            public = load_private_key(key).public_key()
+        except SignatureError as exc:
+            raise click.ClickException(f"{key}: neither an ed25519 public nor private key "
+                                       f"({exc})") from None
+    click.echo(key_id(public))
 
 
 @click.group(name="devices")

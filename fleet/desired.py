@@ -36,7 +36,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from quantfleet.agent.update.signing import sign
+from quantfleet.agent.update.signing import key_id, sign_desired
 from quantfleet.agent.wire import DesiredPayload, device_topic
 from quantfleet.models.catalog import Catalog, CatalogError
 
@@ -367,6 +367,7 @@ class DesiredState:
         self.store = store
         self.client = client
         self.key = key
+        self.key_id = key_id(key.public_key())
         self.models_dir = Path(models_dir)
         self.base_url = artifact_base_url.rstrip("/")
         self.root = topic_root
@@ -392,21 +393,25 @@ class DesiredState:
             entry = Catalog(self.models_dir).resolve(variant)
         except CatalogError as exc:
             raise DesiredStateError(str(exc)) from None
-        fields = {"variant": entry.name, "backend": entry.backend, "sha256": entry.sha256,
-                  "size_bytes": entry.size_bytes}
-        signature = sign(self.key, fields)
         url = f"{self.base_url}/v1/artifacts/{entry.name}"
         out = []
         for device_id in device_ids:
-            payload = self.store.put_desired(device_id, lambda rev, d=device_id: DesiredPayload(
-                device_id=d, revision=rev, url=url, signature=signature, rollout_id=rollout_id,
-                issued_at=time.time(), **fields))
+            payload = self.store.put_desired(device_id, lambda rev, d=device_id: self.signed(
+                device_id=d, revision=rev, variant=entry.name, backend=entry.backend,
+                sha256=entry.sha256, size_bytes=entry.size_bytes, url=url,
+                rollout_id=rollout_id, issued_at=time.time()))
             self.publisher.submit([payload])
             self.store.audit(actor, "desired.set", f"device:{device_id}", {
                 "variant": entry.name, "revision": payload.revision, "rollout_id": rollout_id,
                 "sha256": entry.sha256})
             out.append(payload)
         return out
+
+    def signed(self, **fields: Any) -> DesiredPayload:
+        """A desired state with every field signed by the fleet's key, which it names."""
+        unsigned = DesiredPayload(**fields, key_id=self.key_id, signature="-")
+        doc = unsigned.model_dump(mode="json")
+        return unsigned.model_copy(update={"signature": sign_desired(self.key, doc)})
 
     def wait_acknowledged(self, payloads: Sequence[DesiredPayload] | None,
                           timeout_s: float) -> list[Delivery]:
@@ -416,10 +421,23 @@ class DesiredState:
         return self.publisher.wait_acknowledged(keys, timeout_s)
 
     def republish(self) -> int:
-        """Publish every stored desired state again (after a fleet restart)."""
-        payloads = self.store.desired()
+        """Publish every stored desired state again (after a fleet restart). One not
+        signed by the current key (a rotated key, or version 1) is signed again first,
+        same revision, and stored so: a device past a retired key's deadline still
+        accepts the retained message it finds."""
+        payloads = []
+        resigned = 0
+        for p in self.store.desired():
+            if p.schema_version < 2 or p.key_id != self.key_id:
+                fields = p.model_dump(exclude={"schema_version", "key_id", "signature"})
+                fresh = self.signed(**fields)
+                if self.store.replace_desired(fresh):
+                    p = fresh
+                    resigned += 1
+            payloads.append(p)
         self.publisher.submit(payloads)
-        log.info("re-publishing the desired state of %d devices", len(payloads))
+        log.info("re-publishing the desired state of %d devices (%d signed again with key "
+                 "%s)", len(payloads), resigned, self.key_id)
         return len(payloads)
 
     def status(self) -> dict[str, Any]:

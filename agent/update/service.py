@@ -32,7 +32,7 @@ from quantfleet.agent.config import AgentConfig, UpdateConfig
 from quantfleet.agent.hardware import fingerprint
 from quantfleet.agent.mqtt import MqttConfig, connect_options, make_client
 from quantfleet.agent.serving.routing import ModelSet
-from quantfleet.agent.update.signing import load_public_key
+from quantfleet.agent.update.signing import Keyring, SignatureError, load_public_key
 from quantfleet.agent.update.soak import SoakPolicy, SoakWatch
 from quantfleet.agent.update.updater import (
     Check,
@@ -70,6 +70,24 @@ DEVICE_PREFLIGHT_POLICY: dict[str, Any] = {
 def state_file(config: AgentConfig) -> Path:
     assert config.update is not None
     return config.update.state_file or Path(config.models.dir) / "updater.json"
+
+
+def keyring(config: AgentConfig) -> Keyring:
+    """The keys this device accepts desired states from: ``[update] public_key`` and
+    each ``[[update.retired_keys]]`` until its deadline (SignatureError if unreadable)."""
+    assert config.update is not None
+    u = config.update
+    retired = []
+    for i, r in enumerate(u.retired_keys):
+        try:
+            retired.append((load_public_key(r.path), r.accept_until.timestamp()))
+        except SignatureError as exc:
+            raise SignatureError(f"update.retired_keys.{i}.path: {exc}") from None
+    try:
+        current = load_public_key(u.public_key)
+    except SignatureError as exc:
+        raise SignatureError(f"update.public_key: {exc}") from None
+    return Keyring(current, retired)
 
 
 def restore_known_good(config: AgentConfig) -> None:
@@ -255,7 +273,7 @@ class DeviceUpdates:
             download_timeout_s=u.download_timeout_s,
             keep_variants=u.keep_variants)
         self.updater = Updater(config.device.id, Path(config.models.dir), state_file(config),
-                               load_public_key(u.public_key), self.hooks, self._report,
+                               keyring(config), self.hooks, self._report,
                                boot_epoch=boot_epoch, policy=policy, current=models.active)
 
     def _report(self, state: DeviceStatePayload) -> None:

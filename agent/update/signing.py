@@ -1,18 +1,33 @@
-"""Artifact signatures: the fleet signs what a variant is, the device checks it.
+"""Signatures: the fleet signs what a device will act on, the device checks it.
 
-The signed message is a canonical JSON document of the fields that decide
-what a device will run — variant name, backend, sha256 and size — so a
-desired-state message whose URL points at a swapped file, or whose hash was
-edited in flight, fails verification on the device. Keys are ed25519
-(``cryptography``); the fleet holds the private key, devices are configured
-with the public key.
+Two things are signed with the fleet's ed25519 key (``cryptography``; the
+fleet holds the private key, devices are configured with public keys):
+
+- **A desired state** (``DesiredPayload``, schema version 2): every field the
+  device acts on — device id, revision, variant, backend, sha256, size, URL,
+  rollout, issue time and the signing key's id — as canonical JSON of the
+  whole payload but its signature. A message re-addressed to another device,
+  given a higher revision, pointed at another URL or replayed under another
+  key fails verification; an older genuine one is stale by its revision.
+- **An artifact manifest** (``signed_message``/``sign``/``verify``): what a
+  variant is — name, backend, sha256 and size — so a manifest whose hash was
+  edited fails.
+
+Keys rotate without a flag day: a device trusts its current key and, until a
+deadline each, the keys it is retiring (``Keyring``); a desired state names
+the key that signed it (``key_id``), and one signed by a retired key is
+accepted only before that key's deadline and only if it was issued before it.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +68,76 @@ def verify(public_key: Ed25519PublicKey, fields: dict[str, Any], signature: str)
             f"signature does not match variant {fields.get('variant')!r} "
             f"(sha256 {str(fields.get('sha256'))[:12]}…): refusing the artifact"
         ) from None
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """A public key's id: the first 16 hex digits of the sha256 of its raw bytes."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def desired_message(fields: Mapping[str, Any]) -> bytes:
+    """The exact bytes a desired state's signature covers: every field but the signature,
+    as canonical JSON (the payload's ``model_dump(mode="json")``)."""
+    doc = {k: v for k, v in fields.items() if k != "signature"}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode()
+
+
+def sign_desired(private_key: Ed25519PrivateKey, fields: Mapping[str, Any]) -> str:
+    """Sign a desired state's fields; they must name this key (``key_id``)."""
+    kid = key_id(private_key.public_key())
+    if fields.get("key_id") != kid:
+        raise SignatureError(f"key_id {fields.get('key_id')!r} is not the signing key's "
+                             f"({kid})")
+    return base64.b64encode(private_key.sign(desired_message(fields))).decode("ascii")
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    key: Ed25519PublicKey
+    accept_until: float | None = None  # None: the current key, no deadline
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.key)
+
+
+class Keyring:
+    """The keys a device accepts desired states from: its current key, and the keys it
+    is retiring, each until its deadline."""
+
+    def __init__(self, current: Ed25519PublicKey,
+                 retired: Sequence[tuple[Ed25519PublicKey, float]] = ()) -> None:
+        self.keys = {k.key_id: k for k in
+                     [TrustedKey(current), *(TrustedKey(k, until) for k, until in retired)]}
+
+    def verify_desired(self, fields: Mapping[str, Any], signature: str,
+                       now: float | None = None) -> None:
+        """Raise SignatureError unless a trusted key signed exactly these fields."""
+        kid = str(fields.get("key_id") or "")
+        trusted = self.keys.get(kid)
+        if trusted is None:
+            raise SignatureError(f"signed by key {kid or '(none)'}, which this device does not "
+                                 f"trust (it trusts {', '.join(sorted(self.keys))})")
+        if trusted.accept_until is not None:
+            at = time.time() if now is None else now
+            until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(trusted.accept_until))
+            if at >= trusted.accept_until:
+                raise SignatureError(f"signed by key {kid}, retired on {until}")
+            if float(fields.get("issued_at", 0)) >= trusted.accept_until:
+                raise SignatureError(f"signed by key {kid} after its retirement on {until}")
+        try:
+            raw = base64.b64decode(signature, validate=True)
+        except (ValueError, TypeError):
+            raise SignatureError("signature is not base64") from None
+        try:
+            trusted.key.verify(raw, desired_message(fields))
+        except InvalidSignature:
+            raise SignatureError(
+                f"signature does not match this desired state (device "
+                f"{fields.get('device_id')!r}, revision {fields.get('revision')}, variant "
+                f"{fields.get('variant')!r}): refusing it") from None
 
 
 def generate_keypair(directory: Path) -> tuple[Path, Path]:

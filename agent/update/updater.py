@@ -9,11 +9,14 @@ step is reported as a retained ``DeviceStatePayload``; "installed" is never
 
 What is checked before a byte is fetched: the payload validates, it is for
 this device, its revision is newer than the last one acted on, its backend
-runs here, and its signature covers (variant, backend, sha256, size). What is
-checked after: size and sha256 of the file (a mismatch deletes it). The
-model-specific steps — pre-flight on a golden subset, the hot swap, the soak
-watch — are hooks, so the state machine is the same for every backend and
-testable on its own.
+runs here, and a key the device trusts (its current key, or a retiring one
+before its deadline) signed every field of it — device, revision, variant,
+backend, sha256, size, URL, issue time (``signing.Keyring``); a refused
+message's revision is never remembered, so a forged one cannot make the
+device ignore the fleet's next real revision. What is checked after: size
+and sha256 of the file (a mismatch deletes it). The model-specific steps —
+pre-flight on a golden subset, the hot swap, the soak watch — are hooks, so
+the state machine is the same for every backend and testable on its own.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload, UpdateStat
 from quantfleet.models.catalog import Catalog, Precision, VariantEntry, now_iso
 
 from .download import DownloadError, download
-from .signing import SignatureError, verify
+from .signing import Keyring, SignatureError
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +112,13 @@ class UpdaterMemory:
 
 class Updater:
     def __init__(self, device_id: str, models_dir: Path, state_file: Path,
-                 public_key: Ed25519PublicKey, hooks: UpdateHooks,
+                 public_key: Ed25519PublicKey | Keyring, hooks: UpdateHooks,
                  report: Callable[[DeviceStatePayload], None], *, boot_epoch: int,
                  policy: UpdatePolicy | None = None, current: str | None = None) -> None:
         self.device_id = device_id
         self.models_dir = Path(models_dir)
         self.state_file = state_file
-        self.public_key = public_key
+        self.keyring = public_key if isinstance(public_key, Keyring) else Keyring(public_key)
         self.hooks = hooks
         self.report_fn = report
         self.boot_epoch = boot_epoch
@@ -191,8 +194,11 @@ class Updater:
             return ""  # stale or already handled
         if d.backend not in self.policy.supported_backends:
             return f"backend {d.backend!r} does not run on this device"
+        if d.schema_version < 2:
+            return ("desired state version 1 signs neither its device nor its revision; "
+                    "refused (the fleet must sign version 2)")
         try:
-            verify(self.public_key, d.model_dump(), d.signature)
+            self.keyring.verify_desired(d.model_dump(mode="json"), d.signature)
         except SignatureError as exc:
             return str(exc)
         if d.variant == self.memory.current:

@@ -295,6 +295,16 @@ class Store:
                 set_={k: v for k, v in row.items() if k != "device_id"}))
         return payload
 
+    def replace_desired(self, payload: DesiredPayload) -> bool:
+        """Store ``payload`` in place of the same revision of its device (signed again);
+        False when the device has moved on to another revision meanwhile."""
+        d = schema.desired
+        with self.engine.begin() as conn:
+            done = conn.execute(update(d).where(d.c.device_id == payload.device_id,
+                                                d.c.revision == payload.revision)
+                                .values(payload=payload.model_dump(mode="json")))
+        return bool(done.rowcount)
+
     def desired(self, device_ids: Iterable[str] | None = None) -> list[DesiredPayload]:
         q = select(schema.desired.c.payload).order_by(schema.desired.c.device_id)
         if device_ids is not None:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from quantfleet.agent.backends import GenerationRequest, LoadOptions, load_backend
 from quantfleet.agent.update.signing import (
+    Keyring,
+    SignatureError,
     generate_keypair,
+    key_id,
     load_private_key,
     load_public_key,
-    sign,
+    sign_desired,
 )
 from quantfleet.agent.update.updater import Check, SoakAnswer, UpdatePolicy, Updater
 from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload
@@ -65,16 +70,26 @@ def fleet(ladder_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def desired(fleet: tuple[str, Path, Path], catalog: Catalog, label: str, revision: int,
-            *, device: str = "dev-1", key: Path | None = None, **override: object) -> bytes:
+            *, device: str = "dev-1", key: Path | None = None,
+            tamper: dict[str, object] | None = None, **fields: object) -> bytes:
+    """A desired state signed (version 2) over its fields, ``fields`` included; then
+    ``tamper`` is applied to the signed message, as someone on the broker would."""
     url, private, _ = fleet
     e = catalog.resolve(label)
-    fields = {"variant": e.name, "backend": e.backend, "sha256": e.sha256,
-              "size_bytes": e.size_bytes}
-    payload = DesiredPayload(device_id=device, revision=revision,
-                             url=f"{url}/v1/artifacts/{e.name}",
-                             signature=sign(load_private_key(key or private), fields),
-                             issued_at=time.time(), **fields)
-    return payload.model_copy(update=override).model_dump_json().encode()
+    doc: dict[str, object] = {"device_id": device, "revision": revision,
+                              "variant": e.name, "backend": e.backend, "sha256": e.sha256,
+                              "size_bytes": e.size_bytes, "url": f"{url}/v1/artifacts/{e.name}",
+                              "issued_at": time.time(), **fields}
+    return signed(load_private_key(key or private), doc, tamper)
+
+
+def signed(private: Any, doc: dict[str, object],
+           tamper: dict[str, object] | None = None) -> bytes:
+    unsigned = DesiredPayload.model_validate(
+        {**doc, "key_id": key_id(private.public_key()), "signature": "-"})
+    payload = unsigned.model_copy(update={
+        "signature": sign_desired(private, unsigned.model_dump(mode="json"))})
+    return payload.model_copy(update=tamper or {}).model_dump_json().encode()
 
 
 @pytest.fixture
@@ -130,14 +145,12 @@ def test_a_tampered_artifact_is_refused_and_deleted(device, fleet, catalog, tmp_
     updater, hooks, states = device
     # The fleet signed the true sha256, but the file it serves was altered since.
     e = catalog.resolve("Q2_K")
-    raw = desired(fleet, catalog, "Q2_K", 1, sha256="ab" * 32)
+    raw = desired(fleet, catalog, "Q2_K", 1, tamper={"sha256": "ab" * 32})
     assert updater.handle(raw) is None  # the signature no longer matches the fields
     assert states[-1].update_state == "refused" and "signature" in states[-1].reason
     states.clear()
-    wrong = desired(fleet, catalog, "Q2_K", 2, sha256="ab" * 32,
-                    signature=sign(load_private_key(fleet[1]), {
-                        "variant": e.name, "backend": e.backend, "sha256": "ab" * 32,
-                        "size_bytes": e.size_bytes}))
+    assert e.sha256 != "ab" * 32
+    wrong = desired(fleet, catalog, "Q2_K", 2, sha256="ab" * 32)  # signed as it is
     assert updater.handle(wrong) is not None
     assert updater.wait(60)
     assert walk(states) == ["downloading", "failed"]
@@ -154,10 +167,79 @@ def test_bad_messages_are_refused_with_a_reason(device, fleet, catalog, tmp_path
     assert "is for dev-2" in states[-1].reason
     other_key = generate_keypair(tmp_path / "other")[0]
     updater.handle(desired(fleet, catalog, "Q4_K_M", 1, key=other_key))
+    assert "which this device does not trust" in states[-1].reason
+    # Another key claiming to be the trusted one: the signature gives it away.
+    trusted_id = key_id(load_public_key(fleet[2]))
+    updater.handle(desired(fleet, catalog, "Q4_K_M", 1, key=other_key,
+                           tamper={"key_id": trusted_id}))
     assert "signature does not match" in states[-1].reason
-    updater.handle(desired(fleet, catalog, "Q4_K_M", 1, url="ftp://x"))
+    updater.handle(desired(fleet, catalog, "Q4_K_M", 1, tamper={"url": "ftp://x"}))
     assert "url" in states[-1].reason
+    v1 = json.loads(desired(fleet, catalog, "Q4_K_M", 1))
+    v1.update(schema_version=1, key_id=None)
+    updater.handle(json.dumps(v1).encode())
+    assert "version 1 signs neither its device nor its revision" in states[-1].reason
     assert hooks.activated == [] and all(s.variant == "smollm2-135m-Q8_0" for s in states)
+
+
+def test_a_forged_revision_is_refused_and_not_remembered(device, fleet, catalog) -> None:  # type: ignore[no-untyped-def]
+    """A genuine message republished with revision 1006 and another URL (issue 14, #2):
+    refused, and the fleet's next real revision is still acted on."""
+    updater, _, states = device
+    forged = desired(fleet, catalog, "Q4_K_M", 1,
+                     tamper={"revision": 1006, "url": "http://127.0.0.1:9/evil"})
+    assert updater.handle(forged) is None
+    assert states[-1].update_state == "refused" and "signature does not match" in \
+        states[-1].reason
+    assert updater.memory.last_revision == 0
+    assert json.loads((updater.state_file).read_text())["last_revision"] == 0 \
+        if updater.state_file.exists() else True
+    assert updater.handle(desired(fleet, catalog, "Q4_K_M", 2)) is not None
+    assert updater.wait(120)
+    assert states[-1].update_state == "healthy" and states[-1].desired_revision == 2
+
+
+def test_replays_to_another_device_or_of_an_old_revision_are_refused(  # type: ignore[no-untyped-def]
+        device, fleet, catalog) -> None:
+    """A message signed for dev-2 re-addressed to dev-1 (issue 14, #11) is refused; a
+    genuine older revision replayed is ignored; a huge revision cannot be stored."""
+    updater, _, states = device
+    for_dev2 = desired(fleet, catalog, "Q2_K", 5, device="dev-2", tamper={"device_id": "dev-1"})
+    assert updater.handle(for_dev2) is None
+    assert "signature does not match" in states[-1].reason
+    assert updater.memory.last_revision == 0
+    old = desired(fleet, catalog, "Q4_K_M", 2)
+    assert updater.handle(desired(fleet, catalog, "Q4_K_M", 3)) is not None
+    assert updater.wait(120) and updater.memory.last_revision == 3
+    states.clear()
+    assert updater.handle(old) is None and states == []  # stale: quietly ignored
+    huge = json.loads(desired(fleet, catalog, "Q2_K", 4))
+    huge["revision"] = 2**62
+    updater.handle(json.dumps(huge).encode())
+    assert "malformed desired state: revision" in states[-1].reason
+    assert updater.memory.last_revision == 3
+
+
+def test_a_retired_key_is_accepted_until_its_deadline(tmp_path: Path) -> None:
+    old_priv, old_pub = generate_keypair(tmp_path / "old")
+    new_priv, new_pub = generate_keypair(tmp_path / "new")
+    now = time.time()
+    ring = Keyring(load_public_key(new_pub), [(load_public_key(old_pub), now + 3600)])
+
+    def doc(private: Path, issued_at: float) -> tuple[dict[str, Any], str]:
+        raw = json.loads(signed(load_private_key(private), {
+            "device_id": "dev-1", "revision": 1, "variant": "v", "backend": "llama.cpp",
+            "sha256": "0" * 64, "size_bytes": 1, "url": "http://x/v1/artifacts/v",
+            "issued_at": issued_at}))
+        return raw, raw["signature"]
+
+    ring.verify_desired(*doc(new_priv, now))  # the current key: no deadline
+    ring.verify_desired(*doc(old_priv, now), now=now)  # the old one, before its deadline
+    with pytest.raises(SignatureError, match="retired on"):
+        ring.verify_desired(*doc(old_priv, now), now=now + 3601)
+    with pytest.raises(SignatureError, match="after its retirement"):
+        ring.verify_desired(*doc(old_priv, now + 3700), now=now)
+    ring.verify_desired(*doc(new_priv, now + 3700), now=now + 3701)
 
 
 def test_a_failed_preflight_never_activates(device, fleet, catalog) -> None:  # type: ignore[no-untyped-def]
@@ -195,7 +277,7 @@ def test_a_device_stopped_mid_download_resumes_the_same_revision(device, fleet, 
     partial = list(updater.models_dir.glob("*.partial"))
     assert len(partial) == 1 and partial[0].stat().st_size > 0
     # The agent restarts: same state file, the retained message arrives again.
-    again = Updater("dev-1", updater.models_dir, updater.state_file, updater.public_key, hooks,
+    again = Updater("dev-1", updater.models_dir, updater.state_file, updater.keyring, hooks,
                     states.append, boot_epoch=4, policy=UpdatePolicy(soak_s=1, soak_poll_s=0.01,
                                                                      min_free_bytes=0))
     assert again.memory.last_revision == 0

@@ -352,7 +352,8 @@ def test_the_fleet_service_shows_what_is_acknowledged(
                              broker=f"mqtt://127.0.0.1:{side.broker.port}")
     side.store.put_desired("dev-1", lambda rev: DesiredPayload(
         device_id="dev-1", revision=rev, variant=BASE, backend="llama.cpp",
-        sha256="0" * 64, size_bytes=1, url="http://fleet/x", signature="s", issued_at=0.0))
+        sha256="0" * 64, size_bytes=1, url="http://fleet/x", signature="s", issued_at=0.0,
+        key_id="0" * 16))
     fleet.start()
     try:
         def health() -> dict[str, Any]:

@@ -17,10 +17,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.agent.update.signing import (
+    Keyring,
     generate_keypair,
     load_private_key,
     load_public_key,
-    verify,
 )
 from quantfleet.agent.wire import (
     DesiredPayload,
@@ -289,10 +289,23 @@ def test_desired_state_is_retained_signed_and_revised(
         assert got["dev-b"].rollout_id == "r1"
         entry = Catalog(ladder_dir).resolve("Q4_K_M")
         assert got["dev-b"].sha256 == entry.sha256
-        verify(load_public_key(pub_path), got["dev-b"].model_dump(), got["dev-b"].signature)
+        Keyring(load_public_key(pub_path)).verify_desired(got["dev-b"].model_dump(mode="json"),
+                                                          got["dev-b"].signature)
         assert [a["action"] for a in store.audit_log()] == ["desired.set"] * 3
         # After a restart the fleet re-publishes what it stored.
         assert desired.republish() == 2
+        # The fleet's key is rotated: at its next start it signs every stored desired
+        # state again with the new key, same revision, before publishing it.
+        new_key, new_pub = generate_keypair(tmp_path / "keys-2027")
+        rotated = DesiredState(store, publisher, load_private_key(new_key), ladder_dir,
+                               "http://fleet.local:8600", topic_root=root)
+        assert rotated.republish() == 2
+        assert rotated.wait_acknowledged(None, 5) == []
+        new_ring = Keyring(load_public_key(new_pub))
+        for p in store.desired():
+            assert p.key_id == rotated.key_id != desired.key_id
+            new_ring.verify_desired(p.model_dump(mode="json"), p.signature)
+        assert [p.revision for p in store.desired()] == [1, 2]
     finally:
         for d in ("dev-a", "dev-b"):  # clear the retained messages
             publish(publisher, device_topic(d, "desired", root), b"", retain=True)

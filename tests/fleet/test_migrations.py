@@ -233,8 +233,9 @@ def m001_event_row(seq: int, kind: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def desired_payload(revision: int) -> dict[str, Any]:
+    # What a store of that time holds: desired state version 1 (no key id).
     payload: dict[str, Any] = DesiredPayload(
-        device_id="dev-1", revision=revision, variant="v2", backend="llama.cpp",
+        schema_version=1, device_id="dev-1", revision=revision, variant="v2", backend="llama.cpp",
         sha256="0" * 64, size_bytes=1, url="http://x/v2.gguf", signature="sig",
         issued_at=3000.0).model_dump(mode="json")
     return payload

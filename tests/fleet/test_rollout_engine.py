@@ -296,7 +296,8 @@ def test_an_assignment_cut_short_by_a_restart_is_completed(world: World) -> None
 def _desired(device: str, revision: int, variant: str) -> DesiredPayload:
     return DesiredPayload(device_id=device, revision=revision, variant=variant,
                           backend="llama.cpp", sha256="0" * 64, size_bytes=1,
-                          url="http://fleet/x", signature="s", issued_at=0.0)
+                          url="http://fleet/x", signature="s", issued_at=0.0,
+                          key_id="0" * 16)
 
 
 def test_a_cohort_with_no_device_on_the_baseline_pauses_at_once(world: World) -> None:

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
-from quantfleet.agent.update.signing import generate_keypair, load_public_key, verify
+from quantfleet.agent.update.signing import Keyring, generate_keypair, load_public_key
 from quantfleet.agent.wire import (
     DesiredPayload,
     HardwareFingerprint,
@@ -217,7 +217,7 @@ def test_an_operator_sees_groups_and_points_the_fleet(setup: tuple[Fleet, str, P
         assert seen.wait(10)
         for p in got.values():
             assert p.variant == "smollm2-135m-Q4_K_M" and p.revision == 1
-            verify(load_public_key(pub), p.model_dump(), p.signature)
+            Keyring(load_public_key(pub)).verify_desired(p.model_dump(mode="json"), p.signature)
         manifest = httpx.get(got["dev-1"].url + "/manifest").json()
         assert manifest["sha256"] == got["dev-1"].sha256
     finally:
