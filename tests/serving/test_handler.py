@@ -11,7 +11,7 @@ import httpx
 from quantfleet.agent.backends import Backend
 from quantfleet.agent.backends.base import Capabilities
 
-from .conftest import ScriptedBackend, ServeFactory
+from .conftest import BuggyBackend, ScriptedBackend, ServeFactory, metric
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}},
           "required": ["name"]}
@@ -101,3 +101,32 @@ def test_capabilities_decide_the_constraint_not_the_backend_name(
         r = httpx.post(agent.url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert (backend.calls[-1].grammar is not None) is grammar
+
+
+def test_an_unexpected_exception_after_admission_is_a_counted_500_and_frees_the_worker(
+        serve_app: ServeFactory, loaded: dict[str, Backend]) -> None:
+    # One worker: had the bug kept it, every later request would wait out its deadline.
+    agent = serve_app({"Q4_K_M": BuggyBackend(loaded["Q4_K_M"], ["ok"])},
+                      models={"fallback": "", "workers_per_model": 1},
+                      concurrency={"deadline_s": 10})
+    url = agent.url + "/v1/chat/completions"
+    with httpx.Client(timeout=30) as client:
+        for stream in (False, True):
+            bad = client.post(url, json={"messages": [{"role": "user", "content": "<BUG>"}],
+                                         "stream": stream})
+            assert bad.status_code == 500, bad.text
+            assert bad.json()["error"]["code"] == "internal_error"
+            assert "RuntimeError" in bad.json()["error"]["message"]
+            for _ in range(3):
+                ok = client.post(url, json={"messages": [{"role": "user", "content": "hi"}],
+                                            "stream": stream})
+                assert ok.status_code == 200, ok.text
+    agent.idle(5)
+    events = agent.events()
+    assert [e.status for e in events] == [500, 200, 200, 200] * 2
+    assert {e.error_class for e in events if e.status == 500} == {
+        "internal_error:RuntimeError"}
+    assert metric(agent.url, "quantfleet_requests_total", status="500") == 2
+    assert metric(agent.url, "quantfleet_requests_total", status="200") == 6
+    assert metric(agent.url, "quantfleet_in_flight") == 0
+    assert httpx.get(agent.url + "/healthz").status_code == 200
