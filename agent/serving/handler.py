@@ -462,6 +462,8 @@ def parse_request(data: dict[str, Any]) -> ChatRequest:
 
 def _pydantic_message(exc: ValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
+    if first["type"] == "invalid_unicode":  # names its own field, however deep
+        return str(first["msg"]), str(first["ctx"]["path"]) or None
     loc = ".".join(str(p) for p in first["loc"] if p not in ("function-after",)) or None
     msg = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":

@@ -130,3 +130,32 @@ def test_an_unexpected_exception_after_admission_is_a_counted_500_and_frees_the_
     assert metric(agent.url, "quantfleet_requests_total", status="200") == 6
     assert metric(agent.url, "quantfleet_in_flight") == 0
     assert httpx.get(agent.url + "/healthz").status_code == 200
+
+
+def test_a_lone_surrogate_is_a_counted_400_and_the_agent_keeps_serving(
+        serve_app: ServeFactory, loaded: dict[str, Backend]) -> None:
+    # Issue 14 #7, on the real model with one worker: the surrogate used to raise in the
+    # tokenizer holding that worker; every later request then waited out its deadline.
+    agent = serve_app({"Q4_K_M": loaded["Q4_K_M"]},
+                      models={"fallback": "", "workers_per_model": 1},
+                      concurrency={"deadline_s": 20})
+    url = agent.url + "/v1/chat/completions"
+    with httpx.Client(timeout=30) as client:
+        bad = client.post(url, content=b'{"messages":[{"role":"user","content":"\\ud800"}]}',
+                          headers={"Content-Type": "application/json"})
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["error"] == {
+            "message": "messages.0.content: contains a lone surrogate (U+D800); "
+                       "text must be valid Unicode",
+            "type": "invalid_request_error", "param": "messages.0.content", "code": None}
+        for i in range(5):
+            ok = client.post(url, json={"messages": [{"role": "user", "content": f"Say {i}."}],
+                                        "max_tokens": 2})
+            assert ok.status_code == 200, ok.text
+    agent.idle(5)
+    assert [e.status for e in agent.events()] == [400] + [200] * 5
+    assert agent.events()[0].request_id == bad.headers["X-Request-Id"]
+    assert metric(agent.url, "quantfleet_requests_total", status="400") == 1
+    assert metric(agent.url, "quantfleet_requests_total", status="200") == 5
+    assert metric(agent.url, "quantfleet_in_flight") == 0
+    assert httpx.get(agent.url + "/healthz").json()["status"] == "ready"
