@@ -74,6 +74,65 @@ def test_fit_properties(spec: list[tuple[str, int]], budget: int) -> None:
     assert fit.dropped == len(droppable) - len(kept)
 
 
+def one_at_a_time(msgs: list[dict[str, str]], count: Any, budget: int) -> tuple[list[Any], int]:
+    """The policy as first written: drop the oldest candidate, recount, repeat."""
+    kept, dropped = list(msgs), 0
+    while (tokens := count(kept)) > budget:
+        victim = next((i for i, m in enumerate(kept[:-1]) if m["role"] != "system"), None)
+        if victim is None:
+            raise BudgetExceeded(tokens, budget)
+        del kept[victim]
+        dropped += 1
+    return kept, dropped
+
+
+def template_words(msgs: list[dict[str, str]]) -> int:
+    """Like a real template: not additive (a default system prompt when none leads)."""
+    return words(msgs) + 3 + (5 if msgs and msgs[0]["role"] != "system" else 0)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]),
+                          st.integers(0, 30)), min_size=1, max_size=40),
+       st.integers(1, 400), st.sampled_from([words, template_words]), st.booleans())
+def test_fit_is_exactly_the_one_at_a_time_policy(spec: list[tuple[str, int]], budget: int,
+                                                 count: Any, sized: bool) -> None:
+    msgs = [{"role": r, "content": " ".join(["w"] * n)} for r, n in spec]
+    calls: list[int] = []
+
+    def counting(kept: list[dict[str, str]]) -> int:
+        calls.append(len(kept))
+        return int(count(kept))
+
+    size = (lambda m: len(m["content"])) if sized else None
+    try:
+        want, dropped = one_at_a_time(msgs, count, budget)
+    except BudgetExceeded as exc:
+        with pytest.raises(BudgetExceeded) as err:
+            fit_messages(msgs, counting, budget, role, size)
+        assert err.value.needed == exc.needed
+        return
+    fit = fit_messages(msgs, counting, budget, role, size)
+    assert [id(m) for m in fit.messages] == [id(m) for m in want]
+    assert fit.dropped == dropped and fit.prompt_tokens == count(want)
+    assert len(calls) <= 5 + max(1, len(msgs)).bit_length()
+
+
+def test_fit_of_many_similar_turns_counts_a_handful_of_times() -> None:
+    msgs = [{"role": "system", "content": "be brief"}] + [
+        {"role": "user" if i % 2 else "assistant", "content": "hi"} for i in range(2000)]
+    calls: list[int] = []
+
+    def counting(kept: list[dict[str, str]]) -> int:
+        calls.append(len(kept))
+        return words(kept)
+
+    fit = fit_messages(msgs, counting, 300, role, lambda m: len(m["content"]))
+    # 3 tokens of system, 2 per turn: 148 turns fit in 300, the newest among them.
+    assert fit.dropped == 2000 - 148 and fit.prompt_tokens == 299
+    assert fit.messages[0] is msgs[0] and fit.messages[1:] == msgs[-148:]
+    assert len(calls) <= 5, calls
+
+
 def test_clamp() -> None:
     assert clamp_max_tokens(None, 256, 512) == (256, False)
     assert clamp_max_tokens(100, 256, 512) == (100, False)
