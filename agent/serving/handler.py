@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -443,6 +444,9 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         data = json.loads(bytes(body))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    except ValueError:  # Python refuses integers of more than sys.get_int_max_str_digits()
+        raise ApiError(400, "request body holds a number too long to read "
+                       f"(over {sys.get_int_max_str_digits()} digits)") from None
     except RecursionError:
         raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):

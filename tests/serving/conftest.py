@@ -213,10 +213,15 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 class BuggyBackend(ScriptedBackend):
-    """A scripted backend with a bug: tokenizing text that holds ``<BUG>`` raises
-    ``RuntimeError`` (an exception no handler expects, after a worker was taken)."""
+    """A scripted backend with a bug: tokenizing text that holds ``bug`` (any text when it
+    is "") raises ``RuntimeError`` — an exception no handler expects, after a worker was
+    taken."""
+
+    def __init__(self, real: Backend, answers: Sequence[str], bug: str = "<BUG>") -> None:
+        super().__init__(real, answers)
+        self.bug = bug
 
     def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
-        if "<BUG>" in text:
+        if self.bug in text:
             raise RuntimeError("a bug in the tokenizer")
         return super().tokenize(text, add_bos=add_bos, special=special)

@@ -159,3 +159,21 @@ def test_a_lone_surrogate_is_a_counted_400_and_the_agent_keeps_serving(
     assert metric(agent.url, "quantfleet_requests_total", status="200") == 5
     assert metric(agent.url, "quantfleet_in_flight") == 0
     assert httpx.get(agent.url + "/healthz").json()["status"] == "ready"
+
+
+def test_a_bug_in_the_fallback_answers_with_the_first_attempt_and_frees_both_workers(
+        serve_app: ServeFactory, loaded: dict[str, Backend]) -> None:
+    real = loaded["Q4_K_M"]
+    agent = serve_app({"Q4_K_M": ScriptedBackend(real, ['{"name": ']),
+                       "Q8_0": BuggyBackend(real, ['{"name": "Ada"}'], bug="")})
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+    with httpx.Client(timeout=30) as client:
+        for _ in range(3):  # one worker per variant: a kept one would wedge the next
+            r = client.post(agent.url + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Who?"}], "response_format": fmt})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == '{"name": '
+            assert r.json()["quantfleet"]["fallback_from"] is None
+    agent.idle(5)
+    assert [e.status for e in agent.events()] == [200] * 3
+    assert metric(agent.url, "quantfleet_in_flight") == 0
