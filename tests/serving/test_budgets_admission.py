@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quantfleet.agent.serving.admission import Lane, Rejected
+from quantfleet.agent.serving.admission import Lane, Lease, Rejected
 from quantfleet.agent.serving.budgets import (
     BudgetExceeded,
     QuotaBook,
@@ -206,6 +208,40 @@ def test_lane_deadline_while_queued() -> None:
             await lane.acquire(1, time.monotonic() + 0.05)
         assert late.value.status == 503 and late.value.reason == "deadline"
         assert lane.queue_depth == 0
+
+    run(scenario())
+
+
+def test_a_lease_gives_its_instance_back_once_and_never_while_work_runs_on_it() -> None:
+    async def scenario() -> None:
+        a = object()
+        lane = Lane("v", [a], queue_size=2)  # type: ignore[list-item]
+        far = time.monotonic() + 30
+        lease = Lease(lane, await lane.acquire(1, far))
+        started, finish = threading.Event(), threading.Event()
+
+        def work() -> str:
+            started.set()
+            finish.wait(10)
+            return "done"
+
+        with ThreadPoolExecutor(1) as pool:
+            fut = lease.run(pool, work)
+            with pytest.raises(RuntimeError):
+                lease.run(pool, work)  # one piece of work at a time
+            await asyncio.to_thread(started.wait, 10)
+            lease.release()
+            lease.release()
+            assert not lease.released and lane.in_flight == 1  # the thread still uses it
+            waiter = asyncio.create_task(lane.acquire(1, far))
+            await asyncio.sleep(0.05)
+            assert not waiter.done()
+            finish.set()
+            assert await fut == "done"
+            assert await waiter is a and lane.in_flight == 1  # handed on exactly once
+        assert lease.released
+        lease.release()
+        assert lane.in_flight == 1
 
     run(scenario())
 
