@@ -449,5 +449,5 @@ def test_many_short_turns_are_fitted_off_the_event_loop(serve_app: ServeFactory,
     dropped = resp.json()["quantfleet"]["truncated_messages"]
     assert 0 < dropped < 2000 and resp.json()["usage"]["prompt_tokens"] <= 1024
     assert agent.wait_event(resp.headers["X-Request-Id"]).truncated_messages == dropped
-    # A generous margin over the ~10 ms it takes: the loop was never blocked for long.
+    # A wide margin over the ~30 ms measured (it was minutes): the loop never blocked long.
     assert slowest < 1.0, slowest
