@@ -364,7 +364,9 @@ class OnnxBackend(Backend):
         generated: list[int] = []
         finish: FinishReason = "length"
         max_tokens = min(request.max_tokens, self.n_ctx - len(prompt))
-        rng = np.random.default_rng(request.seed) if request.seed is not None else self._rng
+        # numpy seeds are non-negative; -1 (llama.cpp's "any seed") must not raise.
+        rng = (np.random.default_rng(request.seed % 2**64) if request.seed is not None
+               else self._rng)
         # A seeded request asks for repeatability, so it never reuses a cached prefix
         # (a different chunking moves logits in their last bits).
         reuse = self.options.prefix_cache and request.seed is None

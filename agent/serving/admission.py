@@ -10,6 +10,11 @@ priority first, then arrival order), or is refused at once:
 - the lane is draining (SIGTERM) or was never loaded -> ``Rejected(503, ...)``;
 - the request's deadline passes while queued -> ``Rejected(503, ...)``.
 
+An instance taken from a lane is a :class:`Lease`: work on it runs in a worker
+thread, and ``Lease.release`` gives it back exactly once — at once when nothing
+runs on it, else when that work ends — so whatever goes wrong in a request, its
+instance returns to the lane, and never while a thread still uses it.
+
 Memory stays bounded because nothing waits beyond ``queue_size`` per lane.
 """
 
@@ -20,12 +25,16 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from quantfleet.agent.backends.base import Backend
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+
+T = TypeVar("T")
 
 
 class Rejected(Exception):
@@ -129,3 +138,43 @@ class Lane:
         while self.in_flight > 0 and time.monotonic() < end:
             await asyncio.sleep(0.05)
         return self.in_flight == 0
+
+
+class Lease:
+    """One instance of a lane, held by one request until ``release``."""
+
+    def __init__(self, lane: Lane, backend: Backend) -> None:
+        self.lane = lane
+        self.backend = backend
+        self.released = False
+        self._running: asyncio.Future[Any] | None = None
+        self._release_wanted = False
+        self._busy_s = 0.0
+
+    def run(self, executor: Executor, work: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``work`` (which uses the instance) in a worker thread; one at a time."""
+        if self.released or self._running is not None:
+            raise RuntimeError(f"the lease on {self.lane.variant} is not free to run work")
+        start = time.monotonic()
+        fut = asyncio.get_running_loop().run_in_executor(executor, work)
+        self._running = fut
+
+        def ended(_: object) -> None:
+            self._running = None
+            self._busy_s += time.monotonic() - start
+            if self._release_wanted:
+                self._give_back()
+
+        fut.add_done_callback(ended)
+        return fut
+
+    def release(self) -> None:
+        """Give the instance back now, or when the work running on it ends. Idempotent."""
+        self._release_wanted = True
+        if self._running is None:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        if not self.released:
+            self.released = True
+            self.lane.release(self.backend, self._busy_s or None)

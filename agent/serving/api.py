@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -25,15 +24,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quantfleet.agent.backends.base import Backend
 from quantfleet.agent.config import AgentConfig
 
-from .admission import Lane
+from . import pipeline
+from .admission import Lane, Lease
 from .budgets import QuotaBook
 from .handler import DEFAULT_MODEL_ALIASES, ApiError, ChatHandler
 from .metrics import Metrics, agent_metrics
-from .pipeline import Completion, Prepared, run
-from .protocol import error_body
+from .pipeline import Completion, Prepared
+from .protocol import ChatRequest, error_body
 from .recorder import MemoryRecorder, Recorder
 from .routing import ModelSet
 
@@ -115,30 +114,28 @@ class AgentService:
                 raise ApiError(401, "invalid bearer token", code="invalid_api_key")
         return request.headers.get(self.config.auth.client_header, "") or "anonymous"
 
-    async def generate(self, lane: Lane, backend: Backend, prepared: Prepared, deadline: float,
+    async def admit(self, variant: str, priority: int, deadline: float) -> Lease:
+        assert self.models is not None
+        lane = await self.models.lane(variant)
+        return Lease(lane, await lane.acquire(priority, deadline))
+
+    async def prepare(self, lease: Lease, request: ChatRequest) -> Prepared:
+        """Budgets, template and constraint, in a worker thread: fitting a long
+        conversation renders and tokenizes it, which must not stall the event loop."""
+        return await lease.run(self.executor,
+                               lambda: pipeline.prepare(request, lease.backend, self.config))
+
+    async def generate(self, lease: Lease, prepared: Prepared, deadline: float,
                        on_text: Callable[[str], None] | None = None,
                        ) -> tuple[asyncio.Future[Completion], threading.Event]:
         """Start generating in a worker thread; the instance returns to the lane when it ends."""
         cancel = threading.Event()
         self.cancels.add(cancel)
-        loop = asyncio.get_running_loop()
-        start = time.monotonic()
-        fut = loop.run_in_executor(self.executor, lambda: run(
-            prepared, backend, cancel=cancel, deadline=deadline, on_text=on_text))
-
-        def done(_: object) -> None:
-            self.cancels.discard(cancel)
-            lane.release(backend, time.monotonic() - start)
-
-        fut.add_done_callback(done)
+        fut = lease.run(self.executor, lambda: pipeline.run(
+            prepared, lease.backend, cancel=cancel, deadline=deadline, on_text=on_text))
+        fut.add_done_callback(lambda _: self.cancels.discard(cancel))
+        lease.release()
         return fut, cancel
-
-    async def admit(self, variant: str, priority: int, deadline: float
-                    ) -> tuple[Lane, Backend]:
-        assert self.models is not None
-        lane = await self.models.lane(variant)
-        backend = await lane.acquire(priority, deadline)
-        return lane, backend
 
 
 def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],

@@ -4,8 +4,10 @@ Pure arithmetic over data (the token counter and the clock are passed in), so
 the policy is testable without a model.
 
 Assembly policy (``fit_messages``): system messages always stay, and so does
-the newest message; the oldest other turns are dropped, one at a time, until
-the rendered prompt fits the budget. If the system messages and the newest
+the newest message; the oldest other turns are dropped until the rendered
+prompt fits the budget — as few as possible, as if dropped one at a time, but
+found by a guided binary search: O(log n) renders of the conversation, not n
+(one per dropped turn made 2,000 short turns take minutes). If the system messages and the newest
 turn alone do not fit, ``BudgetExceeded`` says by how many tokens — the
 caller answers 400, because silently cutting the question itself would
 answer a different question.
@@ -54,20 +56,52 @@ def fit_messages(
     count: Callable[[list[M]], int],
     budget: int,
     role_of: Callable[[M], str],
+    size_of: Callable[[M], int] | None = None,
 ) -> Fit:
-    """Drop the oldest unpinned turns until ``count(kept) <= budget``."""
-    kept = list(messages)
-    tokens = count(kept)
-    dropped = 0
-    while tokens > budget:
-        # The newest message is never a candidate: it is the question.
-        victim = next((i for i, m in enumerate(kept[:-1]) if not is_pinned(role_of(m))), None)
-        if victim is None:
-            raise BudgetExceeded(tokens, budget)
-        del kept[victim]
-        dropped += 1
-        tokens = count(kept)
-    return Fit(kept, dropped, tokens)
+    """Drop the oldest unpinned turns until ``count(kept) <= budget``.
+
+    The answer is the one-at-a-time loop's (drop the oldest candidate, recount,
+    repeat: the fewest dropped turns that fit), found with O(log n) calls of
+    ``count`` instead of n, on the premise that dropping a turn never adds tokens.
+    ``size_of`` (a message's rough size, e.g. its length) guides the first guess;
+    with it a conversation of similar turns fits in four or five counts.
+    """
+    tokens = count(list(messages))
+    if tokens <= budget:
+        return Fit(list(messages), 0, tokens)
+    # The newest message is never a candidate: it is the question.
+    candidates = [i for i, m in enumerate(messages[:-1]) if not is_pinned(role_of(m))]
+    counted = {0: tokens}
+
+    def kept(k: int) -> list[M]:
+        gone = set(candidates[:k])
+        return [m for i, m in enumerate(messages) if i not in gone]
+
+    def tokens_without(k: int) -> int:
+        if k not in counted:
+            counted[k] = count(kept(k))
+        return counted[k]
+
+    n = len(candidates)
+    if tokens_without(n) > budget:
+        raise BudgetExceeded(counted[n], budget)
+    lo, hi = 0, n  # tokens_without(lo) > budget >= tokens_without(hi)
+    # First guess: the candidates' tokens shared out by size; then its neighbours.
+    sizes = [size_of(messages[i]) if size_of else 1 for i in candidates]
+    per_size = (counted[0] - counted[n]) / max(1, sum(sizes))
+    guess, freed = 0, 0.0
+    while guess < n and counted[0] - freed > budget:
+        freed += sizes[guess] * per_size
+        guess += 1
+    probes = [guess, guess - 1, guess + 1]
+    while hi - lo > 1:
+        mid = next((p for p in probes if lo < p < hi), (lo + hi) // 2)
+        probes = [p for p in probes if p != mid]
+        if tokens_without(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return Fit(kept(hi), hi, counted[hi])
 
 
 def clamp_max_tokens(requested: int | None, default: int, ceiling: int) -> tuple[int, bool]:

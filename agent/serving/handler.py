@@ -17,6 +17,12 @@
    client's quota with every token generated for it (both attempts of a
    fallback), records the one request event and moves the metrics. Nothing
    else charges or records, and a request settles once.
+
+Whatever is raised after admission — a bug included — the worker instance goes
+back to its lane (every :class:`.admission.Lease` a request took is released in
+``handle``'s ``finally``) and the request is settled: an unexpected exception is
+a 500 ``internal_error`` whose event's ``error_class`` names the exception. One
+bad request can cost itself an answer, never the agent its worker.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -35,13 +42,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from quantfleet.agent.backends.base import Backend, BackendError
+from quantfleet.agent.backends.base import BackendError
 from quantfleet.agent.chat import ChatTemplateError
 from quantfleet.agent.wire import RequestEvent, ValidationOutcome
 
-from .admission import PRIORITIES, Lane, Rejected
+from .admission import PRIORITIES, Lease, Rejected
 from .budgets import BudgetExceeded, QuotaExceeded
-from .pipeline import Completion, Prepared, prepare
+from .pipeline import Completion, Prepared
 from .protocol import ChatRequest, error_body
 from .routing import UnknownTier
 
@@ -94,6 +101,7 @@ class Exchange:
     validations: list[ValidationOutcome] = field(default_factory=list)
     first_validations: list[ValidationOutcome] = field(default_factory=list)
     settled: bool = False
+    leases: list[Lease] = field(default_factory=list)  # released when the request ends
 
     @classmethod
     def new(cls) -> Exchange:
@@ -111,8 +119,7 @@ class Admitted:
     """A parsed request holding an instance of its variant, ready to generate."""
 
     request: ChatRequest
-    lane: Lane
-    backend: Backend
+    lease: Lease
     prepared: Prepared
     deadline: float  # monotonic
     deadline_s: float
@@ -136,6 +143,21 @@ class ChatHandler:
         except ApiError as exc:
             self.settle(ex, exc.status, error_class=exc.code or exc.type)
             return exc.response({"X-Request-Id": ex.request_id})
+        except asyncio.CancelledError:
+            if not ex.settled:
+                self.settle(ex, 499, error_class="cancelled")
+            raise
+        except Exception as exc:
+            log.exception("%s: internal error", ex.request_id)
+            if not ex.settled:
+                self.settle(ex, 500, error_class=f"internal_error:{type(exc).__name__}")
+            return ApiError(500, f"internal error ({type(exc).__name__}); the agent logged it",
+                            "server_error", code="internal_error",
+                            ).response({"X-Request-Id": ex.request_id})
+        finally:
+            # At once, or when the generation running on it ends (a stream, a cancel).
+            for lease in ex.leases:
+                lease.release()
 
     async def admit(self, request: Request, ex: Exchange) -> Admitted:
         """Everything before generation; an :class:`ApiError` when the request cannot run."""
@@ -179,28 +201,27 @@ class ChatHandler:
             deadline_s = min(deadline_s, opts.deadline_s)
         deadline = ex.start + deadline_s
         try:
-            lane, backend = await service.admit(variant, PRIORITIES[prio_name], deadline)
+            lease = await service.admit(variant, PRIORITIES[prio_name], deadline)
         except Rejected as exc:
             raise _rejected(exc) from None
+        ex.leases.append(lease)
         ex.queue_wait_s = time.monotonic() - ex.start
         try:
-            prepared = prepare(req, backend, config)
+            prepared = await service.prepare(lease, req)
         except BudgetExceeded as exc:
-            lane.release(backend, None)
             raise ApiError(400, str(exc), param="messages",
                            code="context_length_exceeded") from None
         except (ChatTemplateError, BackendError) as exc:
-            lane.release(backend, None)
             raise ApiError(400, f"messages: {exc}", param="messages") from None
         ex.truncated = prepared.dropped_messages
         ex.clamped = prepared.max_tokens_clamped
-        return Admitted(req, lane, backend, prepared, deadline, deadline_s)
+        return Admitted(req, lease, prepared, deadline, deadline_s)
 
     # -- one JSON answer ------------------------------------------------
     async def complete(self, request: Request, ex: Exchange, a: Admitted) -> Response:
         models = self.service.models
         assert models is not None
-        fut, cancel = await self.service.generate(a.lane, a.backend, a.prepared, a.deadline)
+        fut, cancel = await self.service.generate(a.lease, a.prepared, a.deadline)
         watcher = asyncio.create_task(_watch_disconnect(request, fut, cancel))
         try:
             completion = await asyncio.shield(fut)
@@ -243,24 +264,31 @@ class ChatHandler:
         log.info("%s: %s failed %s; retrying on %s", ex.request_id, ex.variant,
                  ",".join(failed), fallback)
         try:
-            lane, backend = await service.admit(fallback, PRIORITIES["high"], deadline)
+            lease = await service.admit(fallback, PRIORITIES["high"], deadline)
         except Rejected as exc:
             log.warning("fallback to %s refused (%s); answering with the first attempt",
                         fallback, exc)
             return first
+        ex.leases.append(lease)
         try:
-            prepared = prepare(req, backend, self.config)
-        except (BudgetExceeded, ChatTemplateError, BackendError) as exc:
-            lane.release(backend, None)
-            log.warning("fallback prepare failed: %s", exc)
-            return first
-        fut, cancel = await service.generate(lane, backend, prepared, deadline)
-        try:
-            second = await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
+            try:
+                prepared = await service.prepare(lease, req)
+            except Exception as exc:  # the first answer stands; the retry is best effort
+                log.warning("fallback prepare failed (%s: %s); answering with the first "
+                            "attempt", type(exc).__name__, exc)
+                return first
+            fut, cancel = await service.generate(lease, prepared, deadline)
+            try:
+                second = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                cancel.set()
+                raise
+            except BackendError as exc:
+                log.warning("fallback generation failed (%s); answering with the first "
+                            "attempt", exc)
+                return first
         finally:
+            lease.release()
             await service.models.done_with(fallback)
         service.metrics.inc("quantfleet_fallbacks_total", **{"from": ex.variant,
                                                              "to": fallback})
@@ -280,8 +308,7 @@ class ChatHandler:
         def on_text(piece: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, piece)
 
-        fut, cancel = await self.service.generate(a.lane, a.backend, a.prepared, a.deadline,
-                                                  on_text)
+        fut, cancel = await self.service.generate(a.lease, a.prepared, a.deadline, on_text)
         fut.add_done_callback(lambda _: queue.put_nowait(None))
 
         def finished(f: asyncio.Future[Completion]) -> None:
@@ -417,6 +444,9 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
         data = json.loads(bytes(body))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    except ValueError:  # Python refuses integers of more than sys.get_int_max_str_digits()
+        raise ApiError(400, "request body holds a number too long to read "
+                       f"(over {sys.get_int_max_str_digits()} digits)") from None
     except RecursionError:
         raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(data, dict):
@@ -436,6 +466,8 @@ def parse_request(data: dict[str, Any]) -> ChatRequest:
 
 def _pydantic_message(exc: ValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
+    if first["type"] == "invalid_unicode":  # names its own field, however deep
+        return str(first["msg"]), str(first["ctx"]["path"]) or None
     loc = ".".join(str(p) for p in first["loc"] if p not in ("function-after",)) or None
     msg = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":

@@ -8,7 +8,8 @@ variant is judged on exactly the prompt, budgets and constraints it serves.
     the OpenAI shape), clamps ``max_tokens`` to the configured ceiling, renders
     the chat template (tools described in the system message, a JSON schema
     hint for structured output), drops the oldest turns to fit the prompt
-    budget (``BudgetExceeded`` when even that fails), and picks the
+    budget (``BudgetExceeded`` when even that fails; O(log n) renders of the
+    conversation, see :func:`.budgets.fit_messages`), and picks the
     constraint: a JSON schema for ``response_format`` and required tool calls,
     a GBNF grammar for ``tool_choice="auto"``. ``Prepared.generation`` is the
     backend's :class:`GenerationRequest`; ``Prepared.spec`` the validation spec.
@@ -136,7 +137,8 @@ def prepare(request: ChatRequest | Mapping[str, Any], backend: Backend,
     budget = min(budgets.max_prompt_tokens, backend.n_ctx - max_tokens)
     if budget <= 0:
         raise BudgetExceeded(max_tokens, backend.n_ctx)
-    fit = fit_messages(messages, count, budget, lambda m: str(m["role"]))
+    fit = fit_messages(messages, count, budget, lambda m: str(m["role"]),
+                       lambda m: len(json.dumps(m, ensure_ascii=False)))
     prompt = render(fit.messages)
 
     policy = cfg.validation

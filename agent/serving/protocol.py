@@ -6,6 +6,13 @@ silently ignored, since a client that sends ``n=3`` or ``logprobs`` expects
 behaviour we do not have), and the error body every failure uses
 (``{"error": {"message", "type", "param", "code"}}``, as OpenAI sends it).
 
+Every string of a request — message content and parts, tool names,
+descriptions and arguments, stop sequences, every string and key of a JSON
+schema — must be valid Unicode: a lone surrogate (``"\\ud800"`` is valid JSON
+but encodes to no UTF-8) is refused with a 400 naming its field
+(``messages.0.content: contains a lone surrogate (U+D800); ...``) before the
+request reaches a model, whose tokenizer could not encode it.
+
 The agent's own extension travels in an extra field the official client can
 send with ``extra_body={"quantfleet": {...}}``: the quality tier, a citation
 requirement, a priority and a deadline.
@@ -17,10 +24,50 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .validation import schema_problem
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _surrogate(text: str) -> int | None:
+    """The first code point of ``text`` that UTF-8 cannot encode (a surrogate), if any."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return ord(text[exc.start])
+    return None
+
+
+def _shown(key: str) -> str:
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def unicode_problem(value: Any) -> tuple[str, str] | None:
+    """``(path, message)`` for the first string in ``value`` (dict keys included) that
+    is not valid Unicode, else None. Iterative: a deeply nested value cannot overflow."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if (bad := _surrogate(v)) is not None:
+                return path, (f"{path or 'value'}: contains a lone surrogate (U+{bad:04X}); "
+                              "text must be valid Unicode")
+        elif isinstance(v, dict):
+            for key in v:
+                if isinstance(key, str) and (bad := _surrogate(key)) is not None:
+                    where = f"{path}.{_shown(key)}" if path else _shown(key)
+                    return where, (f"{where}: the key contains a lone surrogate "
+                                   f"(U+{bad:04X}); text must be valid Unicode")
+            stack.extend((f"{path}.{k}" if path else str(k), item)
+                         for k, item in reversed(v.items()))
+        elif isinstance(v, list | tuple):
+            stack.extend((f"{path}.{i}" if path else str(i), v[i])
+                         for i in range(len(v) - 1, -1, -1))
+    return None
 
 
 class _Strict(BaseModel):
@@ -152,7 +199,8 @@ class ChatRequest(_Strict):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64,
+                             description="A 64-bit integer, as OpenAI takes it.")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -170,6 +218,16 @@ class ChatRequest(_Strict):
     presence_penalty: float | None = Field(None, ge=0, le=0)
     logprobs: bool | None = Field(None, description="Only false is supported.")
     quantfleet: QuantfleetOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # Before the fields: one walk covers every string, whatever field holds it.
+        if isinstance(data, dict) and (problem := unicode_problem(data)) is not None:
+            path, message = problem
+            raise PydanticCustomError("invalid_unicode", "{message}",
+                                      {"message": message, "path": path})
+        return data
 
     @field_validator("stop")
     @classmethod

@@ -193,3 +193,35 @@ class ScriptedBackend(Backend):
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         raise NotImplementedError("scripted answers have no logits")
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of ``name``'s series on ``url``/metrics whose labels include ``labels``."""
+    import re
+
+    import httpx
+
+    total = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        m = re.fullmatch(rf"{name}(?:\{{(.*)\}})? (\S+)", line)
+        if m is None:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+class BuggyBackend(ScriptedBackend):
+    """A scripted backend with a bug: tokenizing text that holds ``bug`` (any text when it
+    is "") raises ``RuntimeError`` — an exception no handler expects, after a worker was
+    taken."""
+
+    def __init__(self, real: Backend, answers: Sequence[str], bug: str = "<BUG>") -> None:
+        super().__init__(real, answers)
+        self.bug = bug
+
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        if self.bug in text:
+            raise RuntimeError("a bug in the tokenizer")
+        return super().tokenize(text, add_bos=add_bos, special=special)

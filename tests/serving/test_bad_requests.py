@@ -87,6 +87,25 @@ CASES = [
     ({**GOOD, "tool_choice": "required"}, None, "'required' needs tools"),
     ({**GOOD, "quantfleet": {"tier": "platinum"}}, None, "unknown quality tier"),
     ({**GOOD, "quantfleet": {"priority": "urgent"}}, None, "quantfleet.priority"),
+    ({**GOOD, "seed": 2**64}, None, "seed: "),
+    # Valid JSON escapes that are not Unicode: refused before any tokenizer sees them.
+    (None, b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages.0.content: contains a lone surrogate (U+D800); text must be valid Unicode"),
+    ({**GOOD, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "ok"}, {"type": "text", "text": "a\udc00"}]}]}, None,
+     "messages.0.content.1.text: contains a lone surrogate (U+DC00)"),
+    ({**GOOD, "messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {
+        "name": "f", "arguments": '{"x": "\udfff"}'}}]}, {"role": "user", "content": "go"}]},
+     None, "messages.0.tool_calls.0.function.arguments: contains a lone surrogate"),
+    ({**GOOD, "tools": [{"type": "function", "function": {"name": "f",
+                                                          "description": "\ud83d"}}]}, None,
+     "tools.0.function.description: contains a lone surrogate (U+D83D)"),
+    ({**GOOD, "stop": ["ok", "\ud800"]}, None, "stop.1: contains a lone surrogate"),
+    ({**GOOD, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"enum": ["\udbff"]}}}}}}, None,
+     "response_format.json_schema.schema.properties.a.enum.0: contains a lone surrogate"),
+    ({**GOOD, "metadata": {"k\ud800": "v"}}, None,
+     "metadata.k\\ud800: the key contains a lone surrogate"),
 ]
 
 
@@ -97,6 +116,20 @@ def test_specific_bad_requests(http: httpx.Client, target: tuple[Running, Script
     before = len(target[1].calls)
     assert_4xx(post(http, body, raw), 400, message)
     assert len(target[1].calls) == before, "a bad request reached the model"
+
+
+def test_a_surrogate_names_its_field_in_param(http: httpx.Client) -> None:
+    body = {**GOOD, "messages": [{"role": "system", "content": "fine"},
+                                 {"role": "user", "content": "x\ud800y"}]}
+    err = post(http, body).json()["error"]
+    assert err["param"] == "messages.1.content" and err["type"] == "invalid_request_error"
+
+
+def test_valid_non_ascii_text_is_served(http: httpx.Client) -> None:
+    body = {**GOOD, "messages": [{"role": "user", "content": "h\u00e9llo \U0001f600 \u4e16"}]}
+    raw = json.dumps(body).encode()  # astral characters as a surrogate *pair* escape
+    assert b"\\ud83d\\ude00" in raw
+    assert post(http, None, raw).status_code == 200
 
 
 def test_huge_body_is_413(http: httpx.Client, target: tuple[Running, ScriptedBackend]) -> None:
@@ -165,3 +198,49 @@ def test_arbitrary_bytes_are_refused_cleanly(http: httpx.Client, raw: bytes) -> 
     assert resp.status_code in (200, 400), resp.text
     if resp.status_code == 400:
         assert_4xx(resp)
+
+
+surrogates = st.integers(0xD800, 0xDFFF).map(chr)
+clean_text = st.text(st.characters(blacklist_categories=["Cs"]), max_size=6)
+clean_keys = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="."),
+                     max_size=6)  # paths are dotted, like pydantic's error locations
+clean_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | clean_text,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(clean_keys, c, max_size=3),
+    max_leaves=10,
+)
+
+
+def _at(value: Any, path: str) -> Any:
+    for part in path.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
+@given(value=clean_json, data=st.data())
+def test_unicode_problem_finds_the_one_surrogate_and_names_its_path(value: Any,
+                                                                    data: st.DataObject) -> None:
+    from quantfleet.agent.serving.protocol import unicode_problem
+
+    assert unicode_problem(value) is None
+    # Put a lone surrogate into one string value of the tree (a new leaf if there is none).
+    doc = {"root": value}
+    strings: list[tuple[Any, Any]] = []
+    stack: list[Any] = [doc]
+    while stack:
+        node = stack.pop()
+        for key in (range(len(node)) if isinstance(node, list) else list(node)):
+            if isinstance(node[key], str):
+                strings.append((node, key))
+            elif isinstance(node[key], list | dict):
+                stack.append(node[key])
+    node, key = data.draw(st.sampled_from(strings)) if strings else (doc, "extra")
+    old = node[key] if strings else ""
+    cut = data.draw(st.integers(0, len(old)))
+    bad = data.draw(surrogates)
+    node[key] = old[:cut] + bad + old[cut:]
+    found = unicode_problem(doc)
+    assert found is not None
+    path, message = found
+    assert bad in _at(doc, path)
+    assert f"(U+{ord(bad):04X})" in message and message.startswith(f"{path}: ")

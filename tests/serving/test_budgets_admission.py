@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quantfleet.agent.serving.admission import Lane, Rejected
+from quantfleet.agent.serving.admission import Lane, Lease, Rejected
 from quantfleet.agent.serving.budgets import (
     BudgetExceeded,
     QuotaBook,
@@ -72,6 +74,65 @@ def test_fit_properties(spec: list[tuple[str, int]], budget: int) -> None:
     kept = [i for i in droppable if id(msgs[i]) in ids]
     assert kept == droppable[len(droppable) - len(kept):]
     assert fit.dropped == len(droppable) - len(kept)
+
+
+def one_at_a_time(msgs: list[dict[str, str]], count: Any, budget: int) -> tuple[list[Any], int]:
+    """The policy as first written: drop the oldest candidate, recount, repeat."""
+    kept, dropped = list(msgs), 0
+    while (tokens := count(kept)) > budget:
+        victim = next((i for i, m in enumerate(kept[:-1]) if m["role"] != "system"), None)
+        if victim is None:
+            raise BudgetExceeded(tokens, budget)
+        del kept[victim]
+        dropped += 1
+    return kept, dropped
+
+
+def template_words(msgs: list[dict[str, str]]) -> int:
+    """Like a real template: not additive (a default system prompt when none leads)."""
+    return words(msgs) + 3 + (5 if msgs and msgs[0]["role"] != "system" else 0)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant"]),
+                          st.integers(0, 30)), min_size=1, max_size=40),
+       st.integers(1, 400), st.sampled_from([words, template_words]), st.booleans())
+def test_fit_is_exactly_the_one_at_a_time_policy(spec: list[tuple[str, int]], budget: int,
+                                                 count: Any, sized: bool) -> None:
+    msgs = [{"role": r, "content": " ".join(["w"] * n)} for r, n in spec]
+    calls: list[int] = []
+
+    def counting(kept: list[dict[str, str]]) -> int:
+        calls.append(len(kept))
+        return int(count(kept))
+
+    size = (lambda m: len(m["content"])) if sized else None
+    try:
+        want, dropped = one_at_a_time(msgs, count, budget)
+    except BudgetExceeded as exc:
+        with pytest.raises(BudgetExceeded) as err:
+            fit_messages(msgs, counting, budget, role, size)
+        assert err.value.needed == exc.needed
+        return
+    fit = fit_messages(msgs, counting, budget, role, size)
+    assert [id(m) for m in fit.messages] == [id(m) for m in want]
+    assert fit.dropped == dropped and fit.prompt_tokens == count(want)
+    assert len(calls) <= 5 + max(1, len(msgs)).bit_length()
+
+
+def test_fit_of_many_similar_turns_counts_a_handful_of_times() -> None:
+    msgs = [{"role": "system", "content": "be brief"}] + [
+        {"role": "user" if i % 2 else "assistant", "content": "hi"} for i in range(2000)]
+    calls: list[int] = []
+
+    def counting(kept: list[dict[str, str]]) -> int:
+        calls.append(len(kept))
+        return words(kept)
+
+    fit = fit_messages(msgs, counting, 300, role, lambda m: len(m["content"]))
+    # 3 tokens of system, 2 per turn: 148 turns fit in 300, the newest among them.
+    assert fit.dropped == 2000 - 148 and fit.prompt_tokens == 299
+    assert fit.messages[0] is msgs[0] and fit.messages[1:] == msgs[-148:]
+    assert len(calls) <= 5, calls
 
 
 def test_clamp() -> None:
@@ -147,6 +208,40 @@ def test_lane_deadline_while_queued() -> None:
             await lane.acquire(1, time.monotonic() + 0.05)
         assert late.value.status == 503 and late.value.reason == "deadline"
         assert lane.queue_depth == 0
+
+    run(scenario())
+
+
+def test_a_lease_gives_its_instance_back_once_and_never_while_work_runs_on_it() -> None:
+    async def scenario() -> None:
+        a = object()
+        lane = Lane("v", [a], queue_size=2)  # type: ignore[list-item]
+        far = time.monotonic() + 30
+        lease = Lease(lane, await lane.acquire(1, far))
+        started, finish = threading.Event(), threading.Event()
+
+        def work() -> str:
+            started.set()
+            finish.wait(10)
+            return "done"
+
+        with ThreadPoolExecutor(1) as pool:
+            fut = lease.run(pool, work)
+            with pytest.raises(RuntimeError):
+                lease.run(pool, work)  # one piece of work at a time
+            await asyncio.to_thread(started.wait, 10)
+            lease.release()
+            lease.release()
+            assert not lease.released and lane.in_flight == 1  # the thread still uses it
+            waiter = asyncio.create_task(lane.acquire(1, far))
+            await asyncio.sleep(0.05)
+            assert not waiter.done()
+            finish.set()
+            assert await fut == "done"
+            assert await waiter is a and lane.in_flight == 1  # handed on exactly once
+        assert lease.released
+        lease.release()
+        assert lane.in_flight == 1
 
     run(scenario())
 

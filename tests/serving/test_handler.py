@@ -11,7 +11,7 @@ import httpx
 from quantfleet.agent.backends import Backend
 from quantfleet.agent.backends.base import Capabilities
 
-from .conftest import ScriptedBackend, ServeFactory
+from .conftest import BuggyBackend, ScriptedBackend, ServeFactory, metric
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}},
           "required": ["name"]}
@@ -101,3 +101,79 @@ def test_capabilities_decide_the_constraint_not_the_backend_name(
         r = httpx.post(agent.url + "/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert (backend.calls[-1].grammar is not None) is grammar
+
+
+def test_an_unexpected_exception_after_admission_is_a_counted_500_and_frees_the_worker(
+        serve_app: ServeFactory, loaded: dict[str, Backend]) -> None:
+    # One worker: had the bug kept it, every later request would wait out its deadline.
+    agent = serve_app({"Q4_K_M": BuggyBackend(loaded["Q4_K_M"], ["ok"])},
+                      models={"fallback": "", "workers_per_model": 1},
+                      concurrency={"deadline_s": 10})
+    url = agent.url + "/v1/chat/completions"
+    with httpx.Client(timeout=30) as client:
+        for stream in (False, True):
+            bad = client.post(url, json={"messages": [{"role": "user", "content": "<BUG>"}],
+                                         "stream": stream})
+            assert bad.status_code == 500, bad.text
+            assert bad.json()["error"]["code"] == "internal_error"
+            assert "RuntimeError" in bad.json()["error"]["message"]
+            for _ in range(3):
+                ok = client.post(url, json={"messages": [{"role": "user", "content": "hi"}],
+                                            "stream": stream})
+                assert ok.status_code == 200, ok.text
+    agent.idle(5)
+    events = agent.events()
+    assert [e.status for e in events] == [500, 200, 200, 200] * 2
+    assert {e.error_class for e in events if e.status == 500} == {
+        "internal_error:RuntimeError"}
+    assert metric(agent.url, "quantfleet_requests_total", status="500") == 2
+    assert metric(agent.url, "quantfleet_requests_total", status="200") == 6
+    assert metric(agent.url, "quantfleet_in_flight") == 0
+    assert httpx.get(agent.url + "/healthz").status_code == 200
+
+
+def test_a_lone_surrogate_is_a_counted_400_and_the_agent_keeps_serving(
+        serve_app: ServeFactory, loaded: dict[str, Backend]) -> None:
+    # Issue 14 #7, on the real model with one worker: the surrogate used to raise in the
+    # tokenizer holding that worker; every later request then waited out its deadline.
+    agent = serve_app({"Q4_K_M": loaded["Q4_K_M"]},
+                      models={"fallback": "", "workers_per_model": 1},
+                      concurrency={"deadline_s": 20})
+    url = agent.url + "/v1/chat/completions"
+    with httpx.Client(timeout=30) as client:
+        bad = client.post(url, content=b'{"messages":[{"role":"user","content":"\\ud800"}]}',
+                          headers={"Content-Type": "application/json"})
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["error"] == {
+            "message": "messages.0.content: contains a lone surrogate (U+D800); "
+                       "text must be valid Unicode",
+            "type": "invalid_request_error", "param": "messages.0.content", "code": None}
+        for i in range(5):
+            ok = client.post(url, json={"messages": [{"role": "user", "content": f"Say {i}."}],
+                                        "max_tokens": 2})
+            assert ok.status_code == 200, ok.text
+    agent.idle(5)
+    assert [e.status for e in agent.events()] == [400] + [200] * 5
+    assert agent.events()[0].request_id == bad.headers["X-Request-Id"]
+    assert metric(agent.url, "quantfleet_requests_total", status="400") == 1
+    assert metric(agent.url, "quantfleet_requests_total", status="200") == 5
+    assert metric(agent.url, "quantfleet_in_flight") == 0
+    assert httpx.get(agent.url + "/healthz").json()["status"] == "ready"
+
+
+def test_a_bug_in_the_fallback_answers_with_the_first_attempt_and_frees_both_workers(
+        serve_app: ServeFactory, loaded: dict[str, Backend]) -> None:
+    real = loaded["Q4_K_M"]
+    agent = serve_app({"Q4_K_M": ScriptedBackend(real, ['{"name": ']),
+                       "Q8_0": BuggyBackend(real, ['{"name": "Ada"}'], bug="")})
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+    with httpx.Client(timeout=30) as client:
+        for _ in range(3):  # one worker per variant: a kept one would wedge the next
+            r = client.post(agent.url + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Who?"}], "response_format": fmt})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == '{"name": '
+            assert r.json()["quantfleet"]["fallback_from"] is None
+    agent.idle(5)
+    assert [e.status for e in agent.events()] == [200] * 3
+    assert metric(agent.url, "quantfleet_in_flight") == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -418,3 +419,35 @@ def test_non_streamed_client_that_gives_up_cancels_generation(
     assert event.status == 499 and event.error_class == "client_disconnected"
     assert event.finish_reason == "cancelled" and event.completion_tokens < 480
     agent.idle(10)
+
+
+def test_many_short_turns_are_fitted_off_the_event_loop(serve_app: ServeFactory,
+                                                        loaded: dict[str, Backend]) -> None:
+    # Issue 14 #8: 2,000 turns of "hi" blocked /healthz for minutes while they were fitted
+    # one dropped turn at a time on the event loop (bench/bench_fit.py has the figures).
+    agent = serve_app({"Q4_K_M": loaded["Q4_K_M"]}, models={"fallback": ""})
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "hi"}
+             for i in range(2000)]
+    body = {"model": "default", "max_tokens": 2, "messages": turns}
+    answer: dict[str, httpx.Response] = {}
+
+    def ask() -> None:
+        answer["r"] = httpx.post(agent.v1 + "/chat/completions", json=body, timeout=120)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    slowest = 0.0
+    with httpx.Client(timeout=30) as client:
+        while asker.is_alive():
+            start = time.monotonic()
+            assert client.get(agent.url + "/healthz").status_code == 200
+            slowest = max(slowest, time.monotonic() - start)
+            time.sleep(0.02)
+    asker.join()
+    resp = answer["r"]
+    assert resp.status_code == 200, resp.text
+    dropped = resp.json()["quantfleet"]["truncated_messages"]
+    assert 0 < dropped < 2000 and resp.json()["usage"]["prompt_tokens"] <= 1024
+    assert agent.wait_event(resp.headers["X-Request-Id"]).truncated_messages == dropped
+    # A wide margin over the ~30 ms measured (it was minutes): the loop never blocked long.
+    assert slowest < 1.0, slowest
