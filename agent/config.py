@@ -19,7 +19,7 @@ import tomllib
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -456,14 +456,22 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def _reference_table(name: str, description: str, section: type[BaseModel]) -> list[str]:
-    """One table's options; a table inside it ([update.soak]) follows as its own section."""
-    lines = [f"## [{name}]", "", description, "",
+def _reference_table(name: str, description: str, section: type[BaseModel],
+                     array: bool = False) -> list[str]:
+    """One table's options; a table inside it ([update.soak]) or an array of tables
+    ([[update.retired_keys]]) follows as its own section."""
+    header = f"## [[{name}]]" if array else f"## [{name}]"
+    lines = [header, "", description, "",
              "| option | type | default | meaning |", "|---|---|---|---|"]
     tables: list[str] = []
     for opt, f in section.model_fields.items():
         if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
             tables += _reference_table(f"{name}.{opt}", f.description or "", f.annotation)
+            continue
+        item = get_args(f.annotation)[0] if get_origin(f.annotation) is list else None
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            lines.append(f"| `{opt}` | array of tables | `[]` | {f.description or ''} |")
+            tables += _reference_table(f"{name}.{opt}", item.__doc__ or "", item, array=True)
             continue
         default = f.get_default(call_default_factory=True)
         if f.is_required():
