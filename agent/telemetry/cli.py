@@ -16,15 +16,9 @@ from pydantic import ValidationError
 
 from quantfleet.agent.mqtt import parse_broker_url
 from quantfleet.agent.telemetry.config import TelemetryConfig, default_state_dir
+from quantfleet.strict import explain
 
 SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "docs" / "schemas"
-
-
-def _first_error(exc: ValidationError, where: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "(top)"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {loc}: {err['msg']}{more}"
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> TelemetryConfig:
@@ -51,7 +45,8 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> TelemetryConfig
     try:
         return TelemetryConfig.model_validate(doc)
     except ValidationError as exc:
-        raise click.ClickException(_first_error(exc, where)) from None
+        raise click.ClickException(explain(exc, where=where, whole="(top level)",
+                                           unknown="unknown option", rest="count")) from None
 
 
 def _broker(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
