@@ -23,7 +23,6 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -32,6 +31,7 @@ from pydantic import (
 
 from quantfleet.agent.telemetry.config import TelemetryConfig
 from quantfleet.models.catalog import default_models_dir
+from quantfleet.strict import Strict, explain
 
 from .serving.validation import DEFAULT_CITATION_PATTERN, DEFAULT_REFUSAL_PATTERNS
 
@@ -46,8 +46,8 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message names the option."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Section(Strict):
+    """A table of agent.toml: an unknown option is an error naming it."""
 
 
 class DeviceConfig(_Section):
@@ -286,9 +286,7 @@ class PreflightConfig(_Section):
         try:
             VerdictPolicy.model_validate(value)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ValueError(f"{where}: {first['msg']}") from None
+            raise ValueError(explain(exc, unknown="unknown option")) from None
         return value
 
 
@@ -406,19 +404,12 @@ class AgentConfig(_Section):
         return out
 
 
-def _location(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
 def parse_config(data: dict[str, Any], source: str = "config") -> AgentConfig:
     try:
         return AgentConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            msg = "unknown option"
-        raise ConfigError(f"{source}: {_location(first['loc'])}: {msg}") from None
+        raise ConfigError(explain(exc, where=source, whole="(top level)",
+                                  unknown="unknown option")) from None
 
 
 def load_config(path: Path | str) -> AgentConfig:

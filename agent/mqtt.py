@@ -17,7 +17,9 @@ from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from quantfleet.strict import Strict
 
 from .wire import TOPIC_ROOT
 
@@ -54,10 +56,8 @@ def parse_broker_url(url: str) -> tuple[bool, str, int]:
     return tls, host, port
 
 
-class MqttConfig(BaseModel):
+class MqttConfig(Strict):
     """How to reach the broker."""
-
-    model_config = ConfigDict(extra="forbid")
 
     broker: str = Field("mqtt://127.0.0.1:1883",
                         description="mqtt://host[:port] or mqtts://host[:port] (TLS).")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from quantfleet.strict import Strict
 
 #: The version of every payload that has not changed shape since the first
 #: release. A payload that grew fields has its own, higher ``SCHEMA_VERSION``;
@@ -24,10 +26,8 @@ def device_topic(device_id: str, leaf: str, root: str = TOPIC_ROOT) -> str:
     return f"{root}/devices/{device_id}/{leaf}"
 
 
-class WirePayload(BaseModel):
+class WirePayload(Strict):
     """Base of every payload: unknown fields are refused, versions are explicit."""
-
-    model_config = ConfigDict(extra="forbid")
 
     #: The newest shape of this payload; older ones still parse.
     SCHEMA_VERSION: ClassVar[int] = WIRE_VERSION
@@ -45,10 +45,8 @@ ValidationKind = Literal[
 ]
 
 
-class ValidationOutcome(BaseModel):
+class ValidationOutcome(Strict):
     """One check run on one response."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kind: str = Field(description="What was checked, e.g. json_schema, tool_call, refusal.")
     passed: bool
@@ -132,10 +130,8 @@ def parse_device_topic(topic: str, root: str = TOPIC_ROOT) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-class Histogram(BaseModel):
+class Histogram(Strict):
     """Counts of observations in the fixed buckets of ``LATENCY_BUCKETS_S``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     bounds: list[float] = Field(
         default_factory=lambda: list(LATENCY_BUCKETS_S),
@@ -281,10 +277,8 @@ EventBody = Annotated[
 ]
 
 
-class TelemetryEvent(BaseModel):
+class TelemetryEvent(Strict):
     """One event in a batch, with the triple that makes it unique."""
-
-    model_config = ConfigDict(extra="forbid")
 
     boot_epoch: int = Field(ge=0, description="The agent start this event was recorded in.")
     seq: int = Field(ge=1, description="The device's persisted event counter.")
@@ -347,10 +341,8 @@ def cpu_class(arch: str, features: list[str] | tuple[str, ...] | set[str]) -> st
     return arch or "unknown"
 
 
-class HardwareFingerprint(BaseModel):
+class HardwareFingerprint(Strict):
     """What a device is, as far as its kernels are concerned (sent with the birth)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     arch: str = Field(max_length=32, description="CPU architecture: x86_64, aarch64, ...")
     cpu_model: str = Field(max_length=256, description="The CPU's model name.")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from quantfleet.agent.backends import load_backend
 from quantfleet.agent.hardware import fingerprint
@@ -32,6 +32,7 @@ from quantfleet.agent.quality.results import Comparison, VariantResult
 from quantfleet.agent.quality.runner import EvalOptions, VariantRun, run_items
 from quantfleet.agent.wire import HardwareFingerprint
 from quantfleet.models.catalog import Catalog, now_iso
+from quantfleet.strict import Strict
 
 #: One thread, as ``quantfleet eval`` does: llama.cpp's workers spin at barriers, so on a
 #: machine with anything else running two threads are several times slower than one.
@@ -41,10 +42,8 @@ OPTIONS = EvalOptions(threads=1, noise_floor=False, seed=0)
 CALIBRATION_VERSION = 1
 
 
-class CalibrationReport(BaseModel):
+class CalibrationReport(Strict):
     """What the variants did on the golden set here; kept beside the ladder."""
-
-    model_config = ConfigDict(extra="forbid")
 
     version: int = Field(CALIBRATION_VERSION, description="Shape version.")
     created_at: str = Field(description="UTC time the measurement finished.")

@@ -10,16 +10,13 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from quantfleet.agent.mqtt import MqttConfig
+from quantfleet.strict import Strict, explain
 
 
-class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StoreConfig(_Base):
+class StoreConfig(Strict):
     url: str = Field("sqlite:///fleet.db", description="SQLAlchemy URL: sqlite:///PATH or "
                      "postgresql+psycopg://user@host:5432/db. A relative SQLite path is "
                      "relative to the config file.")
@@ -32,7 +29,7 @@ class StoreConfig(_Base):
         return v
 
 
-class IngestConfig(_Base):
+class IngestConfig(Strict):
     share_group: str = Field("quantfleet", pattern=r"^[A-Za-z0-9_-]{0,64}$",
                              description="Shared-subscription group: fleet instances with the "
                              "same group split the telemetry between them. Empty: a plain "
@@ -45,7 +42,7 @@ class IngestConfig(_Base):
                                   "the session (and queues telemetry) while the fleet is away.")
 
 
-class ArtifactsConfig(_Base):
+class ArtifactsConfig(Strict):
     models_dir: Path = Field(Path("models"), description="The models directory (catalog.json "
                              "and the variant files) served to devices.")
     signing_key: Path = Field(Path("signing.key"), description="ed25519 private key (PEM) that "
@@ -54,17 +51,17 @@ class ArtifactsConfig(_Base):
                           description="How devices reach this fleet's HTTP server.")
 
 
-class HttpConfig(_Base):
+class HttpConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the fleet's HTTP server listens on.")
     port: int = Field(8600, ge=1, le=65535, description="Its port.")
 
 
-class RolloutsConfig(_Base):
+class RolloutsConfig(Strict):
     tick_s: float = Field(10.0, gt=0, le=3600, description="How often running rollouts are "
                           "advanced (assign, check device states, judge a finished bake).")
 
 
-class FleetConfig(_Base):
+class FleetConfig(Strict):
     store: StoreConfig = Field(default_factory=lambda: StoreConfig.model_validate({}),
                                description="Where the fleet keeps its state.")
     mqtt: MqttConfig = Field(default_factory=lambda: MqttConfig.model_validate({}),
@@ -107,9 +104,6 @@ def load_fleet_config(path: Path) -> FleetConfig:
     try:
         cfg = FleetConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            lines.append(f"{path}: {where}: {err['msg']}")
-        raise FleetConfigError("; ".join(lines)) from None
+        raise FleetConfigError(explain(exc, where=str(path), pydantic_words=True,
+                                       rest="list")) from None
     return cfg.resolve_paths(Path(path).resolve().parent)

@@ -21,6 +21,7 @@ from quantfleet.agent.wire import (
     TelemetryBatch,
     parse_device_topic,
 )
+from quantfleet.strict import explain
 
 REJECTION_REASONS = (
     "not_json", "unsupported_version", "invalid_payload", "topic_mismatch", "unknown_topic",
@@ -89,9 +90,8 @@ def parse_message(topic: str, payload: bytes,
         # a broken device, not a sequence number).
         parsed: Payload = model.model_validate_json(payload, strict=True)
     except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
-        where = ".".join(str(p) for p in first["loc"]) or "payload"
-        return Rejected(classify_payload(payload, model), f"{topic}: {where}: {first['msg']}")
+        return Rejected(classify_payload(payload, model),
+                        explain(exc, where=topic, whole="payload"))
     unread = _unread_versions(parsed)
     if unread:
         return Rejected("unsupported_version",

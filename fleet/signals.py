@@ -148,11 +148,6 @@ def by_variant(store: Store, start: float, end: float,
             for g, rs in sorted(groups.items())]
 
 
-def for_devices(store: Store, group: str, device_ids: Iterable[str], start: float,
-                end: float) -> Signals:
-    return summarize(group, _rows(store, start, end, device_ids=list(device_ids)))
-
-
 def drift(store: Store, group: str, window: tuple[float, float],
           reference: tuple[float, float], device_ids: Iterable[str] | None = None) -> Drift:
     ids = list(device_ids) if device_ids is not None else None

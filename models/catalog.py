@@ -18,7 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
+
+from quantfleet.strict import Strict, explain
 
 CATALOG_FILE = "catalog.json"
 CATALOG_VERSION = 1
@@ -29,11 +31,7 @@ class CatalogError(ValueError):
     """The catalog or a name in it cannot be used; the message says why."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SourceEntry(_Strict):
+class SourceEntry(Strict):
     """A source model that variants are built from."""
 
     name: str = Field(description="Short name, used as the variant name prefix.")
@@ -46,7 +44,7 @@ class SourceEntry(_Strict):
     n_parameters: int = 0
 
 
-class Precision(_Strict):
+class Precision(Strict):
     label: str = Field(description="The precision's name: F16, Q8_0, Q4_K_M, onnx-int8, ...")
     tensor_types: dict[str, int] = Field(
         description="How many tensors of each type the file really has (K-quants fall back "
@@ -69,7 +67,7 @@ def _unique(values: list[str], what: str) -> list[str]:
     return values
 
 
-class CpuRequirement(_Strict):
+class CpuRequirement(Strict):
     """A CPU feature a variant's kernels need on one architecture to compute correctly."""
 
     arch: str = Field(max_length=32, pattern=NAME_PATTERN,
@@ -93,7 +91,7 @@ class CpuRequirement(_Strict):
         return arch != self.arch or not set(self.any_of).isdisjoint(features)
 
 
-class VariantEntry(_Strict):
+class VariantEntry(Strict):
     name: str = Field(description="Unique name: '<source>-<precision label>'.")
     source: str
     backend: Literal["llama.cpp", "onnxruntime"]
@@ -147,7 +145,7 @@ class VariantEntry(_Strict):
         }
 
 
-class CatalogDocument(_Strict):
+class CatalogDocument(Strict):
     version: int = CATALOG_VERSION
     sources: dict[str, SourceEntry] = Field(default_factory=dict)
     variants: dict[str, VariantEntry] = Field(default_factory=dict)
@@ -209,9 +207,7 @@ class Catalog:
         try:
             return CatalogDocument.model_validate(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise CatalogError(f"{self.path}: {where}: {first['msg']}") from None
+            raise CatalogError(explain(exc, where=str(self.path), pydantic_words=True)) from None
 
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 The repository's top-level folders install as subpackages of this one:
 ``agent/`` is ``quantfleet.agent`` (device side), ``fleet/`` is
 ``quantfleet.fleet`` (operator side) and ``models/`` is ``quantfleet.models``
-(variant catalog, ladder recipes, golden sets).
+(variant catalog, ladder recipes, golden sets). ``quantfleet.strict`` is what
+they all build on: the one strict pydantic base and its error messages.
 """
 
 from importlib.metadata import PackageNotFoundError, version

@@ -61,3 +61,13 @@ def test_models_importing_the_agent_breaks_the_contract(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "models (what a variant is) import neither" in result.stdout, result.stdout
     assert "quantfleet.models.catalog -> quantfleet.agent.wire" in result.stdout, result.stdout
+
+
+def test_the_strict_base_importing_a_part_breaks_the_contract(tmp_path: Path) -> None:
+    tree = _tree(tmp_path)
+    strict = tree / "quantfleet" / "strict.py"
+    strict.write_text(strict.read_text() + "\nfrom quantfleet.agent import wire  # noqa: E402\n")
+    result = _lint(tree)
+    assert result.returncode != 0
+    assert "the strict base imports no other part" in result.stdout, result.stdout
+    assert "quantfleet.strict -> quantfleet.agent.wire" in result.stdout, result.stdout

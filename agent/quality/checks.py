@@ -43,7 +43,7 @@ def validation_spec(item: GoldenItem) -> ValidationSpec:
     return ValidationSpec(
         json_expected=e.json_valid is not None,
         json_schema=item.response_schema() if e.json_valid is not None else None,
-        tools=[t.model_dump() for t in item.tools],
+        tools=[t.model_dump(exclude_none=True) for t in item.tools],
         tool_calls_required=e.tool_call is not None,
         check_refusal=e.refusal is not None,
         refusal_expected=bool(e.refusal),

@@ -3,7 +3,10 @@
 A golden item is an OpenAI-shaped chat request (``messages``, optional
 ``tools``/``tool_choice``, ``response_format``, ``max_tokens``) plus
 ``expect``, the properties its answer must have, and a ``category`` for
-slicing the report. Every property is optional; an item checks only what it
+slicing the report. The request part is made of the local API's own request
+models (:mod:`quantfleet.agent.serving.protocol`), and the whole body is
+checked by its ``ChatRequest``, so an item is validated exactly as the API
+validates a request. Every property is optional; an item checks only what it
 sets. The whole file is validated before anything runs: a malformed line, an
 unknown property, an invalid JSON Schema or a regex that does not compile
 stops the load with ``file:line: reason``, so a run never starts half-way.
@@ -20,10 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from quantfleet.agent.serving.protocol import ChatRequest
-from quantfleet.agent.serving.validation import schema_problem
+from quantfleet.agent.serving.protocol import (
+    ChatRequest,
+    JsonSchemaFormat,
+    Message,
+    NamedToolChoice,
+    ResponseFormat,
+    Tool,
+)
+from quantfleet.strict import Strict, explain
 
 #: the properties an item can expect, in report order
 PROPERTIES = (
@@ -43,65 +53,43 @@ class GoldenFileError(ValueError):
         self.reason = reason
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Golden(Strict):
+    model_config = ConfigDict(frozen=True)
 
 
-def _check_schema(schema: dict[str, Any], what: str) -> None:
-    problem = schema_problem(schema)  # the serving validator's rule, so both agree
-    if problem is not None:
-        raise ValueError(f"{what}: {problem}")
+#: Unknown fields point at the format's reference.
+_UNKNOWN = "unknown field (see docs/eval.md for the format)"
 
 
-class Message(_Strict):
-    role: Literal["system", "user", "assistant", "tool"] = Field(description="Who speaks.")
-    content: str = Field(description="What they say (text only).")
+def _tool_defaults(tool: Any) -> Any:
+    if not isinstance(tool, dict):
+        return tool
+    out = {"type": "function", **tool}
+    if isinstance(out.get("function"), dict):
+        out["function"] = {"description": "",
+                           "parameters": {"type": "object", "properties": {}},
+                           **out["function"]}
+    return out
 
 
-class FunctionSpec(_Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]{1,64}$",
-                      description="The tool's name, as the model must call it.")
-    description: str = Field("", description="What the tool does, shown to the model.")
-    parameters: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "object", "properties": {}},
-        description="JSON Schema of the arguments object.")
+def _request_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with the golden format's defaults where the API's request has none.
 
-    @model_validator(mode="after")
-    def _schema_is_valid(self) -> FunctionSpec:
-        _check_schema(self.parameters, f"tool {self.name!r} parameters")
-        return self
-
-
-class ToolSpec(_Strict):
-    type: Literal["function"] = Field("function", description="Only function tools exist.")
-    function: FunctionSpec = Field(description="The function the model may call.")
+    A golden file may leave out a tool's ``type``, its function's ``description``
+    and ``parameters``, and a JSON schema's ``name``; the item then sends what it
+    always sent: ``"function"``, ``""``, an empty object schema and ``"answer"``.
+    """
+    out = dict(raw)
+    if isinstance(out.get("tools"), list):
+        out["tools"] = [_tool_defaults(t) for t in out["tools"]]
+    fmt = out.get("response_format")
+    if isinstance(fmt, dict) and isinstance(fmt.get("json_schema"), dict):
+        out["response_format"] = {**fmt, "json_schema": {"name": "answer",
+                                                         **fmt["json_schema"]}}
+    return out
 
 
-class JsonSchemaFormat(_Strict):
-    name: str = Field("answer", description="A name for the schema (OpenAI shape).")
-    schema_: dict[str, Any] = Field(alias="schema", description="The JSON Schema to follow.")
-    strict: bool | None = Field(None, description="Accepted for OpenAI compatibility.")
-
-    @model_validator(mode="after")
-    def _schema_is_valid(self) -> JsonSchemaFormat:
-        _check_schema(self.schema_, "response_format schema")
-        return self
-
-
-class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"] = Field(
-        description="text, any JSON object, or JSON following json_schema.schema.")
-    json_schema: JsonSchemaFormat | None = Field(
-        None, description="Required when type is json_schema (OpenAI shape).")
-
-    @model_validator(mode="after")
-    def _schema_when_needed(self) -> ResponseFormat:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("json_schema is required with type json_schema, and only then")
-        return self
-
-
-class ToolCallExpect(_Strict):
+class ToolCallExpect(_Golden):
     name: str | None = Field(None, description="The tool that must be called (any, if unset).")
     arguments: dict[str, Any] = Field(
         default_factory=dict,
@@ -109,7 +97,7 @@ class ToolCallExpect(_Strict):
         "strings); arguments are always validated against the tool's schema.")
 
 
-class CitationExpect(_Strict):
+class CitationExpect(_Golden):
     sources: list[str] = Field(
         min_length=1, description="Source markers the answer may cite, e.g. ['[1]']; citing "
         "any one of them passes.")
@@ -119,14 +107,14 @@ class CitationExpect(_Strict):
         return "|".join(re.escape(s) for s in self.sources)
 
 
-class LengthExpect(_Strict):
+class LengthExpect(_Golden):
     min_chars: int | None = Field(None, ge=0, description="Fewest characters in the answer.")
     max_chars: int | None = Field(None, ge=1, description="Most characters in the answer.")
     min_tokens: int | None = Field(None, ge=0, description="Fewest completion tokens.")
     max_tokens: int | None = Field(None, ge=1, description="Most completion tokens.")
 
 
-class Expect(_Strict):
+class Expect(_Golden):
     """What the answer must be. Unset properties are not checked."""
 
     json_valid: bool | None = Field(
@@ -167,25 +155,30 @@ class Expect(_Strict):
         return out
 
 
-class GoldenItem(_Strict):
+class GoldenItem(_Golden):
+    """A request, in the local API's own request models, and what its answer must be."""
+
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$", description="Unique id.")
     category: str = Field(min_length=1, description="Slice of traffic, e.g. json_extraction.")
     messages: list[Message] = Field(min_length=1, description="The chat, ending with the user.")
-    tools: list[ToolSpec] = Field(default_factory=list, description="Tools the model may call.")
-    tool_choice: Literal["auto", "required", "none"] | dict[str, Any] | None = Field(
+    tools: list[Tool] = Field(default_factory=list, description="Tools the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="OpenAI tool_choice; 'required' or a named function forces a call.")
     response_format: ResponseFormat | None = Field(None, description="Structured output.")
     max_tokens: int = Field(96, ge=1, le=4096, description="The answer's token budget.")
     expect: Expect = Field(description="What the answer must be.")
     notes: str = Field("", description="Why the item exists, for the people who edit it.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _golden_defaults(cls, data: Any) -> Any:
+        return _request_defaults(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _coherent(self) -> GoldenItem:
         if self.messages[-1].role != "user":
             raise ValueError("the last message must be from the user")
         names = [t.function.name for t in self.tools]
-        if len(set(names)) != len(names):
-            raise ValueError("two tools share a name")
         call = self.expect.tool_call
         if call is not None:
             if not self.tools:
@@ -199,23 +192,26 @@ class GoldenItem(_Strict):
             raise ValueError("expect.json_fields needs a response_format or a tool_call")
         if not self.expect.properties():
             raise ValueError("expect sets no property; an item must check something")
-        try:  # the agent's own request model: a golden item is a request it would accept
+        try:  # the rules across fields (unique tool names, tools with JSON output, ...)
             ChatRequest.model_validate(self.request_body())
         except ValidationError as exc:
-            raise ValueError(f"not a request the agent accepts: {first_error(exc)}") from None
+            raise ValueError("not a request the agent accepts: "
+                             + explain(exc, unknown=_UNKNOWN)) from None
         return self
 
     def request_body(self) -> dict[str, Any]:
         """The item as an OpenAI chat-completions request body (what the agent serves)."""
         body: dict[str, Any] = {
-            "messages": [m.model_dump() for m in self.messages],
+            "messages": [m.model_dump(exclude_none=True) for m in self.messages],
             "max_tokens": self.max_tokens,
             "temperature": 0.0,
         }
         if self.tools:
-            body["tools"] = [t.model_dump(by_alias=True) for t in self.tools]
+            body["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
         if self.tool_choice is not None:
-            body["tool_choice"] = self.tool_choice
+            body["tool_choice"] = (self.tool_choice.model_dump()
+                                   if isinstance(self.tool_choice, NamedToolChoice)
+                                   else self.tool_choice)
         if self.response_format is not None:
             body["response_format"] = self.response_format.model_dump(
                 by_alias=True, exclude_none=True)
@@ -223,11 +219,11 @@ class GoldenItem(_Strict):
 
     def response_schema(self) -> dict[str, Any] | None:
         rf = self.response_format
-        if rf is None or rf.json_schema is None:
+        if not isinstance(rf, JsonSchemaFormat):
             return None
         return rf.json_schema.schema_
 
-    def tool(self, name: str) -> ToolSpec | None:
+    def tool(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.function.name == name), None)
 
 
@@ -267,16 +263,6 @@ class GoldenSet:
                          tuple(self.items[i] for i in sorted(picked)))
 
 
-def first_error(exc: ValidationError) -> str:
-    """The first pydantic error as "where: why", in the words a file's author needs."""
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown field (see docs/eval.md for the format)"
-    return f"{loc}: {msg}" if loc else msg
-
-
 def parse_golden(text: str, path: Path | str = "<golden>") -> GoldenSet:
     """Validate golden JSONL text; raise GoldenFileError at the first bad line."""
     items: list[GoldenItem] = []
@@ -297,7 +283,8 @@ def parse_golden(text: str, path: Path | str = "<golden>") -> GoldenSet:
         except ValidationError as exc:
             ident = raw.get("id")
             prefix = f"item {ident!r}: " if isinstance(ident, str) else ""
-            raise GoldenFileError(path, lineno, prefix + first_error(exc)) from None
+            raise GoldenFileError(path, lineno,
+                                  prefix + explain(exc, unknown=_UNKNOWN)) from None
         if item.id in seen:
             raise GoldenFileError(path, lineno,
                                   f"duplicate id {item.id!r} (first on line {seen[item.id]})")

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from quantfleet.agent.wire import HardwareFingerprint, ValidationOutcome
+from quantfleet.strict import Strict, explain
 
 #: The shape of a ``Comparison`` (and of reports before version 2).
 EVAL_SCHEMA_VERSION = 1
@@ -21,11 +22,7 @@ EVAL_SCHEMA_VERSION = 1
 REPORT_SCHEMA_VERSION = 2
 
 
-class _Data(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Rate(_Data):
+class Rate(Strict):
     """A pass rate with its 95 % Wilson interval."""
 
     passed: int = Field(description="Items that passed.")
@@ -35,7 +32,7 @@ class Rate(_Data):
     high: float = Field(description="Upper bound of the 95 % Wilson interval.")
 
 
-class ItemRun(_Data):
+class ItemRun(Strict):
     """One golden item answered by one variant."""
 
     item_id: str = Field(description="The golden item's id.")
@@ -54,7 +51,7 @@ class ItemRun(_Data):
     passed: bool = Field(description="Every expected property passed.")
 
 
-class VariantResult(_Data):
+class VariantResult(Strict):
     """One variant's run over the golden set."""
 
     name: str = Field(description="Catalog name of the variant.")
@@ -82,7 +79,7 @@ class VariantResult(_Data):
     items: list[ItemRun] = Field(description="Per-item results, in golden-file order.")
 
 
-class LogitSummary(_Data):
+class LogitSummary(Strict):
     """Teacher-forced divergence from the baseline over a set of tokens."""
 
     tokens: int = Field(description="Completion tokens scored.")
@@ -95,14 +92,14 @@ class LogitSummary(_Data):
     dp_p01: float = Field(description="1st percentile of Δp (the degradation tail).")
 
 
-class LogitSplit(_Data):
+class LogitSplit(Strict):
     all: LogitSummary | None = Field(description="Every completion token.")
     structured: LogitSummary | None = Field(
         description="Tokens inside JSON answers and tool-call JSON.")
     prose: LogitSummary | None = Field(description="Every other completion token.")
 
 
-class PropertyDelta(_Data):
+class PropertyDelta(Strict):
     baseline: Rate = Field(description="The baseline's pass rate on this property.")
     candidate: Rate = Field(description="The candidate's pass rate on this property.")
     drop: float = Field(description="baseline rate minus candidate rate (positive: worse).")
@@ -110,14 +107,14 @@ class PropertyDelta(_Data):
     better: int = Field(description="Items failing on the baseline and passing here.")
 
 
-class Flip(_Data):
+class Flip(Strict):
     item_id: str = Field(description="The golden item.")
     category: str = Field(description="Its category.")
     direction: Literal["pass->fail", "fail->pass"] = Field(description="Which way it flipped.")
     properties: list[str] = Field(description="Properties whose outcome changed.")
 
 
-class Comparison(_Data):
+class Comparison(Strict):
     """A candidate against the baseline on the same items: what a verdict is made from."""
 
     schema_version: int = Field(EVAL_SCHEMA_VERSION, description="Shape version.")
@@ -138,7 +135,7 @@ class Comparison(_Data):
         None, description="The same divergence for the baseline against itself.")
 
 
-class GoldenInfo(_Data):
+class GoldenInfo(Strict):
     path: str = Field(description="The golden file.")
     sha256: str = Field(description="sha256 of its text.")
     items: int = Field(description="Items evaluated.")
@@ -147,7 +144,7 @@ class GoldenInfo(_Data):
     seed: int = Field(description="Seed of the sample and the generation.")
 
 
-class KernelPath(_Data):
+class KernelPath(Strict):
     """Which kernels the runtimes ran: what a report measured besides the files."""
 
     llama_cpp_python: str = Field("", description="llama-cpp-python version (empty: absent).")
@@ -164,7 +161,7 @@ class KernelPath(_Data):
         "kernels ran for the fingerprint's features, not the host's.")
 
 
-class EvalReport(_Data):
+class EvalReport(Strict):
     """The whole evaluation: ``quantfleet eval --json``."""
 
     schema_version: int = Field(REPORT_SCHEMA_VERSION,
@@ -225,13 +222,7 @@ def parse_report(text: str | bytes, where: str = "<report>") -> EvalReport:
     try:
         return EvalReport.model_validate(doc)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ReportFileError(f"{where}: {prefix}{loc}: {msg}{more}") from None
+        raise ReportFileError(f"{where}: {prefix}{explain(exc, rest='count')}") from None
 
 
 def load_report(path: Path) -> EvalReport:

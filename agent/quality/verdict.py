@@ -31,17 +31,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from quantfleet.strict import Strict
 
 from .results import Comparison, LogitSplit
 
 Status = Literal["pass", "fail", "insufficient"]
 
 
-class VerdictPolicy(BaseModel):
+class VerdictPolicy(Strict):
     """Limits a candidate must stay within. Defaults suit a 60-item golden set."""
-
-    model_config = ConfigDict(extra="forbid")
 
     min_items: int = Field(20, ge=1, description="Fewer paired items than this: insufficient.")
     min_property_items: int = Field(
@@ -71,9 +71,7 @@ class VerdictPolicy(BaseModel):
         50, ge=1, description="Fewer scored tokens than this makes a KLD check insufficient.")
 
 
-class Check(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Check(Strict):
     name: str = Field(description="What was checked, e.g. drop:tool_call, flips, kld_p99:prose.")
     status: Status = Field(description="pass, fail or insufficient.")
     observed: float | None = Field(None, description="The measured value.")
@@ -81,9 +79,7 @@ class Check(BaseModel):
     detail: str = Field("", description="The evidence in a sentence.")
 
 
-class Verdict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Verdict(Strict):
     decision: Status = Field(description="pass, fail or insufficient.")
     baseline: str = Field(description="Baseline variant.")
     candidate: str = Field(description="Candidate variant.")

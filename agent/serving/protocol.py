@@ -26,6 +26,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from quantfleet.strict import Strict
+
 from .validation import schema_problem
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -70,27 +72,23 @@ def unicode_problem(value: Any) -> tuple[str, str] | None:
     return None
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ToolCallFunction(_Strict):
+class ToolCallFunction(Strict):
     name: str
     arguments: str
 
 
-class ToolCall(_Strict):
+class ToolCall(Strict):
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class Message(_Strict):
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -107,7 +105,7 @@ class Message(_Strict):
         return self
 
 
-class FunctionDef(_Strict):
+class FunctionDef(Strict):
     name: str = Field(description="The function's name: letters, digits, _ and -, at most 64.")
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -128,27 +126,27 @@ class FunctionDef(_Strict):
         return v
 
 
-class Tool(_Strict):
+class Tool(Strict):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Strict):
+class NamedFunction(Strict):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaSpec(_Strict):
+class JsonSchemaSpec(Strict):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
     @field_validator("schema_")
     @classmethod
@@ -158,15 +156,15 @@ class JsonSchemaSpec(_Strict):
         return v
 
 
-class TextFormat(_Strict):
+class TextFormat(Strict):
     type: Literal["text"]
 
 
-class JsonObjectFormat(_Strict):
+class JsonObjectFormat(Strict):
     type: Literal["json_object"]
 
 
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(Strict):
     type: Literal["json_schema"]
     json_schema: JsonSchemaSpec
 
@@ -176,11 +174,11 @@ ResponseFormat = Annotated[
 ]
 
 
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class QuantfleetOptions(_Strict):
+class QuantfleetOptions(Strict):
     """The agent's extension, sent as ``extra_body={"quantfleet": {...}}``."""
 
     tier: str | None = Field(None, max_length=64, description="Quality tier to route by.")
@@ -190,7 +188,7 @@ class QuantfleetOptions(_Strict):
     fallback: bool = Field(True, description="Allow a retry on the fallback variant.")
 
 
-class ChatRequest(_Strict):
+class ChatRequest(Strict):
     """``POST /v1/chat/completions``."""
 
     model: str = Field("", max_length=256)

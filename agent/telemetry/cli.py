@@ -16,15 +16,12 @@ from pydantic import ValidationError
 
 from quantfleet.agent.mqtt import parse_broker_url
 from quantfleet.agent.telemetry.config import TelemetryConfig, default_state_dir
+from quantfleet.strict import explain
 
-SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "docs" / "schemas"
-
-
-def _first_error(exc: ValidationError, where: str) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "(top)"
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {loc}: {err['msg']}{more}"
+#: Where ``telemetry schemas`` writes by default: the repository's docs/schemas/ when run
+#: from the repository's root. The schemas are rendered from the wire models, never read
+#: from a source tree, so the command works the same from an installed wheel.
+SCHEMAS_DIR = Path("docs") / "schemas"
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> TelemetryConfig:
@@ -51,7 +48,8 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> TelemetryConfig
     try:
         return TelemetryConfig.model_validate(doc)
     except ValidationError as exc:
-        raise click.ClickException(_first_error(exc, where)) from None
+        raise click.ClickException(explain(exc, where=where, whole="(top level)",
+                                           unknown="unknown option", rest="count")) from None
 
 
 def _broker(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -181,18 +179,23 @@ def telemetry_status(outbox_path: Path | None, as_json: bool) -> None:
 
 @telemetry_group.command(name="schemas")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=SCHEMAS_DIR,
-              show_default="docs/schemas", help="Directory to write the JSON Schemas to.")
+              show_default="docs/schemas, under the current directory",
+              help="Directory to write the JSON Schemas to.")
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if the files differ.")
 def telemetry_schemas(out: Path, check: bool) -> None:
     """Write the JSON Schema of every wire payload (generated from agent/wire.py).
 
     \b
     Example:
-      quantfleet-agent telemetry schemas --check
+      quantfleet-agent telemetry schemas --check           # in the repository
+      quantfleet-agent telemetry schemas --out ./schemas   # anywhere
     """
     from quantfleet.agent.telemetry.schemas import render_schemas
 
     rendered = render_schemas()
+    if check and not out.is_dir():
+        raise click.ClickException(f"{out}: no such directory (run from the repository's "
+                                   "root, or give --out)")
     stale = [n for n, text in rendered.items()
              if not (out / n).exists() or (out / n).read_text() != text]
     if check:

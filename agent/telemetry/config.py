@@ -9,16 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.agent.wire import DEVICE_ID_PATTERN
+from quantfleet.strict import Strict
 
 MAX_BATCH_BYTES = 64 * 1024
-
-
-class ConfigBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def default_state_dir() -> Path:
@@ -26,7 +23,7 @@ def default_state_dir() -> Path:
     return Path(base) / "quantfleet"
 
 
-class OutboxConfig(ConfigBase):
+class OutboxConfig(Strict):
     """The durable buffer on the device."""
 
     path: Path | None = Field(
@@ -50,7 +47,7 @@ class OutboxConfig(ConfigBase):
     )
 
 
-class PublisherConfig(ConfigBase):
+class PublisherConfig(Strict):
     """How the outbox is forwarded."""
 
     batch_max_bytes: int = Field(MAX_BATCH_BYTES, ge=1024, le=MAX_BATCH_BYTES,
@@ -71,7 +68,7 @@ class PublisherConfig(ConfigBase):
     connect_timeout_s: float = Field(10.0, gt=0, description="Wait for CONNACK this long.")
 
 
-class TelemetryConfig(ConfigBase):
+class TelemetryConfig(Strict):
     """The telemetry path of one device."""
 
     device_id: str = Field(pattern=DEVICE_ID_PATTERN, description="This device's id.")

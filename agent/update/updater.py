@@ -165,9 +165,10 @@ class Updater:
         try:
             desired = DesiredPayload.model_validate_json(raw)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(p) for p in err["loc"]) or "payload"
-            self.report("refused", reason=f"malformed desired state: {where}: {err['msg']}")
+            from quantfleet.strict import explain
+
+            self.report("refused", reason="malformed desired state: "
+                        + explain(exc, whole="payload"))
             return None
         problem = self._refusal(desired)
         if problem is not None:

@@ -13,11 +13,11 @@ from rich.console import Console
 
 from quantfleet.agent.quality.golden import (
     GoldenFileError,
-    first_error,
     load_golden,
     starter_golden_path,
 )
 from quantfleet.models.catalog import default_models_dir
+from quantfleet.strict import explain
 
 _out = Console(width=None if sys.stdout.isatty() else 140)
 _err = Console(stderr=True)
@@ -36,7 +36,9 @@ def _load_policy(path: Path | None):  # type: ignore[no-untyped-def]
     except (OSError, json.JSONDecodeError) as exc:
         raise click.ClickException(f"--policy {path}: not readable JSON ({exc})") from None
     except ValidationError as exc:
-        raise click.ClickException(f"--policy {path}: {first_error(exc)}") from None
+        raise click.ClickException(explain(
+            exc, where=f"--policy {path}",
+            unknown="unknown field (see docs/eval.md for the format)")) from None
 
 
 @click.group(name="eval", invoke_without_command=True)

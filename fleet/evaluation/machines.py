@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from quantfleet.agent.quality.compare import compare_runs
 from quantfleet.agent.quality.results import (
@@ -23,13 +23,10 @@ from quantfleet.agent.quality.results import (
     Rate,
 )
 from quantfleet.agent.wire import HardwareFingerprint
+from quantfleet.strict import Strict
 
 
-class _Data(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class MachineInfo(_Data):
+class MachineInfo(Strict):
     """One side of a cross-machine comparison: which report, measured where."""
 
     label: str = Field(description="How the comparison names this side (the file's name).")
@@ -40,7 +37,7 @@ class MachineInfo(_Data):
     kernels: KernelPath | None = Field(description="Its kernel path (None: before version 2).")
 
 
-class KldAcross(_Data):
+class KldAcross(Strict):
     """One KLD split of one candidate (against the same baseline) on both machines."""
 
     split: Literal["all", "structured", "prose"] = Field(description="Which tokens.")
@@ -54,7 +51,7 @@ class KldAcross(_Data):
     p99_diff: float | None = Field(description="b_p99 - a_p99 (positive: worse on B).")
 
 
-class VariantAcross(_Data):
+class VariantAcross(Strict):
     """One variant's answers to the same items on two machines, paired by item."""
 
     name: str = Field(description="Catalog name of the variant (the same file on both).")
@@ -77,7 +74,7 @@ class VariantAcross(_Data):
                                  "the baseline itself).")
 
 
-class MachineComparison(_Data):
+class MachineComparison(Strict):
     """Two reports of the same golden set, variants and baseline from two machines."""
 
     schema_version: int = Field(1, description="Shape version.")

@@ -23,10 +23,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quantfleet.agent.wire import CPU_CLASSES
 from quantfleet.fleet.cohorts import Selector, SelectorError
+from quantfleet.strict import Strict, explain
 
 from .gates import RATE_METRICS, RATIO_METRICS
 
@@ -41,10 +42,6 @@ _ARCH = re.compile(r"^[a-z][a-z0-9]{0,31}$")  # riscv64, ppc64le: cpu_class of o
 
 class SpecError(ValueError):
     """The spec is unusable; the message names the file and the field."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 def _count_or_percent(v: Any, what: str) -> int | str:
@@ -69,7 +66,7 @@ def resolve_count(v: int | str, total: int) -> int:
     return min(total, math.ceil(pct * total / 100 - 1e-9))
 
 
-class GateSpec(_Strict):
+class GateSpec(Strict):
     metric: str = Field(description="validation_failure_rate, tool_call_success_rate, "
                         "refusal_rate, fallback_rate, error_rate, p95_latency, p99_latency "
                         "or cost_per_success.")
@@ -89,7 +86,7 @@ class GateSpec(_Strict):
         return v
 
 
-class Deadlines(_Strict):
+class Deadlines(Strict):
     download_s: float = Field(1800, gt=0, description="From desired to downloaded.")
     preflight_s: float = Field(900, gt=0, description="Verification and pre-flight.")
     activation_s: float = Field(300, gt=0, description="Activation (hot swap).")
@@ -111,7 +108,11 @@ def default_gates() -> list[GateSpec]:
     ]
 
 
-class RolloutSpec(_Strict):
+class RolloutSpec(Strict):
+    # "from" and "to" are Python keywords: the fields are from_variant and to_variant,
+    # and code builds specs by those names
+    model_config = ConfigDict(populate_by_name=True)
+
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$", description="Unique id.")
     cohort: str = Field(description="Label selector of the devices in scope.")
     from_variant: str = Field(alias="from", description="The baseline variant.")
@@ -244,8 +245,5 @@ def load_spec(path: Path) -> RolloutSpec:
     try:
         return RolloutSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "spec"
-            problems.append(f"{path}: {where}: {err['msg']}")
-        raise SpecError("; ".join(problems)) from None
+        raise SpecError(explain(exc, where=str(path), whole="spec", pydantic_words=True,
+                                rest="list")) from None

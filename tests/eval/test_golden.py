@@ -87,14 +87,55 @@ def test_invalid_response_schema_is_rejected(golden_file) -> None:  # type: igno
     with pytest.raises(GoldenFileError) as err:
         load_golden(path)
     assert err.value.line == 2
-    assert "response_format schema" in err.value.reason and "JSON Schema" in err.value.reason
+    assert "response_format.json_schema.json_schema.schema: invalid JSON Schema" \
+        in err.value.reason
 
 
 def test_invalid_tool_schema_is_rejected(golden_file) -> None:  # type: ignore[no-untyped-def]
     tools = [{"type": "function",
               "function": {"name": "f", "parameters": {"type": "object", "required": "x"}}}]
-    with pytest.raises(GoldenFileError, match=r":1: .*tool 'f' parameters"):
+    with pytest.raises(GoldenFileError,
+                       match=r":1: .*tools\.0\.function\.parameters: .*invalid JSON Schema"):
         load_golden(golden_file(line(tools=tools, expect={"tool_call": {"name": "f"}})))
+
+
+@pytest.mark.parametrize("changes", [
+    {"messages": [{"role": "user"}]},
+    {"messages": [{"role": "robot", "content": "hi"}]},
+    {"tools": [{"type": "function", "function": {"name": "no spaces"}}],
+     "expect": {"tool_call": {}}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x" * 65, "schema": {}}},
+     "expect": {"json_valid": True}},
+])
+def test_the_request_is_refused_in_the_apis_own_words(golden_file,  # type: ignore[no-untyped-def]
+                                                      changes: dict[str, Any]) -> None:
+    """A golden item's request is made of the local API's request models."""
+    from pydantic import ValidationError
+
+    from quantfleet.agent.serving.protocol import ChatRequest
+    from quantfleet.strict import problems
+
+    request = {k: v for k, v in json.loads(line(**changes)).items()
+               if k in ("messages", "tools", "response_format")}
+    with pytest.raises(ValidationError) as api:
+        ChatRequest.model_validate(request)
+    with pytest.raises(GoldenFileError) as err:
+        load_golden(golden_file(line(**changes)))
+    assert err.value.reason == f"item 'ok-1': {problems(api.value)[0]}"
+
+
+def test_a_file_may_leave_out_what_the_format_defaults(golden_file) -> None:  # type: ignore[no-untyped-def]
+    """Files written before items embedded the API's models load, and send the same body."""
+    tools = [{"function": {"name": "f"}}]  # no type, description or parameters
+    fmt = {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}  # no name
+    tool_item, json_item = load_golden(golden_file(
+        line(tools=tools, tool_choice="required", expect={"tool_call": {"name": "f"}}),
+        line(id="ok-2", response_format=fmt, expect={"json_valid": True}))).items
+    assert tool_item.request_body()["tools"] == [{"type": "function", "function": {
+        "name": "f", "description": "", "parameters": {"type": "object", "properties": {}}}}]
+    assert json_item.request_body()["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+    assert json_item.response_schema() == {"type": "object"}
 
 
 @pytest.mark.parametrize(("changes", "reason"), [

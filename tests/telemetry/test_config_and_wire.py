@@ -168,3 +168,53 @@ def test_the_config_table_in_the_docs_matches_the_code() -> None:
     start = doc.index("<!-- config-reference:")
     block = doc[doc.index("\n", start) + 1:doc.index("<!-- end config-reference -->")]
     assert block == config_reference(), "regenerate with config_reference()"
+
+
+def test_schemas_command_writes_and_checks_a_directory(tmp_path: Path) -> None:
+    out = tmp_path / "schemas"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["telemetry", "schemas", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.read_text() for p in out.glob("*.json")} == render_schemas()
+    result = runner.invoke(cli, ["telemetry", "schemas", "--check", "--out", str(out)])
+    assert result.exit_code == 0 and "up to date" in result.output, result.output
+    (out / "status.json").write_text("{}\n")
+    result = runner.invoke(cli, ["telemetry", "schemas", "--check", "--out", str(out)])
+    assert result.exit_code == 1 and "out of date: status.json" in result.output
+    result = runner.invoke(cli, ["telemetry", "schemas", "--check", "--out",
+                                 str(tmp_path / "nowhere")])
+    assert result.exit_code == 1 and "no such directory" in result.output
+
+
+def test_schemas_command_needs_no_source_tree(tmp_path: Path) -> None:
+    """Installed from a wheel, quantfleet has no docs/ beside it: the schemas are rendered
+    from the wire models, and the default directory is docs/schemas of where it runs."""
+    import shutil
+    import subprocess
+    import sys
+
+    pkg = tmp_path / "site" / "quantfleet"  # the package as a wheel installs it
+    pkg.mkdir(parents=True)
+    for f in (ROOT / "quantfleet").glob("*.py"):
+        shutil.copy(f, pkg / f.name)
+    for part in ("agent", "fleet", "models", "demo"):
+        shutil.copytree(ROOT / part, pkg / part,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / "docs" / "schemas", work / "docs" / "schemas")
+
+    def schemas(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "quantfleet.agent.telemetry", "schemas",
+                               *args], cwd=work, env={"PYTHONPATH": str(tmp_path / "site")},
+                              capture_output=True, text=True, timeout=120)
+
+    where = subprocess.run([sys.executable, "-c", "import quantfleet; print(quantfleet.__file__)"],
+                           cwd=work, env={"PYTHONPATH": str(tmp_path / "site")},
+                           capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip() == str(pkg / "__init__.py"), where.stdout + where.stderr
+    result = schemas("--check")
+    assert result.returncode == 0 and "up to date" in result.stdout, result.stdout + result.stderr
+    result = schemas("--out", "elsewhere")
+    assert result.returncode == 0, result.stderr
+    written = {p.name: p.read_text() for p in (work / "elsewhere").glob("*.json")}
+    assert written == {p.name: p.read_text() for p in (ROOT / "docs" / "schemas").glob("*.json")}
