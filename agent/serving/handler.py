@@ -45,6 +45,7 @@ from pydantic import ValidationError
 from quantfleet.agent.backends.base import BackendError
 from quantfleet.agent.chat import ChatTemplateError
 from quantfleet.agent.wire import RequestEvent, ValidationOutcome
+from quantfleet.strict import problems
 
 from .admission import PRIORITIES, Lease, Rejected
 from .budgets import BudgetExceeded, QuotaExceeded
@@ -468,11 +469,8 @@ def _pydantic_message(exc: ValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
     if first["type"] == "invalid_unicode":  # names its own field, however deep
         return str(first["msg"]), str(first["ctx"]["path"]) or None
-    loc = ".".join(str(p) for p in first["loc"] if p not in ("function-after",)) or None
-    msg = str(first["msg"]).removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field"
-    return (f"{loc}: {msg}" if loc else msg), loc
+    problem = problems(exc)[0]
+    return str(problem), problem.loc or None
 
 
 def _rejected(exc: Rejected) -> ApiError:
