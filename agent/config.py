@@ -172,6 +172,11 @@ class EventsConfig(_Section):
                                      "request event here (a local log; [telemetry] is the "
                                      "durable path to the fleet).")
     memory_events: int = Field(1000, ge=0, description="Recent events kept in memory.")
+    durable_wait_s: float = Field(
+        1.0, ge=0, le=30, description="Before an answer leaves, wait up to this long for "
+        "its request event to be committed to the [telemetry] outbox (a group commit: "
+        "milliseconds), so no answered request lacks its event after a crash. 0 answers "
+        "at once (a crash can then lose the events of the last commit interval).")
 
 
 class DeprecatedOptionWarning(DeprecationWarning):

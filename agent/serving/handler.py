@@ -51,6 +51,7 @@ from .admission import PRIORITIES, Lease, Rejected
 from .budgets import BudgetExceeded, QuotaExceeded
 from .pipeline import Completion, Prepared
 from .protocol import ChatRequest, error_body
+from .recorder import durable, keeps_durably
 from .routing import UnknownTier
 
 if TYPE_CHECKING:
@@ -132,10 +133,26 @@ class ChatHandler:
     def __init__(self, service: AgentService) -> None:
         self.service = service
         self.config = service.config
+        self._wait_s = service.config.events.durable_wait_s
+        self._durable_sink = keeps_durably(service.recorder) and self._wait_s > 0
 
     # -- the route ------------------------------------------------------
     async def handle(self, request: Request) -> Response:
-        ex = Exchange.new()
+        """Answer, then — for a whole answer — let it leave only once its event is
+        durable (a stream waits before its last chunks, in ``stream``)."""
+        response = await self.answer(request, Exchange.new())
+        if not isinstance(response, StreamingResponse):
+            await self.durable()
+        return response
+
+    async def durable(self) -> None:
+        """Wait for the recorder's group commit of every event so far (bounded)."""
+        if not self._durable_sink:
+            return
+        if not await asyncio.to_thread(durable, self.service.recorder, self._wait_s):
+            self.service.metrics.inc("quantfleet_events_not_durable_total")
+
+    async def answer(self, request: Request, ex: Exchange) -> Response:
         try:
             admitted = await self.admit(request, ex)
             if admitted.request.stream:
@@ -351,6 +368,8 @@ class ChatHandler:
                 finish = completion.finish_reason
                 if finish == "cancelled":
                     finish = "length"  # the deadline cut it; OpenAI clients know "length"
+                if ex.settled:  # the answer is complete only once its event is durable
+                    await self.durable()
                 yield _chunk(ex, {}, finish)
                 if include_usage:
                     r = completion.result

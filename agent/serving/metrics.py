@@ -114,4 +114,7 @@ def agent_metrics() -> Metrics:
     m.counter("quantfleet_rejections_total", "Requests refused before generation, by reason.")
     m.counter("quantfleet_truncations_total", "Budget enforcement: dropped turns, clamped "
               "max_tokens.")
+    m.counter("quantfleet_events_not_durable_total", "Answers that left before their "
+              "request event was committed to the outbox (events.durable_wait_s passed, or "
+              "the outbox could not be written).")
     return m

@@ -1,7 +1,11 @@
 """Where per-request telemetry events go: a small interface and two simple sinks.
 
 ``Recorder`` is the seam: ``record(event)`` must be cheap and must not raise
-into the request path; ``close()`` flushes. ``MemoryRecorder`` keeps the
+into the request path; ``close()`` flushes. ``durable(timeout)`` returns once
+everything recorded so far survives a crash of the process (True), or False
+after ``timeout`` or when it cannot; the request path calls it before an
+answer leaves, so no answered request lacks its event. A sink that keeps
+nothing durable answers True at once. ``MemoryRecorder`` keeps the
 latest events (tests, ``/metrics`` debugging); ``JsonlRecorder`` appends one
 JSON line per event. The durable SQLite outbox (telemetry) implements the
 same protocol and replaces them.
@@ -25,6 +29,19 @@ class Recorder(Protocol):
     def record(self, event: RequestEvent) -> None: ...
 
     def close(self) -> None: ...
+
+
+def durable(recorder: object, timeout: float) -> bool:
+    """``recorder.durable(timeout)`` where the recorder has it (True otherwise)."""
+    wait = getattr(recorder, "durable", None)
+    return True if wait is None else bool(wait(timeout))
+
+
+def keeps_durably(recorder: object) -> bool:
+    """Whether waiting for ``durable`` can matter (a sink of it keeps events durably)."""
+    if isinstance(recorder, TeeRecorder):
+        return any(keeps_durably(r) for r in recorder.recorders)
+    return hasattr(recorder, "durable")
 
 
 class MemoryRecorder:
@@ -82,6 +99,9 @@ class TeeRecorder:
                 rec.record(event)
             except Exception:  # telemetry must never fail a request
                 log.exception("recorder %s failed", type(rec).__name__)
+
+    def durable(self, timeout: float) -> bool:
+        return all([durable(rec, timeout) for rec in self.recorders])
 
     def close(self) -> None:
         for rec in self.recorders:

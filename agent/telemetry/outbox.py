@@ -218,6 +218,7 @@ class Outbox:
         self._stop = False
         self._writer: threading.Thread | None = None
         self._flush_requested = 0
+        self._urgent = 0  # callers in wait_committed: commit now, not at the interval
         self._flush_done = 0
         self._writer_error: BaseException | None = None
         self._failed_ticket = 0  # the newest flush request an attempt failed with
@@ -407,6 +408,10 @@ class Outbox:
         except Exception:  # the request path must not fail because telemetry did
             log.exception("outbox %s: could not record request %s", self.path, event.request_id)
 
+    def durable(self, timeout: float) -> bool:
+        """The Recorder's durability wait: everything appended so far is committed."""
+        return self.wait_committed(timeout=timeout)
+
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until everything appended and acknowledged so far is committed."""
         if self._writer is None:
@@ -426,6 +431,31 @@ class Outbox:
                 if left <= 0:
                     raise OutboxError(f"outbox {self.path}: flush timed out after {timeout}s")
                 self._committed.wait(left)
+
+    def wait_committed(self, seq: int | None = None, timeout: float = 1.0) -> bool:
+        """Wait until ``seq`` (default: everything appended so far) is committed, and
+        commit at once rather than at the next interval — a database's group commit:
+        whatever arrives while one commit runs goes into the next. False after
+        ``timeout``, without a writer, or while the disk cannot be written (the caller
+        goes on; the loss, if it comes to one, is reported as a gap)."""
+        with self._lock:
+            want = self._next_seq - 1 if seq is None else seq
+            if self._committed_seq >= want:
+                return True
+            if self._writer is None or self._writer_error is not None:
+                return False
+            self._urgent += 1
+            self._wake.notify_all()
+            deadline = time.monotonic() + timeout
+            try:
+                while self._committed_seq < want:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._writer_error is not None:
+                        return False
+                    self._committed.wait(left)
+                return True
+            finally:
+                self._urgent -= 1
 
     def close(self) -> None:
         """Commit what is buffered and stop the writer."""
@@ -451,6 +481,7 @@ class Outbox:
         while True:
             with self._lock:
                 if not (self._stop or self._flush_requested > self._flush_done
+                        or (self._urgent and self._buffer)
                         or len(self._buffer) >= self.max_buffered
                         or len(self._deletes) >= 512):
                     self._wake.wait(self.commit_interval_s)

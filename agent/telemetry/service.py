@@ -54,6 +54,10 @@ class TelemetryService:
         except Exception:  # never into the request path
             log.exception("aggregating request %s failed", event.request_id)
 
+    def durable(self, timeout: float) -> bool:
+        """Every request recorded so far is committed to the outbox (group commit)."""
+        return self.outbox.wait_committed(timeout=timeout)
+
     def queue_device_status(self) -> None:
         p = self.publisher
         self.outbox.append(self.outbox.device_status(

@@ -9,11 +9,15 @@ output: it exists only to FORCE invalid answers for the fallback path.
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +37,8 @@ from quantfleet.agent.serving.api import AgentService, create_app
 from quantfleet.agent.serving.recorder import MemoryRecorder
 from quantfleet.agent.serving.routing import ModelSet
 from quantfleet.agent.wire import RequestEvent
+
+AGENT_BIN = Path(sys.executable).parent / "quantfleet-agent"
 
 
 def free_port() -> int:
@@ -225,3 +231,22 @@ class BuggyBackend(ScriptedBackend):
         if self.bug in text:
             raise RuntimeError("a bug in the tokenizer")
         return super().tokenize(text, add_bos=add_bos, special=special)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(config: Path, *args: str, env: dict[str, str] | None = None
+              ) -> subprocess.Popen[str]:
+        proc = subprocess.Popen([str(AGENT_BIN), "serve", "--config", str(config), *args],
+                                env={**os.environ, **(env or {})}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

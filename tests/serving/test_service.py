@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +20,11 @@ from pydantic import BaseModel
 from quantfleet.agent.cli import cli
 from quantfleet.agent.config import AgentConfig, UpdateConfig, load_config, reference_markdown
 
-from .conftest import free_port
+from .conftest import AGENT_BIN, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "packaging" / "agent.example.toml"
 UNIT = ROOT / "packaging" / "quantfleet-agent.service"
-AGENT_BIN = Path(sys.executable).parent / "quantfleet-agent"
 
 
 def write_config(path: Path, ladder_dir: Path, **extra: str) -> Path:
@@ -151,25 +147,6 @@ class NotifySocket:
 
     def count(self, needle: str) -> int:
         return sum(needle in m for m in self.messages)
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Any]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(config: Path, *args: str, env: dict[str, str] | None = None
-              ) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([str(AGENT_BIN), "serve", "--config", str(config), *args],
-                                env={**os.environ, **(env or {})}, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_ready_after_load_watchdog_and_graceful_sigterm(tmp_path: Path, ladder_dir: Path,
