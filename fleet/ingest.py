@@ -114,6 +114,8 @@ class FleetIngest:
         if rc.is_failure:
             log.error("fleet ingest: connection refused: %s", rc)
             return
+        # Every connect, whatever "session present" says: Mosquitto restores a persistent
+        # session's plain subscriptions after a restart but not its $share ones.
         devices = f"{self.root}/devices/+"
         telemetry = f"{devices}/telemetry"
         if self.share_group:  # empty: one fleet instance on a broker without $share
