@@ -252,7 +252,7 @@ def apply_messages(store: Store, messages: Sequence[tuple[str, bytes]], root: st
                     "by one", len(kept), _why(exc))
         applied = _Applied()
         for one in kept:
-            _add(applied, _apply_alone(store, one, stats))
+            _add(applied, _apply_alone(store, one, root, stats))
     stats.events_inserted += applied.inserted
     stats.duplicates += applied.duplicates
     stats.statuses += applied.statuses
@@ -283,14 +283,14 @@ def _add(total: _Applied, part: _Applied) -> None:
     total.states += part.states
 
 
-def _apply_alone(store: Store, one: _Kept, stats: IngestStats) -> _Applied:
+def _apply_alone(store: Store, one: _Kept, root: str, stats: IngestStats) -> _Applied:
     """One message on its own; if that fails on the data, a batch event by event, and
     the events (or the status or state) that still fail to the dead letters."""
     try:
         return _apply(store, [one])
     except _DATA_ERRORS as exc:
         if not isinstance(one.parsed, TelemetryBatch):
-            _dead_letter(store, one.topic, one.payload, exc, stats)
+            _dead_letter(store, one.topic, root, one.payload, exc, stats)
             return _Applied()
     batch = one.parsed
     raw = _raw_events(one.payload)
@@ -300,7 +300,7 @@ def _apply_alone(store: Store, one: _Kept, stats: IngestStats) -> _Applied:
             result = store.ingest_batch(batch.model_copy(update={"events": [ev]}))
         except _DATA_ERRORS as exc:
             text = raw.get((ev.boot_epoch, ev.seq)) or ev.model_dump_json()
-            _dead_letter(store, one.topic, text.encode(), exc, stats)
+            _dead_letter(store, one.topic, root, text.encode(), exc, stats)
             continue
         out.inserted += result.inserted
         out.duplicates += result.duplicates
@@ -326,17 +326,10 @@ def _why(exc: BaseException) -> str:
     return f"{name}: {lines[0] if lines else ''}"
 
 
-def _dead_letter(store: Store, topic: str, payload: bytes, exc: BaseException,
+def _dead_letter(store: Store, topic: str, root: str, payload: bytes, exc: BaseException,
                  stats: IngestStats) -> None:
     reason = _why(exc)
     log.error("dead-lettered a message on %s: %s", topic, reason)
-    try:
-        device = parse_device_topic(topic, _root_of(topic))[0]
-    except ValueError:
-        device = ""
+    device = parse_device_topic(topic, root)[0]  # parsed once already: it is a device's
     store.dead_letter(topic, device, reason, payload.decode("utf-8", "replace"))
     stats.dead_lettered += 1
-
-
-def _root_of(topic: str) -> str:
-    return topic.split("/devices/", 1)[0]
