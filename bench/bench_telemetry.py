@@ -165,12 +165,21 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="qf-bench-"))
     proc = None
+    sink: subprocess.Popen[bytes] | None = None
     try:
         if args.broker:
             _, host, port = parse_broker_url(args.broker)
         else:
             proc, port = start_broker(work)
             host = "127.0.0.1"
+        # A subscriber to the bench's topics: with none, mosquitto answers each publish
+        # with PUBACK 0x10 (No matching subscribers), which the publisher keeps and
+        # retries (docs/telemetry.md), as a fleet that is not there must. mosquitto_sub,
+        # not a Python client, so it takes little of the machine's two cores.
+        sink = subprocess.Popen(["mosquitto_sub", "-h", host, "-p", str(port), "-V", "mqttv5",
+                                 "-q", "0", "-t", "bench/v1/devices/+/telemetry"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
         n = args.events
         accept, accept_cpu = bench_accept(work / "accept.db", n)
         batches = build_batches(work / "batches.db", n, args.batch_bytes)
@@ -224,6 +233,9 @@ def main() -> None:
         print(f"fleet ingest into SQLite              : {ingest:>10,.0f} events/s "
               f"({ingest_cpu:,.0f} per CPU-s; target >= 50,000)")
     finally:
+        if sink is not None:
+            sink.terminate()
+            sink.wait(10)
         if proc is not None:
             proc.terminate()
             proc.wait(10)

@@ -11,11 +11,18 @@ gets the message again from its persistent session, and the store's
 uniqueness on the event triple drops the copy. One writer thread
 group-commits whatever arrived since its last commit (up to ``max_group``
 messages): the group's statuses in one transaction, its states in one, its
-telemetry in one, and only then acknowledges them.
+telemetry in one, its rejections in one, and only then acknowledges them.
+
+Poison never stops the line: what the store cannot hold is rejected, counted
+by reason, before the commit (``messages.screen``); a group whose commit still
+fails on its data is applied again message by message, and a message that
+fails alone event by event, the events that fail going to the dead letters.
+Only a database that cannot write at all leaves a group unacknowledged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -25,11 +32,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from sqlalchemy.exc import DataError, IntegrityError
 
 from quantfleet.agent.mqtt import MqttConfig, connect_options, make_client
-from quantfleet.agent.wire import DeviceStatePayload, StatusPayload, TelemetryBatch
+from quantfleet.agent.wire import (
+    DeviceStatePayload,
+    StatusPayload,
+    TelemetryBatch,
+    parse_device_topic,
+)
 
-from .messages import Cleared, Rejected, parse_message
+from .messages import Cleared, Payload, Rejected, parse_message, screen
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -42,7 +55,8 @@ class IngestStats:
     duplicates: int = 0
     statuses: int = 0
     states: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)  # by reason (fleet/messages.py)
+    dead_lettered: int = 0  # valid, screened, and still refused by the store's commit
     commits: int = 0
 
 
@@ -100,6 +114,8 @@ class FleetIngest:
         if rc.is_failure:
             log.error("fleet ingest: connection refused: %s", rc)
             return
+        # Every connect, whatever "session present" says: Mosquitto restores a persistent
+        # session's plain subscriptions after a restart but not its $share ones.
         devices = f"{self.root}/devices/+"
         telemetry = f"{devices}/telemetry"
         if self.share_group:  # empty: one fleet instance on a broker without $share
@@ -163,43 +179,157 @@ class FleetIngest:
                        self.stats)
 
 
+#: What a commit that fails on the data (not on the database) raises: constraint and
+#: range errors from the engine, and what a driver raises binding a value (pysqlite's
+#: OverflowError for an integer over 64 bits). Anything else — a lost connection, a
+#: locked or full database — fails the group unacknowledged, to be delivered again.
+_DATA_ERRORS = (IntegrityError, DataError, OverflowError, ValueError, TypeError)
+
+
+@dataclass
+class _Kept:
+    """A message that passed parsing and screening, on its way to the store."""
+
+    topic: str
+    payload: bytes
+    parsed: Payload
+
+
+@dataclass
+class _Applied:
+    inserted: int = 0
+    duplicates: int = 0
+    statuses: int = 0
+    states: int = 0
+
+
 def apply_messages(store: Store, messages: Sequence[tuple[str, bytes]], root: str,
                    stats: IngestStats | None = None) -> IngestStats:
     """Apply a group of (topic, payload) as the ingest's writer does: its statuses,
-    states and telemetry, each kind in one transaction; rejections counted by reason.
+    states and telemetry, each kind in one transaction; rejections counted by reason
+    and recorded together in one more.
 
     Within a kind, messages are applied in arrival order (the store folds several
     for one device as one by one would); the kinds touch different columns, so
     their order between each other does not matter.
+
+    A group whose commit fails on the data is applied again message by message, so
+    one poison message never takes the others down; a message that fails on its own
+    is applied event by event, and what still fails is dead-lettered (raw payload,
+    topic, device, reason) — the message then counts as applied and is acknowledged.
     """
     stats = stats if stats is not None else IngestStats()
-    batches: list[TelemetryBatch] = []
-    statuses: list[StatusPayload] = []
-    states: list[DeviceStatePayload] = []
+    rejections: list[tuple[str, str]] = []
+    kept: list[_Kept] = []
+    first_detail = ""
     for topic, payload in messages:
         stats.received += 1
         parsed = parse_message(topic, payload, root)
-        if isinstance(parsed, Rejected):
-            stats.rejected[parsed.reason] = stats.rejected.get(parsed.reason, 0) + 1
-            log.warning("rejected %s", parsed.detail[:300])
-            store.record_rejection(topic, parsed.reason)
-        elif isinstance(parsed, Cleared):
+        if isinstance(parsed, Cleared):
             continue
-        elif isinstance(parsed, TelemetryBatch):
-            batches.append(parsed)
-        elif isinstance(parsed, StatusPayload):
-            statuses.append(parsed)
-        elif isinstance(parsed, DeviceStatePayload):
-            states.append(parsed)
-    if statuses:
-        store.apply_statuses(statuses)
-        stats.statuses += len(statuses)
-    if states:
-        store.apply_states(states)
-        stats.states += len(states)
-    if batches:
-        result = store.ingest_batches(batches)
-        stats.events_inserted += result.inserted
-        stats.duplicates += result.duplicates
+        if isinstance(parsed, Rejected):
+            storable: Payload | None = None
+            dropped = [parsed]
+        else:
+            storable, dropped = screen(topic, parsed, payload)
+        for r in dropped:
+            stats.rejected[r.reason] = stats.rejected.get(r.reason, 0) + 1
+            rejections.append((topic, r.reason))
+            first_detail = first_detail or r.detail
+            log.debug("rejected (%s) %s", r.reason, r.detail[:300])
+        if storable is not None:
+            kept.append(_Kept(topic, payload, storable))
+    if rejections:
+        # One line and one transaction for the group, not one per message: a flood of
+        # garbage must not cost more than the good messages it is mixed with.
+        log.warning("rejected %d (%s); the first: %s", len(rejections),
+                    ", ".join(sorted({r for _, r in rejections})), first_detail[:300])
+        store.record_rejections(rejections)
+    try:
+        applied = _apply(store, kept)
+    except _DATA_ERRORS as exc:
+        log.warning("committing %d messages failed on their data (%s); applying them one "
+                    "by one", len(kept), _why(exc))
+        applied = _Applied()
+        for one in kept:
+            _add(applied, _apply_alone(store, one, root, stats))
+    stats.events_inserted += applied.inserted
+    stats.duplicates += applied.duplicates
+    stats.statuses += applied.statuses
+    stats.states += applied.states
     stats.commits += 1
     return stats
+
+
+def _apply(store: Store, kept: Sequence[_Kept]) -> _Applied:
+    statuses = [k.parsed for k in kept if isinstance(k.parsed, StatusPayload)]
+    states = [k.parsed for k in kept if isinstance(k.parsed, DeviceStatePayload)]
+    batches = [k.parsed for k in kept if isinstance(k.parsed, TelemetryBatch)]
+    out = _Applied(statuses=len(statuses), states=len(states))
+    if statuses:
+        store.apply_statuses(statuses)
+    if states:
+        store.apply_states(states)
+    if batches:
+        result = store.ingest_batches(batches)
+        out.inserted, out.duplicates = result.inserted, result.duplicates
+    return out
+
+
+def _add(total: _Applied, part: _Applied) -> None:
+    total.inserted += part.inserted
+    total.duplicates += part.duplicates
+    total.statuses += part.statuses
+    total.states += part.states
+
+
+def _apply_alone(store: Store, one: _Kept, root: str, stats: IngestStats) -> _Applied:
+    """One message on its own; if that fails on the data, a batch event by event, and
+    the events (or the status or state) that still fail to the dead letters."""
+    try:
+        return _apply(store, [one])
+    except _DATA_ERRORS as exc:
+        if not isinstance(one.parsed, TelemetryBatch):
+            _dead_letter(store, one.topic, root, one.payload, exc, stats)
+            return _Applied()
+    batch = one.parsed
+    raw = _raw_events(one.payload)
+    out = _Applied()
+    for ev in batch.events:
+        try:
+            result = store.ingest_batch(batch.model_copy(update={"events": [ev]}))
+        except _DATA_ERRORS as exc:
+            text = raw.get((ev.boot_epoch, ev.seq)) or ev.model_dump_json()
+            _dead_letter(store, one.topic, root, text.encode(), exc, stats)
+            continue
+        out.inserted += result.inserted
+        out.duplicates += result.duplicates
+    return out
+
+
+def _raw_events(payload: bytes) -> dict[tuple[int, int], str]:
+    """Each event of a batch as the device sent it (NaN and all), by its triple's tail."""
+    try:
+        doc = json.loads(payload)
+        return {(e["boot_epoch"], e["seq"]): json.dumps(e) for e in doc["events"]}
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return {}
+
+
+def _why(exc: BaseException) -> str:
+    """``IntegrityError (CheckViolation): the engine's first line``."""
+    orig = getattr(exc, "orig", None) or exc
+    name = type(exc).__name__
+    if type(orig).__name__ != name:
+        name += f" ({type(orig).__name__})"
+    lines = str(orig).splitlines()
+    return f"{name}: {lines[0] if lines else ''}"
+
+
+def _dead_letter(store: Store, topic: str, root: str, payload: bytes, exc: BaseException,
+                 stats: IngestStats) -> None:
+    reason = _why(exc)
+    log.error("dead-lettered a message on %s: %s", topic, reason)
+    device = parse_device_topic(topic, root)[0]  # parsed once already: it is a device's
+    store.dead_letter(topic, device, reason, payload.decode("utf-8", "replace"))
+    stats.dead_lettered += 1

@@ -13,7 +13,11 @@ backlog oldest-first, rate-limited, with ``historical: true``.
 
 A failing PUBACK reason code (>= 0x80; paho reports the message as published
 anyway) keeps the rows: the publisher lets the window drain, backs off with
-jitter, and sends them again — forever, counting each reason code.
+jitter, and sends them again — forever, counting each reason code. So does
+0x10 *No matching subscribers*, a success code in MQTT 5 that says nobody took
+the message: after a broker restart a device can be back before the fleet,
+whose ``$share`` subscription Mosquitto does not restore from its persistent
+session (plain ones it does) until the fleet subscribes again.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ from quantfleet.agent.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+#: MQTT 5 PUBACK 0x10: accepted, but no subscription matched — not delivered.
+NO_MATCHING_SUBSCRIBERS = 0x10
+
+
+def undelivered(rc: Any) -> bool:
+    """Whether a PUBACK's reason code leaves the batch undelivered (rows kept)."""
+    return bool(rc.is_failure) or rc.value == NO_MATCHING_SUBSCRIBERS
 
 
 @dataclass
@@ -173,7 +185,7 @@ class Publisher:
             # Wake the pump once per few acks, not per ack: paho has a queued window
             # to send meanwhile, and fewer thread switches leave it the CPU.
             self._acks += 1
-            if self._acks >= self._wake_every or rc.is_failure:
+            if self._acks >= self._wake_every or undelivered(rc):
                 self._kick.set()
 
         def on_message(c: Any, u: Any, msg: mqtt.MQTTMessage) -> None:
@@ -267,7 +279,7 @@ class Publisher:
                     if f is None:
                         continue  # birth/offline status
                     rc = event[2]
-                    if rc.is_failure:
+                    if undelivered(rc):
                         self.failed_pubacks[rc.value] += 1
                         log.warning("PUBACK 0x%02x (%s) for %d events: kept, will retry",
                                     rc.value, rc, f.rows)

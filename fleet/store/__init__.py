@@ -401,10 +401,35 @@ class Store:
         return self._status_stmt.values(labels=labels, hardware=hardware)
 
     def record_rejection(self, topic: str, reason: str, ts: float | None = None) -> None:
+        self.record_rejections([(topic, reason)], ts)
+
+    def record_rejections(self, rejections: Sequence[tuple[str, str]],
+                          ts: float | None = None) -> None:
+        """Record several ``(topic, reason)`` rejections in one transaction."""
+        if not rejections:
+            return
+        now = ts if ts is not None else time.time()
         with self.engine.begin() as conn:
-            conn.execute(schema.rejections.insert().values(
+            conn.execute(schema.rejections.insert(), [
+                {"ts": now, "topic": topic[:1024], "reason": reason[:2000]}
+                for topic, reason in rejections])
+
+    def dead_letter(self, topic: str, device_id: str, reason: str, payload: str,
+                    ts: float | None = None) -> None:
+        """Keep what the store refused to commit: the raw payload (a message, or one
+        event of a batch), where it came from and the engine's reason."""
+        with self.engine.begin() as conn:
+            conn.execute(schema.dead_letters.insert().values(
                 ts=ts if ts is not None else time.time(), topic=topic[:1024],
-                reason=reason[:2000]))
+                device_id=device_id[:64], reason=reason[:2000],
+                payload=payload.replace("\x00", "\\u0000")))
+
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest dead letters first."""
+        d = schema.dead_letters
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in
+                    conn.execute(select(d).order_by(d.c.id.desc()).limit(limit))]
 
     def rejection_counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:

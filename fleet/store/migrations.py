@@ -316,6 +316,29 @@ def m003_events_request_signals_index(conn: Connection) -> None:
     conn.execute(text("DROP INDEX IF EXISTS ix_events_kind_variant_ts"))
 
 
+# -- m004: dead letters --------------------------------------------------------
+
+_M004 = MetaData()
+_m004_dead_letters = Table(
+    "dead_letters", _M004,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("device_id", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+)
+Index("ix_dead_letters_device_ts", _m004_dead_letters.c.device_id, _m004_dead_letters.c.ts)
+
+
+@migration
+def m004_dead_letters(conn: Connection) -> None:
+    """What ingest could not commit — a message, or one event of a batch — with its topic,
+    device and the engine's reason, instead of halting ingest (docs/store.md)."""
+    _M004.create_all(conn)
+
+
 # -- helpers the migrations use (they change only by adding to them) --------
 
 def _add_column(conn: Connection, column: Column[Any]) -> None:

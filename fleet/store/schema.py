@@ -100,6 +100,19 @@ rejections = Table(
     Column("reason", Text, nullable=False),
 )
 
+# m004: what ingest could not commit (a poison message or event), kept whole.
+dead_letters = Table(
+    "dead_letters", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("ts", Float, nullable=False),
+    Column("topic", Text, nullable=False),
+    Column("device_id", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+)
+Index("ix_dead_letters_device_ts", dead_letters.c.device_id, dead_letters.c.ts)
+
 desired = Table(
     "desired", metadata,
     Column("device_id", String(64), primary_key=True),

@@ -363,7 +363,7 @@ def test_an_m001_m002_store_with_rollouts_upgrades_to_latest(
 
     s = Store(store_url)
     assert s.applied == ["m001a_columns_changed_without_a_migration",
-                         "m003_events_request_signals_index"]
+                         "m003_events_request_signals_index", "m004_dead_letters"]
     assert_as_declared(s.engine, reference)
     assert_as_blank_to_latest(s.engine, blank_database)
     indexes = {i["name"] for i in inspect(s.engine).get_indexes("events")}
@@ -377,6 +377,35 @@ def test_an_m001_m002_store_with_rollouts_upgrades_to_latest(
         {"variant": "v2", "steps": [10, 50]}, "baking", 1)
     assert (member.device_id, member.role, member.stratum) == ("dev-1", "canary", "hw=rpi5")
     assert (pin.cohort, pin.variant, pin.reason) == ("hw=rpi5", "v1", "rolled back")
+    assert_it_works_on(s)
+    s.close()
+
+
+def test_an_m003_store_with_data_gains_the_dead_letters_and_keeps_the_rest(
+    store_url: str, reference: Engine, blank_database: Callable[[], str],
+) -> None:
+    """m004 on a store in the field (m001 → m003, with data): only the new table comes."""
+    engine = create_engine(store_url)
+    migrate(engine, only("m001_initial"))
+    fill_m001(engine)
+    migrate(engine, [(n, fn) for n, fn in MIGRATIONS if n != "m004_dead_letters"])
+    assert applied(engine) == [n for n in ALL if n != "m004_dead_letters"]
+    assert not inspect(engine).has_table("dead_letters")
+    fill_m002(engine)
+    tables = storage(engine)
+    engine.dispose()
+
+    s = Store(store_url)
+    assert s.applied == ["m004_dead_letters"]
+    assert_as_declared(s.engine, reference)
+    assert_as_blank_to_latest(s.engine, blank_database)
+    after = dict(storage(s.engine))
+    assert {t: after[t] for t, _ in tables} == dict(tables)  # nothing else rebuilt
+    assert_m001_data_survived(s)
+    s.dead_letter("quantfleet/v1/devices/dev-1/telemetry", "dev-1", "IntegrityError: x",
+                  '{"seq": NaN}')
+    assert [(d["device_id"], d["payload"]) for d in s.dead_letters()] == [
+        ("dev-1", '{"seq": NaN}')]
     assert_it_works_on(s)
     s.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -382,3 +383,57 @@ def test_bad_config_is_one_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "store.url: Value error, must start with sqlite:/// or postgresql" in result.output
     assert "http.port" in result.output and "http.surprise" in result.output
+
+
+def test_poison_on_one_device_neither_stops_serve_nor_comes_back_after_a_restart(
+        tmp_path: Path) -> None:
+    """Issue 14 as measured: 21 NaN messages on another device's topic stopped ingest for
+    good, restarts included. Now `quantfleet serve` rejects them (counted in /healthz),
+    dead-letters what its store refuses at commit, stores every good event, and after a
+    restart on the same persistent session nothing of it is delivered again."""
+    from sqlalchemy import create_engine, text
+
+    models = tmp_path / "models"
+    models.mkdir()
+    db = tmp_path / "fleet.db"
+    fleet, root = make_fleet(tmp_path, f"sqlite:///{db}", models)
+    fleet.start()
+
+    def raw(device_id: str, seq: int, ts: float) -> str:
+        body = RequestEvent(request_id=f"{device_id}-{seq}", ts=time.time(),
+                            variant="v1").model_dump(mode="json")
+        return json.dumps({"schema_version": 1, "type": "batch", "device_id": device_id,
+                           "sent_at": time.time(), "events": [
+                               {"boot_epoch": 1, "seq": seq, "kind": "request", "ts": ts,
+                                "body": body}]})
+
+    def stats() -> dict[str, Any]:
+        return dict(httpx.get(f"{fleet.url}/healthz", timeout=5).json()["stats"])
+
+    engine = create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:  # a refusal the screening cannot know of
+        conn.execute(text("CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.seq = 99 "
+                          "BEGIN SELECT RAISE(ABORT, 'seq 99'); END"))
+    dev = device("poison")
+    try:
+        for i in range(1, 22):
+            publish(dev, device_topic("bad", "telemetry", root), raw("bad", i, math.nan))
+            publish(dev, device_topic("good", "telemetry", root), raw("good", i, time.time()))
+        publish(dev, device_topic("bad", "telemetry", root), raw("bad", 99, time.time()))
+        wait_for(lambda: stats()["events_inserted"] == 21 and stats()["dead_lettered"] == 1, 20)
+        assert stats()["rejected"] == {"non_finite": 21}
+        fleet.stop()
+        fleet.start()
+        publish(dev, device_topic("good", "telemetry", root), raw("good", 22, time.time()))
+        wait_for(lambda: stats()["events_inserted"] == 1, 20)
+        time.sleep(0.5)
+        assert stats()["rejected"] == {} and stats()["dead_lettered"] == 0  # all acknowledged
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM events WHERE device_id = 'good'")
+                                ).scalar_one() == 22
+            assert conn.execute(text("SELECT count(*) FROM dead_letters")).scalar_one() == 1
+    finally:
+        dev.loop_stop()
+        dev.disconnect()
+        fleet.stop()
+        engine.dispose()
