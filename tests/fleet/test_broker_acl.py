@@ -7,7 +7,8 @@ everything and writes desired state.
 Every test runs a private broker from the packaged quantfleet.conf (its listener on a
 free port, its paths under tmp_path), whose users come from the real commands:
 ``quantfleet broker init`` (admin and fleet) and ``quantfleet devices enroll`` (dev-a,
-dev-b) through the plugin's control topic.
+dev-b) through the plugin's control topic. The last test runs the real agent
+(telemetry process and update channel) and the real ``FleetIngest`` through it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -363,3 +365,77 @@ def test_enroll_issues_the_artifact_credential_where_fleet_auth_exists(
     assert issued == ["dev-d"]
     assert doc["artifact_credential"] == {"token": "tok-123",
                                           "config_entry": {"device_id": "dev-d"}}
+
+
+def test_the_real_agent_and_the_real_fleet_ingest_work_through_the_packaged_broker(
+        broker: Broker, tmp_path: Path) -> None:
+    """End to end with enrolled credentials: ``quantfleet-agent telemetry run`` (the
+    agent's telemetry process) publishes as dev-a, the fleet's ``FleetIngest`` (its
+    default client id, the ``quantfleet`` share group, the fleet's user) stores every
+    event; the agent's update channel (``StateChannel``, dev-a:update as
+    qf-dev-a-update) receives the desired state the fleet publishes and its state
+    reaches the fleet. Meanwhile dev-b tries to join the fleet's group and is refused."""
+    from quantfleet.agent.mqtt import MqttConfig
+    from quantfleet.agent.update.service import StateChannel
+    from quantfleet.agent.wire import DeviceStatePayload
+    from quantfleet.fleet.ingest import FleetIngest
+    from quantfleet.fleet.store import Store
+
+    url = f"mqtt://127.0.0.1:{broker.port}"
+    etc = broker.admin_password_file.parent
+    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    ingest = FleetIngest(store, MqttConfig(broker=url, username="fleet",
+                                           password_file=etc / "fleet.mqtt-password"),
+                         session_expiry_s=60).start()
+    intruder = Session(broker, "dev-b", "qf-dev-b")
+    assert intruder.subscribe(f"$share/quantfleet/{ROOT}/+/telemetry").value == NOT_AUTHORIZED
+
+    secret = tmp_path / "mqtt-password"
+    secret.write_text(broker.passwords["dev-a"] + "\n")
+    agent_toml = tmp_path / "agent.toml"
+    agent_toml.write_text(
+        '[telemetry]\ndevice_id = "dev-a"\nhealth_interval_s = 0\n'
+        f'[telemetry.mqtt]\nbroker = "{url}"\nusername = "dev-a"\n'
+        f'update_username = "dev-a:update"\npassword_file = "{secret}"\n'
+        f'[telemetry.outbox]\npath = "{tmp_path / "outbox.db"}"\ncommit_interval_s = 0.05\n')
+    channel = None
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "quantfleet.agent.telemetry", "run", "--config",
+             str(agent_toml), "--synthetic-count", "300", "--exit-when-drained", "--json"],
+            capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        summary = json.loads(run.stdout.strip().splitlines()[-1])
+        assert summary["appended"] == 300 and summary["rows"] == 0
+        assert summary["failed_pubacks"] == {}
+        wait_for(lambda: store.event_count() == summary["published_events"], 30,
+                 what="every published event in the fleet's store")
+        assert store.event_count("request") == 300
+        row = next(d for d in store.devices() if d["device_id"] == "dev-a")
+        assert row["online"] is False  # its clean stop's retained offline/shutdown
+        assert ingest.stats.rejected == {}
+
+        # The update channel, with the agent's own config.
+        desired: list[bytes] = []
+        mqtt_cfg = MqttConfig(broker=url, username="dev-a", update_username="dev-a:update",
+                              password_file=secret)
+        channel = StateChannel(mqtt_cfg, "dev-a", desired.append).start()
+        wait_for(channel.subscribed.is_set, what="the update channel's subscription")
+        # The fleet's desired-state publisher: its own client id, the fleet's user.
+        publisher = Session(broker, "fleet", "quantfleet-fleet-pub-0a1b2c")
+        assert not publisher.publish(f"{ROOT}/dev-a/desired", b'{"revision": 1}',
+                                     retain=True).is_failure
+        wait_for(lambda: desired == [b'{"revision": 1}'], what="the desired state")
+        channel.publish(DeviceStatePayload(device_id="dev-a", boot_epoch=summary["boot_epoch"],
+                                           variant="synthetic", update_state="idle",
+                                           ts=time.time()))
+        wait_for(lambda: next(d for d in store.devices()
+                              if d["device_id"] == "dev-a")["update_state"] == "idle",
+                 what="the device's state in the fleet's store")
+        publisher.close()
+    finally:
+        if channel is not None:
+            channel.stop()
+        intruder.close()
+        ingest.stop()
+        store.close()
