@@ -157,6 +157,22 @@ def enroll_commands(device_id: str, password: str, *, root: str = TOPIC_ROOT,
     return commands
 
 
+def rotate_commands(device_id: str, password: str, *, client_id: str | None = None
+                    ) -> list[dict[str, Any]]:
+    """A new password for both of a device's users (the plugin disconnects their
+    sessions, which come back only with the new one)."""
+    check_device_id(device_id)
+    return [{"command": "setClientPassword", "username": u, "password": password}
+            for u, _ in device_users(device_id, client_id)]
+
+
+def revoke_commands(device_id: str) -> list[dict[str, Any]]:
+    """Delete a device's users (the plugin disconnects them) and its role."""
+    check_device_id(device_id)
+    return [*({"command": "deleteClient", "username": u} for u, _ in device_users(device_id)),
+            {"command": "deleteRole", "rolename": device_role_name(device_id)}]
+
+
 class DynsecError(RuntimeError):
     """The broker refused a control command, or did not answer."""
 

@@ -315,19 +315,57 @@ def devices_label(config_path: Path, device_id: str, labels: tuple[str, ...]) ->
     console.print(f"{device_id}: {merged}")
 
 
+def _admin_options(f: Any) -> Any:
+    """--admin-user and --admin-password-file: the broker's dynamic-security admin."""
+    f = click.option("--admin-password-file", type=click.Path(dir_okay=False, path_type=Path),
+                     default=Path("/etc/mosquitto/quantfleet/admin.mqtt-password"),
+                     show_default=True, envvar="QUANTFLEET_BROKER_ADMIN_PASSWORD_FILE",
+                     help="The admin's password.")(f)
+    return click.option("--admin-user", default=ADMIN_USER, show_default=True,
+                        help="The broker's dynamic-security admin (made by `quantfleet broker "
+                        "init`).")(f)
+
+
+def _dynsec(cfg: Any, admin_user: str, admin_password_file: Path, device_id: str,
+            commands: list[dict[str, Any]], what: str) -> None:
+    """Run control commands as the admin on the fleet config's broker."""
+    from .broker import DynsecControl, DynsecError
+
+    admin = cfg.mqtt.model_copy(update={"username": admin_user, "password_env": None,
+                                        "password_file": admin_password_file})
+    try:
+        DynsecControl(admin).run(commands)
+    except ValueError as exc:  # the admin's password file
+        raise click.ClickException(str(exc)) from None
+    except DynsecError as exc:
+        hint = {"already exists": " (already enrolled? --rotate gives it a new password)",
+                "not found": " (not enrolled?)"}
+        extra = next((h for k, h in hint.items() if k in str(exc)), "")
+        raise click.ClickException(f"{device_id}: not {what}: {exc}{extra}") from None
+
+
+def _checked(device_id: str) -> str:
+    from .broker import check_device_id
+
+    try:
+        check_device_id(device_id)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    return device_id
+
+
 @devices_group.command(name="enroll")
 @config_option
 @click.argument("device_id")
 @click.option("--client-id", default=None,
               help="The agent's mqtt.client_id, if its config sets one (default: qf-DEVICE_ID).")
-@click.option("--admin-user", default=ADMIN_USER, show_default=True,
-              help="The broker's dynamic-security admin (made by `quantfleet broker init`).")
-@click.option("--admin-password-file", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("/etc/mosquitto/quantfleet/admin.mqtt-password"), show_default=True,
-              envvar="QUANTFLEET_BROKER_ADMIN_PASSWORD_FILE", help="The admin's password.")
+@click.option("--rotate", is_flag=True,
+              help="The device is enrolled: give both its users a new password instead "
+              "(their sessions are disconnected until the device has it).")
+@_admin_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
-def devices_enroll(config_path: Path, device_id: str, client_id: str | None, admin_user: str,
-                   admin_password_file: Path, as_json: bool) -> None:
+def devices_enroll(config_path: Path, device_id: str, client_id: str | None, rotate: bool,
+                   admin_user: str, admin_password_file: Path, as_json: bool) -> None:
     """Give a device its broker credential: a random password (shown once) and two
     users bound to the agent's two client ids, with a role that allows only the
     device's own topics.
@@ -339,44 +377,33 @@ def devices_enroll(config_path: Path, device_id: str, client_id: str | None, adm
     \b
     Example:
       quantfleet devices enroll pi-07 --config /etc/quantfleet/fleet.toml
+      quantfleet devices enroll pi-07 --rotate      # a new password
     """
-    from .broker import (
-        DynsecControl,
-        DynsecError,
-        check_device_id,
-        device_users,
-        enroll_commands,
-        new_password,
-    )
+    from .broker import device_users, enroll_commands, new_password, rotate_commands
 
     cfg = _config(config_path)
-    try:
-        check_device_id(device_id)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    admin = cfg.mqtt.model_copy(update={"username": admin_user, "password_env": None,
-                                        "password_file": admin_password_file})
+    _checked(device_id)
     password = new_password()
-    try:
-        DynsecControl(admin).run(enroll_commands(device_id, password,
-                                                 root=cfg.mqtt.topic_root, client_id=client_id))
-    except ValueError as exc:  # the admin's password file
-        raise click.ClickException(str(exc)) from None
-    except DynsecError as exc:
-        hint = (" (already enrolled? `mosquitto_ctrl dynsec setClientPassword` rotates "
-                "a password)" if "already exists" in str(exc) else "")
-        raise click.ClickException(f"{device_id}: not enrolled: {exc}{hint}") from None
+    if rotate:
+        commands = rotate_commands(device_id, password, client_id=client_id)
+    else:
+        commands = enroll_commands(device_id, password, root=cfg.mqtt.topic_root,
+                                   client_id=client_id)
+    _dynsec(cfg, admin_user, admin_password_file, device_id, commands,
+            "rotated" if rotate else "enrolled")
     users = device_users(device_id, client_id)
-    artifact = _issue_artifact_credential(device_id)
+    artifact = None if rotate else _issue_artifact_credential(device_id)
     if as_json:
         click.echo(json.dumps({
             "device_id": device_id, "password": password,
             "users": [{"username": u, "client_id": c} for u, c in users],
             "artifact_credential": artifact}))
         return
-    click.echo(f"{device_id}: enrolled on {cfg.mqtt.broker}: "
+    click.echo(f"{device_id}: {'new password' if rotate else 'enrolled'} on {cfg.mqtt.broker}: "
                + ", ".join(f"user {u!r} as client {c!r}" for u, c in users))
     click.echo(f"MQTT password (shown once, store it on the device): {password}")
+    if rotate:
+        return
     click.echo("agent config:\n  [telemetry.mqtt]\n"
                f"  username = \"{users[0][0]}\"\n  update_username = \"{users[1][0]}\"\n"
                "  password_file = \"/run/credentials/quantfleet-agent.service/mqtt-password\"")
@@ -386,6 +413,28 @@ def devices_enroll(config_path: Path, device_id: str, client_id: str | None, adm
     else:
         click.echo(f"artifact credential (shown once): {artifact['token']}")
         click.echo(f"artifact config entry: {artifact['config_entry']}")
+
+
+@devices_group.command(name="revoke")
+@config_option
+@click.argument("device_id")
+@_admin_options
+def devices_revoke(config_path: Path, device_id: str, admin_user: str,
+                   admin_password_file: Path) -> None:
+    """Take a device off the broker: delete its two users (their sessions are
+    disconnected) and its role. Its artifact credential is revoked separately.
+
+    \b
+    Example:
+      quantfleet devices revoke pi-07
+    """
+    from .broker import revoke_commands
+
+    cfg = _config(config_path)
+    _dynsec(cfg, admin_user, admin_password_file, device_id,
+            revoke_commands(_checked(device_id)), "revoked")
+    click.echo(f"{device_id}: revoked on {cfg.mqtt.broker} (users and role deleted); its "
+               "artifact credential is revoked separately")
 
 
 def _issue_artifact_credential(device_id: str) -> dict[str, Any] | None:

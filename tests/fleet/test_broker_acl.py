@@ -348,6 +348,45 @@ def test_enroll_prints_the_password_once_and_the_agent_config(broker: Broker) ->
     s.close()
 
 
+def test_rotate_gives_both_users_a_new_password_and_revoke_takes_the_device_off(
+        broker: Broker) -> None:
+    sessions = [Session(broker, "dev-a", "qf-dev-a"),
+                Session(broker, "dev-a:update", "qf-dev-a-update")]
+    old = broker.passwords["dev-a"]
+    rotated = broker.enroll("dev-a", "--rotate", "--json")
+    assert rotated.exit_code == 0, rotated.output
+    new = json.loads(rotated.output)["password"]
+    assert new != old
+    # The plugin disconnects the sessions that logged in with the old password.
+    wait_for(lambda: all(s.disconnects for s in sessions), what="the old sessions closed")
+    for s in sessions:
+        s.close()
+    stale = Session(broker, "dev-a", "qf-dev-a")
+    assert stale.refused
+    stale.close()
+    broker.passwords["dev-a"] = broker.passwords["dev-a:update"] = new
+    sessions = [Session(broker, "dev-a", "qf-dev-a"),
+                Session(broker, "dev-a:update", "qf-dev-a-update")]
+    assert not any(s.refused for s in sessions)
+
+    revoked = CliRunner().invoke(cli, [
+        "devices", "revoke", "dev-a", "--config", str(broker.fleet_config),
+        "--admin-password-file", str(broker.admin_password_file)])
+    assert revoked.exit_code == 0, revoked.output
+    wait_for(lambda: all(s.disconnects for s in sessions), what="the revoked sessions closed")
+    for s in sessions:
+        s.close()
+    gone = Session(broker, "dev-a", "qf-dev-a")
+    assert gone.refused
+    gone.close()
+    again = CliRunner().invoke(cli, [
+        "devices", "revoke", "dev-a", "--config", str(broker.fleet_config),
+        "--admin-password-file", str(broker.admin_password_file)])
+    assert again.exit_code == 1 and "not revoked" in again.output
+    # Revoked means gone: the id can be enrolled afresh (a replaced device).
+    assert broker.enroll("dev-a").exit_code == 0
+
+
 def test_enroll_issues_the_artifact_credential_where_fleet_auth_exists(
         broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
     auth = types.ModuleType("quantfleet.fleet.auth")
