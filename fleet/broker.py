@@ -184,32 +184,41 @@ class DynsecControl:
     def __init__(self, cfg: MqttConfig, timeout_s: float = 10.0) -> None:
         self.cfg = cfg
         self.timeout_s = timeout_s
-        self._response: dict[str, Any] | None = None
-        self._answered = threading.Event()
-        self._ready = threading.Event()
-        self._refusal: str | None = None
 
     def run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Send ``commands`` in one request; their responses, in order. Raises
         DynsecError naming the first command the plugin refused."""
-        client = make_client(self.cfg, f"quantfleet-enroll-{uuid.uuid4().hex[:8]}")
+        # Every admin reads the same response topic: ours are the ones carrying our tag.
+        tag = uuid.uuid4().hex
+        tagged = [{**c, "correlationData": f"{tag}-{i}"} for i, c in enumerate(commands)]
+        ready, answered = threading.Event(), threading.Event()
+        refusal: list[str] = []
+        response: list[dict[str, Any]] = []
+        client = make_client(self.cfg, f"quantfleet-enroll-{tag[:8]}")
 
         def on_connect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
             if rc.is_failure:
-                self._refusal = f"the broker refused the admin's connection: {rc}"
-                self._ready.set()
+                refusal.append(f"the broker refused the admin's connection: {rc}")
+                ready.set()
                 return
             c.subscribe(f"{CONTROL_TOPIC}/response", qos=1)
 
         def on_subscribe(c: Any, u: Any, mid: int, reasons: Any, props: Any) -> None:
             failed = [r for r in reasons if getattr(r, "is_failure", False)]
             if failed:
-                self._refusal = f"the control topic's response was refused: {failed}"
-            self._ready.set()
+                refusal.append(f"the control topic's response was refused: {failed}")
+            ready.set()
 
         def on_message(c: Any, u: Any, msg: Any) -> None:
-            self._response = json.loads(msg.payload)
-            self._answered.set()
+            try:
+                doc = json.loads(msg.payload)
+                ours = [r for r in doc.get("responses", [])
+                        if str(r.get("correlationData", "")).startswith(tag)]
+            except (ValueError, AttributeError):
+                return
+            if ours:
+                response.extend(ours)
+                answered.set()
 
         client.on_connect = on_connect
         client.on_subscribe = on_subscribe
@@ -220,18 +229,17 @@ class DynsecControl:
             raise DynsecError(f"broker {self.cfg.broker}: {exc}") from None
         client.loop_start()
         try:
-            if not self._ready.wait(self.timeout_s):
+            if not ready.wait(self.timeout_s):
                 raise DynsecError(f"broker {self.cfg.broker}: no answer to the admin's connection")
-            if self._refusal:
-                raise DynsecError(self._refusal)
-            client.publish(CONTROL_TOPIC, json.dumps({"commands": commands}), qos=1)
-            if not self._answered.wait(self.timeout_s):
+            if refusal:
+                raise DynsecError(refusal[0])
+            client.publish(CONTROL_TOPIC, json.dumps({"commands": tagged}), qos=1)
+            if not answered.wait(self.timeout_s):
                 raise DynsecError("the dynamic security plugin did not answer (is it loaded?)")
         finally:
             client.disconnect()
             client.loop_stop()
-        responses: list[dict[str, Any]] = (self._response or {}).get("responses", [])
-        for response in responses:
-            if response.get("error"):
-                raise DynsecError(f"{response.get('command')}: {response['error']}")
-        return responses
+        for r in response:
+            if r.get("error"):
+                raise DynsecError(f"{r.get('command')}: {r['error']}")
+        return response

@@ -392,27 +392,43 @@ def devices_enroll(config_path: Path, device_id: str, client_id: str | None, rot
     _dynsec(cfg, admin_user, admin_password_file, device_id, commands,
             "rotated" if rotate else "enrolled")
     users = device_users(device_id, client_id)
-    artifact = None if rotate else _issue_artifact_credential(device_id)
+    if not as_json:
+        click.echo(f"{device_id}: {'new password' if rotate else 'enrolled'} on "
+                   f"{cfg.mqtt.broker}: "
+                   + ", ".join(f"user {u!r} as client {c!r}" for u, c in users))
+        click.echo(f"MQTT password (shown once, store it on the device): {password}")
+        if not rotate:
+            click.echo("agent config:\n  [telemetry.mqtt]\n"
+                       f"  username = \"{users[0][0]}\"\n"
+                       f"  update_username = \"{users[1][0]}\"\n  password_file = "
+                       "\"/run/credentials/quantfleet-agent.service/mqtt-password\"")
+    # After the password is out: a failing artifact credential must not lose it.
+    artifact, failure = None, None
+    if not rotate:
+        try:
+            artifact = _issue_artifact_credential(device_id)
+        except Exception as exc:  # the auth module's own errors
+            failure = f"{type(exc).__name__}: {exc}"
     if as_json:
         click.echo(json.dumps({
             "device_id": device_id, "password": password,
             "users": [{"username": u, "client_id": c} for u, c in users],
-            "artifact_credential": artifact}))
-        return
-    click.echo(f"{device_id}: {'new password' if rotate else 'enrolled'} on {cfg.mqtt.broker}: "
-               + ", ".join(f"user {u!r} as client {c!r}" for u, c in users))
-    click.echo(f"MQTT password (shown once, store it on the device): {password}")
-    if rotate:
-        return
-    click.echo("agent config:\n  [telemetry.mqtt]\n"
-               f"  username = \"{users[0][0]}\"\n  update_username = \"{users[1][0]}\"\n"
-               "  password_file = \"/run/credentials/quantfleet-agent.service/mqtt-password\"")
-    if artifact is None:
+            "artifact_credential": artifact, "artifact_error": failure}))
+    elif rotate:
+        pass
+    elif failure is not None:
+        click.echo(f"artifact credential: NOT issued ({failure})")
+    elif artifact is None:
         click.echo("artifact credential: not issued by this build (quantfleet.fleet.auth is "
                    "not installed); issue it separately")
     else:
+        entry = artifact["config_entry"]
         click.echo(f"artifact credential (shown once): {artifact['token']}")
-        click.echo(f"artifact config entry: {artifact['config_entry']}")
+        click.echo("artifact config entry: "
+                   + (entry if isinstance(entry, str) else json.dumps(entry, default=str)))
+    if failure is not None:
+        raise click.ClickException(f"{device_id}: enrolled on the broker, but the artifact "
+                                   f"credential was not issued: {failure}")
 
 
 @devices_group.command(name="revoke")

@@ -478,3 +478,18 @@ def test_the_real_agent_and_the_real_fleet_ingest_work_through_the_packaged_brok
         intruder.close()
         ingest.stop()
         store.close()
+
+
+def test_a_failing_artifact_credential_leaves_the_broker_credential_shown(
+        broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
+    auth = types.ModuleType("quantfleet.fleet.auth")
+
+    def issue_device_credential(device_id: str) -> tuple[str, str]:
+        raise OSError("the token store is read-only")
+
+    auth.issue_device_credential = issue_device_credential  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "quantfleet.fleet.auth", auth)
+    result = broker.enroll("dev-e")
+    assert result.exit_code == 1
+    assert "MQTT password (shown once" in result.output
+    assert "the token store is read-only" in result.output
