@@ -112,7 +112,11 @@ def device_users(device_id: str, client_id: str | None = None) -> list[tuple[str
     return [(device_id, base), (device_id + UPDATE_SUFFIX, f"{base}-update")]
 
 
-def check_device_id(device_id: str) -> None:
+def check_device_id(device_id: str, reserved: tuple[str | None, ...] = ()) -> None:
+    """ValueError unless ``device_id`` can be enrolled: a device id whose users and
+    client ids are no other device's, and not the admin's or the fleet's name."""
+    if device_id in {ADMIN_USER, FLEET_USER, *reserved}:
+        raise ValueError(f"{device_id!r} is the broker's admin or fleet user, not a device")
     if not re.fullmatch(DEVICE_ID_PATTERN, device_id):
         raise ValueError(f"{device_id!r} is not a device id (letters, digits, . _ -; "
                          "at most 64, starting with a letter or digit)")
@@ -145,9 +149,13 @@ def initial_config(fleet_password: str, admin_password: str, *, root: str = TOPI
 
 
 def enroll_commands(device_id: str, password: str, *, root: str = TOPIC_ROOT,
-                    client_id: str | None = None) -> list[dict[str, Any]]:
-    """Control-topic commands that create a device's role and its two bound users."""
-    check_device_id(device_id)
+                    client_id: str | None = None, reserved: tuple[str | None, ...] = ()
+                    ) -> list[dict[str, Any]]:
+    """Control-topic commands that create a device's role and its two bound users.
+
+    The plugin runs each command on its own: the names are checked here first so
+    that none of them fails half-way (a second enrolment fails at all three)."""
+    check_device_id(device_id, reserved)
     role = device_role(device_id, root)
     commands: list[dict[str, Any]] = [{"command": "createRole", **role}]
     for username, cid in device_users(device_id, client_id):

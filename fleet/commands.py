@@ -344,11 +344,11 @@ def _dynsec(cfg: Any, admin_user: str, admin_password_file: Path, device_id: str
         raise click.ClickException(f"{device_id}: not {what}: {exc}{extra}") from None
 
 
-def _checked(device_id: str) -> str:
+def _checked(device_id: str, fleet_user: str | None = None) -> str:
     from .broker import check_device_id
 
     try:
-        check_device_id(device_id)
+        check_device_id(device_id, (fleet_user,))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     return device_id
@@ -382,13 +382,13 @@ def devices_enroll(config_path: Path, device_id: str, client_id: str | None, rot
     from .broker import device_users, enroll_commands, new_password, rotate_commands
 
     cfg = _config(config_path)
-    _checked(device_id)
+    _checked(device_id, cfg.mqtt.username)
     password = new_password()
     if rotate:
         commands = rotate_commands(device_id, password, client_id=client_id)
     else:
         commands = enroll_commands(device_id, password, root=cfg.mqtt.topic_root,
-                                   client_id=client_id)
+                                   client_id=client_id, reserved=(cfg.mqtt.username,))
     _dynsec(cfg, admin_user, admin_password_file, device_id, commands,
             "rotated" if rotate else "enrolled")
     users = device_users(device_id, client_id)
@@ -448,7 +448,7 @@ def devices_revoke(config_path: Path, device_id: str, admin_user: str,
 
     cfg = _config(config_path)
     _dynsec(cfg, admin_user, admin_password_file, device_id,
-            revoke_commands(_checked(device_id)), "revoked")
+            revoke_commands(_checked(device_id, cfg.mqtt.username)), "revoked")
     click.echo(f"{device_id}: revoked on {cfg.mqtt.broker} (users and role deleted); its "
                "artifact credential is revoked separately")
 

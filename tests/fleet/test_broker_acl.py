@@ -330,6 +330,9 @@ def test_enroll_refuses_a_second_enrolment_and_ids_that_would_collide(broker: Br
     assert broker.enroll("dev-a-update").exit_code == 1
     assert "may not end in -update" in broker.enroll("dev-a-update").output
     assert broker.enroll("bad/id").exit_code == 1
+    for name in ("fleet", "quantfleet-admin"):  # the fleet's and the admin's users
+        taken = broker.enroll(name)
+        assert taken.exit_code == 1 and "not a device" in taken.output
     wrong = broker.enroll("dev-c", "--admin-user", "fleet")
     assert wrong.exit_code == 1 and "not enrolled" in wrong.output
 
