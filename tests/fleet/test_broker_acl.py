@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -409,26 +410,32 @@ def test_enroll_issues_the_artifact_credential_where_fleet_auth_exists(
                                           "config_entry": {"device_id": "dev-d"}}
 
 
-def test_the_real_agent_and_the_real_fleet_ingest_work_through_the_packaged_broker(
+def test_the_real_agent_and_the_real_fleet_work_through_the_packaged_broker(
         broker: Broker, tmp_path: Path) -> None:
     """End to end with enrolled credentials: ``quantfleet-agent telemetry run`` (the
-    agent's telemetry process) publishes as dev-a, the fleet's ``FleetIngest`` (its
-    default client id, the ``quantfleet`` share group, the fleet's user) stores every
-    event; the agent's update channel (``StateChannel``, dev-a:update as
-    qf-dev-a-update) receives the desired state the fleet publishes and its state
-    reaches the fleet. Meanwhile dev-b tries to join the fleet's group and is refused."""
+    agent's telemetry process) publishes as dev-a; the fleet's ``FleetService`` (its
+    ``FleetIngest`` with the default client id and the ``quantfleet`` share group, its
+    desired-state publisher as ``quantfleet-fleet-pub-<random>``, both on the fleet's
+    user) stores every event and sends dev-a a signed desired state, which the agent's
+    update channel (``StateChannel``: dev-a:update as qf-dev-a-update) receives; the
+    channel's state reaches the fleet. Meanwhile dev-b tries to join the fleet's
+    group and is refused."""
     from quantfleet.agent.mqtt import MqttConfig
     from quantfleet.agent.update.service import StateChannel
-    from quantfleet.agent.wire import DeviceStatePayload
-    from quantfleet.fleet.ingest import FleetIngest
-    from quantfleet.fleet.store import Store
+    from quantfleet.agent.update.signing import generate_keypair
+    from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload
+    from quantfleet.fleet.config import load_fleet_config
+    from quantfleet.fleet.service import FleetService
+
+    from .test_desired_publisher import BASE, models_dir
 
     url = f"mqtt://127.0.0.1:{broker.port}"
-    etc = broker.admin_password_file.parent
-    store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
-    ingest = FleetIngest(store, MqttConfig(broker=url, username="fleet",
-                                           password_file=etc / "fleet.mqtt-password"),
-                         session_expiry_s=60).start()
+    generate_keypair(tmp_path / "keys")
+    with broker.fleet_config.open("a") as f:
+        f.write(f'[artifacts]\nmodels_dir = "{models_dir(tmp_path / "models")}"\n'
+                f'signing_key = "{tmp_path / "keys" / "signing.key"}"\n')
+    fleet = FleetService(load_fleet_config(broker.fleet_config)).start()
+    store = fleet.store
     intruder = Session(broker, "dev-b", "qf-dev-b")
     assert intruder.subscribe(f"$share/quantfleet/{ROOT}/+/telemetry").value == NOT_AUTHORIZED
 
@@ -455,32 +462,34 @@ def test_the_real_agent_and_the_real_fleet_ingest_work_through_the_packaged_brok
         assert store.event_count("request") == 300
         row = next(d for d in store.devices() if d["device_id"] == "dev-a")
         assert row["online"] is False  # its clean stop's retained offline/shutdown
-        assert ingest.stats.rejected == {}
+        assert fleet.ingest.stats.rejected == {}
 
-        # The update channel, with the agent's own config.
+        # The update channel, with the agent's own config, and the fleet's real
+        # desired-state publisher.
         desired: list[bytes] = []
         mqtt_cfg = MqttConfig(broker=url, username="dev-a", update_username="dev-a:update",
                               password_file=secret)
         channel = StateChannel(mqtt_cfg, "dev-a", desired.append).start()
         wait_for(channel.subscribed.is_set, what="the update channel's subscription")
-        # The fleet's desired-state publisher: its own client id, the fleet's user.
-        publisher = Session(broker, "fleet", "quantfleet-fleet-pub-0a1b2c")
-        assert not publisher.publish(f"{ROOT}/dev-a/desired", b'{"revision": 1}',
-                                     retain=True).is_failure
-        wait_for(lambda: desired == [b'{"revision": 1}'], what="the desired state")
+        # Both fleet clients on the fleet's one user, neither bound to a client id.
+        log = broker.mosquitto.log()
+        assert re.search(r"as quantfleet-fleet-pub-[0-9a-f]{6} \(.*u'fleet'\)", log)
+        assert re.search(r"as quantfleet-fleet \(.*u'fleet'\)", log)
+        fleet.desired.set_variant(["dev-a"], BASE)
+        wait_for(lambda: desired, what="the desired state")
+        got = DesiredPayload.model_validate_json(desired[-1])
+        assert (got.device_id, got.variant, got.revision) == ("dev-a", BASE, 1)
         channel.publish(DeviceStatePayload(device_id="dev-a", boot_epoch=summary["boot_epoch"],
-                                           variant="synthetic", update_state="idle",
-                                           ts=time.time()))
+                                           variant=BASE, desired_revision=1,
+                                           update_state="healthy", ts=time.time()))
         wait_for(lambda: next(d for d in store.devices()
-                              if d["device_id"] == "dev-a")["update_state"] == "idle",
+                              if d["device_id"] == "dev-a")["update_state"] == "healthy",
                  what="the device's state in the fleet's store")
-        publisher.close()
     finally:
         if channel is not None:
             channel.stop()
         intruder.close()
-        ingest.stop()
-        store.close()
+        fleet.stop()
 
 
 def test_a_failing_artifact_credential_leaves_the_broker_credential_shown(
