@@ -495,7 +495,7 @@ def broker_init(out: Path, topic_root: str, fleet_user: str, force: bool) -> Non
     \b
     Example:
       quantfleet broker init --dir /etc/mosquitto/quantfleet
-      chown mosquitto /etc/mosquitto/quantfleet/dynamic-security.json
+      chown mosquitto: /etc/mosquitto/quantfleet{,/dynamic-security.json}
     """
     from .broker import initial_config, new_password
 
