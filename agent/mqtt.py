@@ -64,6 +64,11 @@ class MqttConfig(Strict):
     protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version.")
     client_id: str | None = Field(None, description="Client id (default: qf-<device_id>).")
     username: str | None = Field(None, description="Username for password authentication.")
+    update_username: str | None = Field(
+        None, description="Username of the update channel's own connection (default: "
+        "username); the packaged broker binds each username to one client id and enrolls "
+        "it as <device>:update."
+    )
     password_env: str | None = Field(
         None, description="Environment variable holding the password (read at start)."
     )

@@ -1,4 +1,5 @@
-"""Fleet commands: serve, keys, devices, cohorts, desired state and signals.
+"""Fleet commands: serve, keys, devices (and their enrolment), the broker's access
+control, cohorts, desired state and signals.
 
 Each command reads the fleet config (``--config fleet.toml``) and talks to the
 store directly (SQLite file or PostgreSQL) — the same store a running
@@ -16,6 +17,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from quantfleet.agent.wire import TOPIC_ROOT
+
+from .broker import ADMIN_USER, FLEET_USER
 from .cli_options import _config, _desired_state, _disconnect, _selector, _store, config_option
 from .cohorts import SelectorError, parse_labels
 
@@ -311,6 +315,215 @@ def devices_label(config_path: Path, device_id: str, labels: tuple[str, ...]) ->
     console.print(f"{device_id}: {merged}")
 
 
+def _admin_options(f: Any) -> Any:
+    """--admin-user and --admin-password-file: the broker's dynamic-security admin."""
+    f = click.option("--admin-password-file", type=click.Path(dir_okay=False, path_type=Path),
+                     default=Path("/etc/mosquitto/quantfleet/admin.mqtt-password"),
+                     show_default=True, envvar="QUANTFLEET_BROKER_ADMIN_PASSWORD_FILE",
+                     help="The admin's password.")(f)
+    return click.option("--admin-user", default=ADMIN_USER, show_default=True,
+                        help="The broker's dynamic-security admin (made by `quantfleet broker "
+                        "init`).")(f)
+
+
+def _dynsec(cfg: Any, admin_user: str, admin_password_file: Path, device_id: str,
+            commands: list[dict[str, Any]], what: str) -> None:
+    """Run control commands as the admin on the fleet config's broker."""
+    from .broker import DynsecControl, DynsecError
+
+    admin = cfg.mqtt.model_copy(update={"username": admin_user, "password_env": None,
+                                        "password_file": admin_password_file})
+    try:
+        DynsecControl(admin).run(commands)
+    except ValueError as exc:  # the admin's password file
+        raise click.ClickException(str(exc)) from None
+    except DynsecError as exc:
+        hint = {"already exists": " (already enrolled? --rotate gives it a new password)",
+                "not found": " (not enrolled?)"}
+        extra = next((h for k, h in hint.items() if k in str(exc)), "")
+        raise click.ClickException(f"{device_id}: not {what}: {exc}{extra}") from None
+
+
+def _checked(device_id: str, fleet_user: str | None = None) -> str:
+    from .broker import check_device_id
+
+    try:
+        check_device_id(device_id, (fleet_user,))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    return device_id
+
+
+@devices_group.command(name="enroll")
+@config_option
+@click.argument("device_id")
+@click.option("--client-id", default=None,
+              help="The agent's mqtt.client_id, if its config sets one (default: qf-DEVICE_ID).")
+@click.option("--rotate", is_flag=True,
+              help="The device is enrolled: give both its users a new password instead "
+              "(their sessions are disconnected until the device has it).")
+@_admin_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+def devices_enroll(config_path: Path, device_id: str, client_id: str | None, rotate: bool,
+                   admin_user: str, admin_password_file: Path, as_json: bool) -> None:
+    """Give a device its broker credential: a random password (shown once) and two
+    users bound to the agent's two client ids, with a role that allows only the
+    device's own topics.
+
+    Runs against the running broker of the fleet config (`[mqtt] broker`), through
+    the dynamic security plugin's control topic, as the admin user. Then it issues
+    the device's artifact credential where this build has one.
+
+    \b
+    Example:
+      quantfleet devices enroll pi-07 --config /etc/quantfleet/fleet.toml
+      quantfleet devices enroll pi-07 --rotate      # a new password
+    """
+    from .broker import device_users, enroll_commands, new_password, rotate_commands
+
+    cfg = _config(config_path)
+    _checked(device_id, cfg.mqtt.username)
+    password = new_password()
+    if rotate:
+        commands = rotate_commands(device_id, password, client_id=client_id)
+    else:
+        commands = enroll_commands(device_id, password, root=cfg.mqtt.topic_root,
+                                   client_id=client_id, reserved=(cfg.mqtt.username,))
+    _dynsec(cfg, admin_user, admin_password_file, device_id, commands,
+            "rotated" if rotate else "enrolled")
+    users = device_users(device_id, client_id)
+    if not as_json:
+        click.echo(f"{device_id}: {'new password' if rotate else 'enrolled'} on "
+                   f"{cfg.mqtt.broker}: "
+                   + ", ".join(f"user {u!r} as client {c!r}" for u, c in users))
+        click.echo(f"MQTT password (shown once, store it on the device): {password}")
+        if not rotate:
+            click.echo("agent config:\n  [telemetry.mqtt]\n"
+                       f"  username = \"{users[0][0]}\"\n"
+                       f"  update_username = \"{users[1][0]}\"\n  password_file = "
+                       "\"/run/credentials/quantfleet-agent.service/mqtt-password\"")
+    # After the password is out: a failing artifact credential must not lose it.
+    artifact, failure = None, None
+    if not rotate:
+        try:
+            artifact = _issue_artifact_credential(device_id)
+        except Exception as exc:  # the auth module's own errors
+            failure = f"{type(exc).__name__}: {exc}"
+    if as_json:
+        click.echo(json.dumps({
+            "device_id": device_id, "password": password,
+            "users": [{"username": u, "client_id": c} for u, c in users],
+            "artifact_credential": artifact, "artifact_error": failure}))
+    elif rotate:
+        pass
+    elif failure is not None:
+        click.echo(f"artifact credential: NOT issued ({failure})")
+    elif artifact is None:
+        click.echo("artifact credential: not issued by this build (quantfleet.fleet.auth is "
+                   "not installed); issue it separately")
+    else:
+        entry = artifact["config_entry"]
+        click.echo(f"artifact credential (shown once): {artifact['token']}")
+        click.echo("artifact config entry: "
+                   + (entry if isinstance(entry, str) else json.dumps(entry, default=str)))
+    if failure is not None:
+        raise click.ClickException(f"{device_id}: enrolled on the broker, but the artifact "
+                                   f"credential was not issued: {failure}")
+
+
+@devices_group.command(name="revoke")
+@config_option
+@click.argument("device_id")
+@_admin_options
+def devices_revoke(config_path: Path, device_id: str, admin_user: str,
+                   admin_password_file: Path) -> None:
+    """Take a device off the broker: delete its two users (their sessions are
+    disconnected) and its role. Its artifact credential is revoked separately.
+
+    \b
+    Example:
+      quantfleet devices revoke pi-07
+    """
+    from .broker import revoke_commands
+
+    cfg = _config(config_path)
+    _dynsec(cfg, admin_user, admin_password_file, device_id,
+            revoke_commands(_checked(device_id, cfg.mqtt.username)), "revoked")
+    click.echo(f"{device_id}: revoked on {cfg.mqtt.broker} (users and role deleted); its "
+               "artifact credential is revoked separately")
+
+
+def _issue_artifact_credential(device_id: str) -> dict[str, Any] | None:
+    """The artifact (HTTP) credential, from quantfleet.fleet.auth where it exists."""
+    import importlib
+
+    try:
+        auth = importlib.import_module("quantfleet.fleet.auth")
+    except ModuleNotFoundError as exc:
+        if exc.name != "quantfleet.fleet.auth":
+            raise  # the module exists and is broken: say so
+        return None
+    issue = getattr(auth, "issue_device_credential", None)
+    if issue is None:
+        return None
+    token, entry = issue(device_id)
+    return {"token": token, "config_entry": entry}
+
+
+@click.group(name="broker")
+def broker_group() -> None:
+    """The MQTT broker's access control (Mosquitto's dynamic security plugin)."""
+
+
+@broker_group.command(name="init")
+@click.option("--dir", "out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/etc/mosquitto/quantfleet"), show_default=True,
+              help="Where dynamic-security.json and the two password files go.")
+@click.option("--topic-root", default=TOPIC_ROOT, show_default=True,
+              help="The fleet config's [mqtt] topic_root.")
+@click.option("--fleet-user", default=FLEET_USER, show_default=True,
+              help="The fleet's username ([mqtt] username in the fleet config).")
+@click.option("--force", is_flag=True, help="Replace an existing dynamic-security.json.")
+def broker_init(out: Path, topic_root: str, fleet_user: str, force: bool) -> None:
+    """Write the broker's first access-control file, with the fleet's user and role and
+    an admin for `quantfleet devices enroll`; run it before the broker's first start.
+
+    Random passwords go to fleet.mqtt-password and admin.mqtt-password (mode 0600).
+    The plugin owns the JSON file from its first start on: add devices with
+    `quantfleet devices enroll`, not by editing it.
+
+    \b
+    Example:
+      quantfleet broker init --dir /etc/mosquitto/quantfleet
+      chown mosquitto: /etc/mosquitto/quantfleet{,/dynamic-security.json}
+    """
+    from .broker import initial_config, new_password
+
+    target = out / "dynamic-security.json"
+    if target.exists() and not force:
+        raise click.ClickException(f"{target} exists (the broker's users and devices); "
+                                   "--force replaces it")
+    out.mkdir(parents=True, exist_ok=True)
+    fleet_pw, admin_pw = new_password(), new_password()
+    for name, secret in (("fleet.mqtt-password", fleet_pw), ("admin.mqtt-password", admin_pw)):
+        _write_private(out / name, secret + "\n")
+    _write_private(target, json.dumps(initial_config(fleet_pw, admin_pw, root=topic_root,
+                                                     fleet_user=fleet_user), indent=2) + "\n")
+    click.echo(f"{target}: users {ADMIN_USER!r} (enrols devices) and {fleet_user!r} (the "
+               f"fleet), topics under {topic_root}/")
+    click.echo(f"passwords: {out / 'fleet.mqtt-password'} (the fleet config's [mqtt] "
+               f"password_file), {out / 'admin.mqtt-password'} (devices enroll)")
+
+
+def _write_private(path: Path, text: str) -> None:
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    path.chmod(0o600)
+
+
 @click.group(name="cohorts")
 def cohorts_group() -> None:
     """Cohorts are label selectors, evaluated live."""
@@ -558,5 +771,5 @@ def _rollout_group() -> click.Group:
     return rollout_group
 
 
-COMMANDS = [serve_cmd, keys_group, devices_group, cohorts_group, desired_group, signals_cmd,
-            simulate_cmd, _rollout_group()]
+COMMANDS = [serve_cmd, keys_group, devices_group, broker_group, cohorts_group, desired_group,
+            signals_cmd, simulate_cmd, _rollout_group()]

@@ -197,7 +197,10 @@ class StateChannel:
         self.desired_topic = device_topic(device_id, "desired", mqtt_cfg.topic_root)
         self.state_topic = device_topic(device_id, "state", mqtt_cfg.topic_root)
         base = mqtt_cfg.client_id or f"qf-{device_id}"
-        self.client = make_client(mqtt_cfg, f"{base}-update")
+        # Its own user where the broker binds a username to one client id (fleet/broker.py).
+        own = (mqtt_cfg.model_copy(update={"username": mqtt_cfg.update_username})
+               if mqtt_cfg.update_username else mqtt_cfg)
+        self.client = make_client(own, f"{base}-update")
         self.client.reconnect_delay_set(1, 30)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
