@@ -1,4 +1,5 @@
-"""The device updater against a real artifact server, real signatures and real variants."""
+"""The device updater against a real artifact server (asking for device credentials), real
+signatures and real variants."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from quantfleet.agent.update.signing import (
 from quantfleet.agent.update.updater import Check, SoakAnswer, UpdatePolicy, Updater
 from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload
 from quantfleet.fleet.artifacts import create_artifact_app
+from quantfleet.fleet.auth import Credentials, HttpAuth, issue_device_credential
+from quantfleet.fleet.config import AuthEntries
 from quantfleet.models.catalog import Catalog, VariantEntry
 from tests.support import serve
 
@@ -59,12 +62,18 @@ class DeviceHooks:
         return self.soak_answers.pop(0) if self.soak_answers else ("healthy", "")
 
 
+# The artifact server asks for device credentials, as a fleet with [http.auth] does;
+# the device fixture's updater sends this one.
+DEVICE_TOKEN, DEVICE_ENTRY = issue_device_credential("dev-1")
+
+
 @pytest.fixture(scope="module")
 def fleet(ladder_dir: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[str, Path, Path]]:
     keys = tmp_path_factory.mktemp("keys")
     private, public = generate_keypair(keys)
-    app = create_artifact_app(ladder_dir, load_private_key(private), "http://unused")
+    auth = HttpAuth(Credentials(AuthEntries(devices=[DEVICE_ENTRY])))
+    app = create_artifact_app(ladder_dir, load_private_key(private), "http://unused", auth)
     with serve(app) as url:
         yield url, private, public
 
@@ -95,6 +104,12 @@ def signed(private: Any, doc: dict[str, object],
 @pytest.fixture
 def device(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog
            ) -> Iterator[tuple[Updater, DeviceHooks, list[DeviceStatePayload]]]:
+    yield from make_device(tmp_path, fleet, catalog, DEVICE_TOKEN)
+
+
+def make_device(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog,
+                token: str | None) -> Iterator[tuple[Updater, DeviceHooks,
+                                                     list[DeviceStatePayload]]]:
     models = tmp_path / "models"
     models.mkdir()
     # The device starts with Q8_0 installed and known good.
@@ -107,7 +122,8 @@ def device(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog
     hooks = DeviceHooks()
     updater = Updater("dev-1", models, tmp_path / "updater.json", load_public_key(fleet[2]),
                       hooks, states.append, boot_epoch=3, current=q8.name,
-                      policy=UpdatePolicy(soak_s=5, soak_poll_s=0.01, min_free_bytes=0))
+                      policy=UpdatePolicy(soak_s=5, soak_poll_s=0.01, min_free_bytes=0),
+                      artifact_token=token)
     yield updater, hooks, states
     updater.stop()
 
@@ -139,6 +155,22 @@ def test_a_good_variant_walks_every_state_to_healthy(device, fleet, catalog) -> 
     states.clear()
     assert updater.handle(desired(fleet, catalog, "Q4_K_M", 1)) is None
     assert states == []
+
+
+@pytest.mark.parametrize("token", [None, "qfd_not-issued"])
+def test_a_device_without_its_credential_fetches_nothing(  # type: ignore[no-untyped-def]
+        tmp_path, fleet, catalog, token) -> None:
+    """The fleet asks for a device credential: without one, or with one it did not issue,
+    the download fails with the reason and nothing is kept."""
+    for updater, hooks, states in make_device(tmp_path, fleet, catalog, token):
+        assert updater.handle(desired(fleet, catalog, "Q4_K_M", 1)) is not None
+        assert updater.wait(60)
+        assert walk(states) == ["downloading", "failed"]
+        assert "HTTP 401" in states[-1].reason
+        assert ("refused this device's artifact credential" if token else
+                "wants an artifact credential") in states[-1].reason
+        assert hooks.activated == [] and states[-1].variant == "smollm2-135m-Q8_0"
+        assert not list(updater.models_dir.glob("*Q4_K_M*"))
 
 
 def test_a_tampered_artifact_is_refused_and_deleted(device, fleet, catalog, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -279,7 +311,8 @@ def test_a_device_stopped_mid_download_resumes_the_same_revision(device, fleet, 
     # The agent restarts: same state file, the retained message arrives again.
     again = Updater("dev-1", updater.models_dir, updater.state_file, updater.keyring, hooks,
                     states.append, boot_epoch=4, policy=UpdatePolicy(soak_s=1, soak_poll_s=0.01,
-                                                                     min_free_bytes=0))
+                                                                     min_free_bytes=0),
+                    artifact_token=DEVICE_TOKEN)  # the resuming Range request carries it too
     assert again.memory.last_revision == 0
     assert again.handle(desired(fleet, catalog, "Q4_K_M", 1)) is not None
     assert again.wait(60)
