@@ -382,3 +382,77 @@ def test_bad_config_is_one_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "store.url: Value error, must start with sqlite:/// or postgresql" in result.output
     assert "http.port" in result.output and "http.surprise" in result.output
+
+
+def test_with_http_auth_reads_need_an_operator_and_artifacts_a_device(
+        tmp_path: Path, ladder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[http.auth] in fleet.toml and a device credential from $CREDENTIALS_DIRECTORY, as
+    systemd's LoadCredential= gives it: every read endpoint is 401 without or with a bad
+    token, 403 for an operator without the read role, 200 for one with it; /healthz stays
+    open and names no device; artifacts want the device's credential."""
+    from quantfleet.fleet.auth import issue_device_credential, issue_operator_token, toml_entry
+
+    reader, reader_entry = issue_operator_token("alice", ["read"])
+    writer, writer_entry = issue_operator_token("bob", ["write"])
+    device_token, device_entry = issue_device_credential("kiosk-17")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "quantfleet-http-auth").write_text(f"devices = [{toml_entry(device_entry)}]\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    fleet, _ = make_fleet(tmp_path, f"sqlite:///{tmp_path / 'fleet.db'}", ladder_dir, extra=f"""
+[http.auth]
+operators = [{toml_entry(reader_entry)}, {toml_entry(writer_entry)}]
+""")
+    assert reader not in fleet.config.read_text()  # only hashes in the config
+    fleet.start()
+    try:
+        for path in ("/v1/devices", "/v1/signals", "/v1/desired"):
+            url = fleet.url + path
+            none = httpx.get(url)
+            assert none.status_code == 401 and none.headers["www-authenticate"].startswith(
+                "Bearer"), path
+            assert httpx.get(url, headers={"Authorization": "Bearer qfo_wrong"}
+                             ).status_code == 401, path
+            assert httpx.get(url, headers={"Authorization": f"Bearer {writer}"}
+                             ).status_code == 403, path
+            assert httpx.get(url, headers={"Authorization": f"Bearer {device_token}"}
+                             ).status_code == 403, path
+            ok = httpx.get(url, headers={"Authorization": f"Bearer {reader}"})
+            assert ok.status_code == 200, (path, ok.text)
+        health = httpx.get(f"{fleet.url}/healthz")
+        assert health.status_code == 200
+        assert "unacknowledged" not in health.json()["desired"]  # device ids and errors
+        assert "devices" in health.json()["desired"]  # the counts stay
+        full = httpx.get(f"{fleet.url}/healthz", headers={"Authorization": f"Bearer {reader}"})
+        assert "unacknowledged" in full.json()["desired"]
+        manifest = f"{fleet.url}/v1/artifacts/smollm2-135m-Q2_K/manifest"
+        assert httpx.get(manifest).status_code == 401
+        assert httpx.get(manifest, headers={"Authorization": f"Bearer {reader}"}
+                         ).status_code == 403
+        got = httpx.get(manifest, headers={"Authorization": f"Bearer {device_token}"})
+        assert got.status_code == 200 and got.json()["variant"] == "smollm2-135m-Q2_K"
+    finally:
+        fleet.stop()
+    assert fleet.proc is not None and fleet.proc.stdout is not None
+    log = fleet.proc.stdout.read().decode()
+    assert "HTTP authentication on: 2 operator token(s), 1 device credential(s)" in log, log
+    assert reader not in log and device_token not in log
+    assert "refused GET /v1/devices: operator bob lacks the read role" in log, log
+
+
+def test_serving_without_auth_off_loopback_is_a_warning(tmp_path: Path,
+                                                        ladder_dir: Path) -> None:
+    fleet, _ = make_fleet(tmp_path, f"sqlite:///{tmp_path / 'fleet.db'}", ladder_dir,
+                          extra='host = "0.0.0.0"')
+    fleet.start()
+    fleet.stop()
+    assert fleet.proc is not None and fleet.proc.stdout is not None
+    log = fleet.proc.stdout.read().decode()
+    assert "HTTP authentication off" in log
+    assert "WARNING:  quantfleet.fleet.service: serving HTTP on 0.0.0.0 without " \
+           "authentication" in log, log
+    quiet, _ = make_fleet(tmp_path / "loopback", f"sqlite:///{tmp_path / 'l.db'}", ladder_dir)
+    quiet.start()
+    quiet.stop()
+    assert quiet.proc is not None and quiet.proc.stdout is not None
+    assert "without authentication" not in quiet.proc.stdout.read().decode()
