@@ -75,7 +75,8 @@ def serve_cmd(config_path: Path) -> None:
     # process exits 0: MQTT sessions closed, desired state flushed, the store closed.
     server = CleanStopServer(uvicorn.Config(service.app(), host=cfg.http.host,
                                             port=cfg.http.port, log_level="info",
-                                            lifespan="off"))
+                                            lifespan="off", ssl_certfile=cfg.http.tls_cert,
+                                            ssl_keyfile=cfg.http.tls_key))
     try:
         server.run()
     finally:

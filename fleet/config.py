@@ -123,6 +123,16 @@ class HttpConfig(_Base):
     auth: HttpAuthConfig | None = Field(None, description="Present: the read API needs an "
                                         "operator token and artifacts a device credential "
                                         "(docs/security.md). Absent: no authentication.")
+    tls_cert: Path | None = Field(None, description="Serve HTTPS with this certificate (PEM, "
+                                  "the chain after it); devices trust its CA with [update] "
+                                  "ca_file. Needs tls_key.")
+    tls_key: Path | None = Field(None, description="The certificate's private key (PEM).")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
 
 
 class RolloutsConfig(_Base):
@@ -151,6 +161,10 @@ class FleetConfig(_Base):
             a.models_dir = base / a.models_dir
         if not a.signing_key.is_absolute():
             a.signing_key = base / a.signing_key
+        for name in ("tls_cert", "tls_key"):
+            value = getattr(self.http, name)
+            if value is not None and not value.is_absolute():
+                setattr(self.http, name, base / value)
         auth = self.http.auth
         if auth is not None and auth.credentials_file is not None \
                 and not auth.credentials_file.is_absolute():

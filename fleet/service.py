@@ -168,16 +168,25 @@ class FleetService:
                                  *read_api(self.store, self.auth), Mount("/", app=artifacts)])
 
     def auth_summary(self) -> str:
-        """One line for the start log: who may use HTTP, and a warning when no one is asked."""
+        """One line for the start log: who may use HTTP, and over what."""
         c = self.auth.credentials
+        scheme = "HTTPS" if self.cfg.http.tls_cert else "HTTP"
         if c is not None:
-            return (f"HTTP authentication on: {c.operators} operator token(s), {c.devices} "
-                    "device credential(s)")
-        return "HTTP authentication off"
+            return (f"{scheme} authentication on: {c.operators} operator token(s), "
+                    f"{c.devices} device credential(s)")
+        return f"{scheme} authentication off"
 
     def warn_if_open(self) -> None:
-        if not self.auth.enabled and not is_loopback(self.cfg.http.host):
+        """Off loopback, no authentication, or tokens over plain HTTP, is said at start."""
+        host = self.cfg.http.host
+        if is_loopback(host):
+            return
+        if not self.auth.enabled:
             log.warning("serving HTTP on %s without authentication: anyone who reaches it "
                         "reads every device and signal and fetches every artifact; add "
-                        "[http.auth] (docs/security.md)", self.cfg.http.host)
+                        "[http.auth] (docs/security.md)", host)
+        elif self.cfg.http.tls_cert is None:
+            log.warning("serving HTTP on %s without TLS: tokens and credentials cross the "
+                        "network in clear; set [http] tls_cert and tls_key "
+                        "(docs/security.md)", host)
 

@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from quantfleet.fleet.artifacts import create_artifact_app
 from quantfleet.fleet.auth import Credentials, HttpAuth, issue_device_credential
 from quantfleet.fleet.config import AuthEntries
 from quantfleet.models.catalog import Catalog, VariantEntry
-from tests.support import serve
+from tests.support import private_ca, serve
 
 
 @dataclass
@@ -78,6 +79,17 @@ def fleet(ladder_dir: Path, tmp_path_factory: pytest.TempPathFactory
         yield url, private, public
 
 
+@pytest.fixture(scope="module")
+def https_fleet(ladder_dir: Path, fleet: tuple[str, Path, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path, Path]]:
+    """The same artifact server over HTTPS, its certificate signed by a private CA."""
+    ca, cert, key = private_ca(tmp_path_factory.mktemp("tls"))
+    auth = HttpAuth(Credentials(AuthEntries(devices=[DEVICE_ENTRY])))
+    app = create_artifact_app(ladder_dir, load_private_key(fleet[1]), "http://unused", auth)
+    with serve(app, tls=(cert, key)) as url:
+        yield url, fleet[1], fleet[2], ca
+
+
 def desired(fleet: tuple[str, Path, Path], catalog: Catalog, label: str, revision: int,
             *, device: str = "dev-1", key: Path | None = None,
             tamper: dict[str, object] | None = None, **fields: object) -> bytes:
@@ -104,14 +116,16 @@ def signed(private: Any, doc: dict[str, object],
 @pytest.fixture
 def device(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog
            ) -> Iterator[tuple[Updater, DeviceHooks, list[DeviceStatePayload]]]:
-    yield from make_device(tmp_path, fleet, catalog, DEVICE_TOKEN)
+    with device_on(tmp_path, fleet, catalog, DEVICE_TOKEN) as d:
+        yield d
 
 
-def make_device(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog,
-                token: str | None) -> Iterator[tuple[Updater, DeviceHooks,
-                                                     list[DeviceStatePayload]]]:
+@contextmanager
+def device_on(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog,
+                token: str | None, ca_file: Path | None = None
+                ) -> Iterator[tuple[Updater, DeviceHooks, list[DeviceStatePayload]]]:
     models = tmp_path / "models"
-    models.mkdir()
+    models.mkdir(parents=True)
     # The device starts with Q8_0 installed and known good.
     q8 = catalog.resolve("Q8_0")
     shutil.copy(q8.path(catalog.dir), models / q8.file)
@@ -123,9 +137,11 @@ def make_device(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog,
     updater = Updater("dev-1", models, tmp_path / "updater.json", load_public_key(fleet[2]),
                       hooks, states.append, boot_epoch=3, current=q8.name,
                       policy=UpdatePolicy(soak_s=5, soak_poll_s=0.01, min_free_bytes=0),
-                      artifact_token=token)
-    yield updater, hooks, states
-    updater.stop()
+                      artifact_token=token, ca_file=ca_file)
+    try:
+        yield updater, hooks, states
+    finally:
+        updater.stop()
 
 
 def walk(states: list[DeviceStatePayload]) -> list[str]:
@@ -162,7 +178,7 @@ def test_a_device_without_its_credential_fetches_nothing(  # type: ignore[no-unt
         tmp_path, fleet, catalog, token) -> None:
     """The fleet asks for a device credential: without one, or with one it did not issue,
     the download fails with the reason and nothing is kept."""
-    for updater, hooks, states in make_device(tmp_path, fleet, catalog, token):
+    with device_on(tmp_path, fleet, catalog, token) as (updater, hooks, states):
         assert updater.handle(desired(fleet, catalog, "Q4_K_M", 1)) is not None
         assert updater.wait(60)
         assert walk(states) == ["downloading", "failed"]
@@ -171,6 +187,25 @@ def test_a_device_without_its_credential_fetches_nothing(  # type: ignore[no-unt
                 "wants an artifact credential") in states[-1].reason
         assert hooks.activated == [] and states[-1].variant == "smollm2-135m-Q8_0"
         assert not list(updater.models_dir.glob("*Q4_K_M*"))
+
+
+def test_over_https_the_device_trusts_the_fleet_ca_it_is_given(  # type: ignore[no-untyped-def]
+        tmp_path, https_fleet, catalog) -> None:
+    """[update] ca_file: the fleet's certificate must chain to it; without it (the system's
+    trust store) a private CA's certificate is refused before a byte is fetched."""
+    url, private, public, ca = https_fleet
+    served = (url, private, public)
+    with device_on(tmp_path / "no-ca", served, catalog, DEVICE_TOKEN) as (updater, _, states):
+        assert updater.handle(desired(served, catalog, "Q4_K_M", 1)) is not None
+        assert updater.wait(60)
+        assert walk(states) == ["downloading", "failed"]
+        assert "CERTIFICATE_VERIFY_FAILED" in states[-1].reason, states[-1].reason
+    with device_on(tmp_path / "ca", served, catalog, DEVICE_TOKEN,
+                   ca_file=ca) as (updater, hooks, states):
+        assert updater.handle(desired(served, catalog, "Q4_K_M", 1)) is not None
+        assert updater.wait(60)
+        assert states[-1].update_state == "healthy", states[-1].reason
+        assert hooks.activated == ["smollm2-135m-Q4_K_M"]
 
 
 def test_a_tampered_artifact_is_refused_and_deleted(device, fleet, catalog, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -36,7 +36,7 @@ from quantfleet.fleet.auth import (
     toml_entry,
 )
 from quantfleet.fleet.cli import cli
-from quantfleet.fleet.config import AuthEntries, FleetConfigError, HttpAuthConfig
+from quantfleet.fleet.config import AuthEntries, FleetConfigError, HttpAuthConfig, HttpConfig
 from quantfleet.fleet.service import read_api
 from quantfleet.fleet.store import Store
 from quantfleet.models.catalog import Catalog
@@ -204,6 +204,12 @@ def test_a_config_holds_hashes_never_tokens() -> None:
     with pytest.raises(ValueError, match="roles"):
         HttpAuthConfig.model_validate({"operators": [{
             "name": "a", "token_sha256": token_sha256(READER), "roles": ["admin"]}]})
+
+
+def test_tls_needs_a_certificate_and_its_key() -> None:
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        HttpConfig.model_validate({"tls_cert": "cert.pem"})
+    assert HttpConfig.model_validate({"tls_cert": "c.pem", "tls_key": "k.pem"}).tls_key
 
 
 def test_auth_token_prints_the_token_once_and_the_line_with_its_hash(tmp_path: Path) -> None:
