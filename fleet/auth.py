@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -226,8 +227,7 @@ def public_health(auth: HttpAuth, request: Request, body: dict[str, Any]) -> dic
 
 
 def is_loopback(host: str) -> bool:
-    import ipaddress
-
+    """Whether ``[http] host`` listens on loopback only (no warning is needed then)."""
     if host == "localhost":
         return True
     try:
@@ -236,6 +236,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-__all__ = ["Credentials", "HttpAuth", "Principal", "issue_device_credential",
+__all__ = ["Credentials", "HttpAuth", "Principal", "is_loopback", "issue_device_credential",
            "issue_operator_token", "load_credentials", "new_token", "parse_bearer",
            "public_health", "token_sha256", "toml_entry"]

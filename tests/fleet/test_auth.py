@@ -28,6 +28,7 @@ from quantfleet.fleet.artifacts import create_artifact_app
 from quantfleet.fleet.auth import (
     Credentials,
     HttpAuth,
+    is_loopback,
     issue_device_credential,
     issue_operator_token,
     load_credentials,
@@ -233,3 +234,11 @@ def test_auth_token_prints_the_token_once_and_the_line_with_its_hash(tmp_path: P
     assert json.loads(dev.output)["devices"]["device_id"] == "kiosk-9"
     bad = CliRunner().invoke(cli, ["auth", "device-token", "no/slashes"])
     assert bad.exit_code == 2 and "String should match pattern" in bad.output
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False),
+    ("::", False), ("10.0.0.2", False), ("fleet.example", False)])
+def test_which_listen_addresses_are_loopback(host: str, loopback: bool) -> None:
+    """Anything but loopback (a name included: it may resolve anywhere) gets the warning."""
+    assert is_loopback(host) is loopback
