@@ -6,8 +6,8 @@ from it and a test fails when they drift). Unknown keys are refused, so a
 misspelt option is an error naming it, not a silently ignored line.
 
 ``load_config(path)`` reads and validates a file and raises ``ConfigError``
-with one line naming the option and the problem. Secrets (the bearer token)
-are read from the environment or systemd's ``$CREDENTIALS_DIRECTORY`` when
+with one line naming the option and the problem. Secrets (the bearer token,
+the artifact credential) are read from the environment or systemd's ``$CREDENTIALS_DIRECTORY`` when
 the file is loaded, never stored in the file itself.
 """
 
@@ -236,6 +236,18 @@ class UpdateConfig(_Section):
                                "disk (the current and known-good ones always are).")
     download_timeout_s: float = Field(3600.0, gt=0, description="Give up on a download "
                                       "after this long.")
+    artifact_token_env: str = Field("QUANTFLEET_ARTIFACT_TOKEN", description="Environment "
+                                    "variable holding this device's artifact credential, sent "
+                                    "as `Authorization: Bearer` to the fleet's artifact server "
+                                    "(`quantfleet auth device-token`); unset or empty: none "
+                                    "sent. Never written in this file.")
+    artifact_token_credential: str = Field("artifact-token", description="File name in "
+                                           "systemd's $CREDENTIALS_DIRECTORY holding it "
+                                           "(LoadCredential=), read when the variable is "
+                                           "unset.")
+    ca_file: Path | None = Field(None, description="CA certificate(s) (PEM) that the fleet's "
+                                 "HTTPS certificate must chain to; unset: the system's "
+                                 "trust store.")
     preflight: PreflightConfig = Field(
         default_factory=lambda: PreflightConfig(), description="The pre-flight: the "
         "candidate and the serving variant answer the same golden items; only a pass is "
@@ -389,13 +401,13 @@ class AgentConfig(_Section):
 
     # -- secrets, read when asked, never stored in the file --------------
     def bearer_token(self) -> str | None:
-        token = os.environ.get(self.auth.token_env, "")
-        creds = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not token and creds:
-            path = Path(creds) / self.auth.token_credential
-            if path.is_file():
-                token = path.read_text().strip()
-        return token or None
+        return read_secret(self.auth.token_env, self.auth.token_credential)
+
+    def artifact_token(self) -> str | None:
+        """This device's credential for the fleet's artifact server, if it has one."""
+        if self.update is None:
+            return None
+        return read_secret(self.update.artifact_token_env, self.update.artifact_token_credential)
 
     def api_keys(self) -> dict[str, str]:
         """key -> client name."""
@@ -407,6 +419,17 @@ class AgentConfig(_Section):
                 raise ConfigError(f"${self.auth.api_keys_env}: expected name=key, got {item!r}")
             out[key] = name
         return out
+
+
+def read_secret(env: str, credential: str) -> str | None:
+    """``$env``, else the file ``credential`` in systemd's ``$CREDENTIALS_DIRECTORY``."""
+    value = os.environ.get(env, "")
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not value and creds:
+        path = Path(creds) / credential
+        if path.is_file():
+            value = path.read_text().strip()
+    return value or None
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> AgentConfig:

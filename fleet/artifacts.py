@@ -5,7 +5,8 @@
 and the ed25519 signature over the decisive fields); ``GET
 /v1/artifacts/{name}`` streams the file and honours ``Range`` so an edge
 device on a poor link resumes instead of starting over. Only files named in
-the catalog are served: a path is never taken from the request.
+the catalog are served: a path is never taken from the request. With
+``[http.auth]`` every route needs a device credential (``fleet/auth.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from starlette.routing import Route
 
 from quantfleet.agent.update.signing import sign
 from quantfleet.models.catalog import Catalog, CatalogError, VariantEntry
+
+from .auth import HttpAuth
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +48,12 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "status": status}}, status_code=status)
 
 
-def create_artifact_app(models_dir: Path, key: Ed25519PrivateKey, base_url: str) -> Starlette:
+def create_artifact_app(models_dir: Path, key: Ed25519PrivateKey, base_url: str,
+                        auth: HttpAuth | None = None) -> Starlette:
     """A Starlette app serving ``models_dir``'s catalog; the catalog is re-read per request
-    so a ladder rebuilt while the fleet runs is served without a restart."""
+    so a ladder rebuilt while the fleet runs is served without a restart. With ``auth``
+    enabled every route needs a device credential (the ``artifacts`` role)."""
+    guard = (auth or HttpAuth(None)).guard
 
     def _catalog() -> Catalog:
         return Catalog(models_dir)
@@ -87,7 +93,7 @@ def create_artifact_app(models_dir: Path, key: Ed25519PrivateKey, base_url: str)
                             headers={"X-Artifact-Sha256": entry.sha256})
 
     return Starlette(routes=[
-        Route("/v1/artifacts", list_artifacts),
-        Route("/v1/artifacts/{name}/manifest", get_manifest),
-        Route("/v1/artifacts/{name}", get_file, methods=["GET", "HEAD"]),
+        Route("/v1/artifacts", guard("artifacts", list_artifacts)),
+        Route("/v1/artifacts/{name}/manifest", guard("artifacts", get_manifest)),
+        Route("/v1/artifacts/{name}", guard("artifacts", get_file), methods=["GET", "HEAD"]),
     ])

@@ -190,6 +190,16 @@ def _add_eval_command() -> None:
 _add_eval_command()
 
 
+# -- HTTP credentials (fleet/auth_commands.py) -------------------------------------
+def _add_auth_command() -> None:
+    from .auth_commands import auth_group
+
+    cli.add_command(auth_group)
+
+
+_add_auth_command()
+
+
 def main() -> None:
     cli(prog_name="quantfleet")
 

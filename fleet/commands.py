@@ -58,6 +58,8 @@ def serve_cmd(config_path: Path) -> None:
     Example:
       quantfleet serve --config packaging/fleet.example.toml
     """
+    import logging
+
     import uvicorn
 
     from quantfleet.agent.serving.systemd import CleanStopServer
@@ -65,15 +67,20 @@ def serve_cmd(config_path: Path) -> None:
     from .service import FleetService
 
     cfg = _config(config_path)
+    if not logging.getLogger().handlers:  # warnings from the fleet's modules, uvicorn-style
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s:  %(name)s: %(message)s")
     try:
         service = FleetService(cfg).start()
     except Exception as exc:
         raise click.ClickException(f"the fleet could not start: {exc}") from None
+    click.echo(f"quantfleet serve: {service.auth_summary()}", err=True)
+    service.warn_if_open()
     # SIGTERM (systemd's stop) ends run() normally, so the shutdown below runs and the
     # process exits 0: MQTT sessions closed, desired state flushed, the store closed.
     server = CleanStopServer(uvicorn.Config(service.app(), host=cfg.http.host,
                                             port=cfg.http.port, log_level="info",
-                                            lifespan="off"))
+                                            lifespan="off", ssl_certfile=cfg.http.tls_cert,
+                                            ssl_keyfile=cfg.http.tls_key))
     try:
         server.run()
     finally:

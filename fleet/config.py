@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.strict import Strict, explain
@@ -51,9 +52,77 @@ class ArtifactsConfig(Strict):
                           description="How devices reach this fleet's HTTP server.")
 
 
+OperatorRole = Literal["read", "write"]
+
+
+class OperatorToken(Strict):
+    """An operator's bearer token, by its hash (``quantfleet auth token NAME`` makes one)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$",
+                      description="Who holds it (logged with each refusal, never the token).")
+    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the "
+                              "token; the token itself is never in a config.")
+    roles: list[OperatorRole] = Field(
+        default_factory=lambda: list[OperatorRole](["read"]),
+        description="read: the read API (/v1/devices, /v1/signals, /v1/desired, the whole "
+        "/healthz); write: changes (the console, later). Each role is granted on its own.")
+
+
+class DeviceToken(Strict):
+    """A device's artifact credential, by its hash (``issue_device_credential``)."""
+
+    device_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+                           description="The device it was issued to.")
+    token_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 (hex) of the "
+                              "token the device sends ([update] artifact token).")
+
+
+class AuthEntries(Strict):
+    """Operator tokens and device credentials (in [http.auth] or a credentials file)."""
+
+    operators: list[OperatorToken] = Field(default_factory=list,
+                                           description="Who may use the read API.")
+    devices: list[DeviceToken] = Field(default_factory=list,
+                                       description="Who may fetch artifacts and manifests.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> AuthEntries:
+        for what, names in [("operator name", [o.name for o in self.operators]),
+                            ("device_id", [d.device_id for d in self.devices]),
+                            ("token_sha256", [o.token_sha256 for o in self.operators]
+                             + [d.token_sha256 for d in self.devices])]:
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"{what} given twice: {', '.join(twice)}")
+        return self
+
+
+class HttpAuthConfig(AuthEntries):
+    credential: str = Field("quantfleet-http-auth", min_length=1, pattern=r"^[^/]+$",
+                            description="File name in systemd's $CREDENTIALS_DIRECTORY "
+                            "(LoadCredential=) with more operators and devices, in this "
+                            "table's TOML form; read at start when present.")
+    credentials_file: Path | None = Field(None, description="A file with more operators and "
+                                          "devices (same form), for a fleet not run by "
+                                          "systemd; must exist when set.")
+
+
 class HttpConfig(Strict):
     host: str = Field("127.0.0.1", description="Address the fleet's HTTP server listens on.")
     port: int = Field(8600, ge=1, le=65535, description="Its port.")
+    auth: HttpAuthConfig | None = Field(None, description="Present: the read API needs an "
+                                        "operator token and artifacts a device credential "
+                                        "(docs/security.md). Absent: no authentication.")
+    tls_cert: Path | None = Field(None, description="Serve HTTPS with this certificate (PEM, "
+                                  "the chain after it); devices trust its CA with [update] "
+                                  "ca_file. Needs tls_key.")
+    tls_key: Path | None = Field(None, description="The certificate's private key (PEM).")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
 
 
 class RolloutsConfig(Strict):
@@ -82,6 +151,14 @@ class FleetConfig(Strict):
             a.models_dir = base / a.models_dir
         if not a.signing_key.is_absolute():
             a.signing_key = base / a.signing_key
+        for name in ("tls_cert", "tls_key"):
+            value = getattr(self.http, name)
+            if value is not None and not value.is_absolute():
+                setattr(self.http, name, base / value)
+        auth = self.http.auth
+        if auth is not None and auth.credentials_file is not None \
+                and not auth.credentials_file.is_absolute():
+            auth.credentials_file = base / auth.credentials_file
         prefix = "sqlite:///"
         if self.store.url.startswith(prefix):
             path = Path(self.store.url[len(prefix):])

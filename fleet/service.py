@@ -28,6 +28,7 @@ from quantfleet.models.catalog import Catalog
 
 from . import signals
 from .artifacts import create_artifact_app
+from .auth import HttpAuth, is_loopback, load_credentials, public_health
 from .cohorts import LABEL_TOKEN, Selector, SelectorError
 from .config import FleetConfig
 from .desired import DesiredState
@@ -42,7 +43,10 @@ def _bad(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "status": status}}, status_code=status)
 
 
-def read_api(store: Store) -> list[Route]:
+def read_api(store: Store, auth: HttpAuth | None = None) -> list[Route]:
+    """The read API's routes; with ``auth`` enabled each needs an operator's ``read`` role."""
+    guard = (auth or HttpAuth(None)).guard
+
     async def devices(request: Request) -> Response:
         # Every column: labels (the derived cpu.* ones included) and the hardware fingerprint.
         rows = store.devices()
@@ -80,7 +84,8 @@ def read_api(store: Store) -> list[Route]:
         return JSONResponse({"window_s": window, "selector": sel_text, "by": by,
                              "variants": [s.to_json() for s in rows]})
 
-    return [Route("/v1/devices", devices), Route("/v1/signals", signal_view)]
+    return [Route("/v1/devices", guard("read", devices)),
+            Route("/v1/signals", guard("read", signal_view))]
 
 
 class FleetService:
@@ -88,6 +93,7 @@ class FleetService:
         self.cfg = cfg
         self.store = Store(cfg.store.url)
         self.key = load_private_key(cfg.artifacts.signing_key)
+        self.auth = HttpAuth(load_credentials(cfg.http.auth) if cfg.http.auth else None)
         self.ingest = FleetIngest(self.store, cfg.mqtt, share_group=cfg.ingest.share_group,
                                   client_id=cfg.ingest.client_id,
                                   session_expiry_s=cfg.ingest.session_expiry_s)
@@ -134,12 +140,13 @@ class FleetService:
 
     def app(self) -> Starlette:
         artifacts = create_artifact_app(self.cfg.artifacts.models_dir, self.key,
-                                        self.cfg.artifacts.base_url)
+                                        self.cfg.artifacts.base_url, self.auth)
 
         async def health(request: Request) -> Response:
             ok = self.ingest.connected.is_set()
             body: dict[str, Any] = {"ingest_connected": ok, "stats": vars(self.ingest.stats),
                                     "desired": self.desired.status()}
+            body = public_health(self.auth, request, body)
             return JSONResponse(body, status_code=200 if ok else 503)
 
         async def desired(request: Request) -> Response:
@@ -156,5 +163,30 @@ class FleetService:
                              "delivery": mine.to_json() if mine else None})
             return JSONResponse({"desired": rows})
 
-        return Starlette(routes=[Route("/healthz", health), Route("/v1/desired", desired),
-                                 *read_api(self.store), Mount("/", app=artifacts)])
+        return Starlette(routes=[Route("/healthz", health),
+                                 Route("/v1/desired", self.auth.guard("read", desired)),
+                                 *read_api(self.store, self.auth), Mount("/", app=artifacts)])
+
+    def auth_summary(self) -> str:
+        """One line for the start log: who may use HTTP, and over what."""
+        c = self.auth.credentials
+        scheme = "HTTPS" if self.cfg.http.tls_cert else "HTTP"
+        if c is not None:
+            return (f"{scheme} authentication on: {c.operators} operator token(s), "
+                    f"{c.devices} device credential(s)")
+        return f"{scheme} authentication off"
+
+    def warn_if_open(self) -> None:
+        """Off loopback, no authentication, or tokens over plain HTTP, is said at start."""
+        host = self.cfg.http.host
+        if is_loopback(host):
+            return
+        if not self.auth.enabled:
+            log.warning("serving HTTP on %s without authentication: anyone who reaches it "
+                        "reads every device and signal and fetches every artifact; add "
+                        "[http.auth] (docs/security.md)", host)
+        elif self.cfg.http.tls_cert is None:
+            log.warning("serving HTTP on %s without TLS: tokens and credentials cross the "
+                        "network in clear; set [http] tls_cert and tls_key "
+                        "(docs/security.md)", host)
+

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import shutil
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,11 +78,17 @@ def download(
     bandwidth_bps: float | None = None,
     timeout_s: float = 30.0,
     headers: dict[str, str] | None = None,
+    token: str | None = None,
+    ca_file: Path | None = None,
     min_free_bytes: int = 0,
     progress: Callable[[int, int], None] | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> DownloadResult:
-    """Fetch ``url`` into ``dest`` and prove it is ``sha256``; resume a previous partial."""
+    """Fetch ``url`` into ``dest`` and prove it is ``sha256``; resume a previous partial.
+
+    ``token`` is sent as ``Authorization: Bearer`` (the device's artifact credential;
+    httpx drops it on a redirect to another origin); ``ca_file`` is the CA an HTTPS
+    server's certificate must chain to (default: the system's trust store)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
@@ -103,9 +110,14 @@ def download(
     req_headers = dict(headers or {})
     if have:
         req_headers["Range"] = f"bytes={have}-"
+    if token:
+        req_headers["Authorization"] = f"Bearer {token}"
+    verify: ssl.SSLContext | bool = True
+    if ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(ca_file))
     try:
         with httpx.stream("GET", url, headers=req_headers, timeout=timeout_s,
-                          follow_redirects=True) as resp:
+                          follow_redirects=True, verify=verify) as resp:
             if resp.status_code == 416 and have == size_bytes:
                 pass  # already complete: fall through to verification
             elif have and resp.status_code == 200:
@@ -113,6 +125,11 @@ def download(
                 have = resumed_from = 0
                 hasher = hashlib.sha256()
                 partial.unlink(missing_ok=True)
+            elif resp.status_code in (401, 403):
+                raise DownloadError(f"{url}: HTTP {resp.status_code}: the fleet refused this "
+                                    "device's artifact credential" if token else
+                                    f"{url}: HTTP {resp.status_code}: the fleet wants an "
+                                    "artifact credential ([update] artifact_token_env)")
             elif resp.status_code not in (200, 206):
                 raise DownloadError(f"{url}: HTTP {resp.status_code}")
             if resp.status_code in (200, 206):

@@ -277,7 +277,8 @@ class DeviceUpdates:
             keep_variants=u.keep_variants)
         self.updater = Updater(config.device.id, Path(config.models.dir), state_file(config),
                                keyring(config), self.hooks, self._report,
-                               boot_epoch=boot_epoch, policy=policy, current=models.active)
+                               boot_epoch=boot_epoch, policy=policy, current=models.active,
+                               artifact_token=config.artifact_token(), ca_file=u.ca_file)
 
     def _report(self, state: DeviceStatePayload) -> None:
         """Retained on ``…/state`` for the registry, and as a telemetry event (durable,

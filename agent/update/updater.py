@@ -114,8 +114,11 @@ class Updater:
     def __init__(self, device_id: str, models_dir: Path, state_file: Path,
                  public_key: Ed25519PublicKey | Keyring, hooks: UpdateHooks,
                  report: Callable[[DeviceStatePayload], None], *, boot_epoch: int,
-                 policy: UpdatePolicy | None = None, current: str | None = None) -> None:
+                 policy: UpdatePolicy | None = None, current: str | None = None,
+                 artifact_token: str | None = None, ca_file: Path | None = None) -> None:
         self.device_id = device_id
+        self.artifact_token = artifact_token  # the device's credential for the artifact server
+        self.ca_file = ca_file
         self.models_dir = Path(models_dir)
         self.state_file = state_file
         self.keyring = public_key if isinstance(public_key, Keyring) else Keyring(public_key)
@@ -264,6 +267,7 @@ class Updater:
                          bandwidth_bps=self.policy.bandwidth_bps,
                          min_free_bytes=self.policy.min_free_bytes,
                          timeout_s=min(60.0, self.policy.download_timeout_s),
+                         token=self.artifact_token, ca_file=self.ca_file,
                          progress=progress, stop=self._stop.is_set)
             except DownloadError as exc:
                 if self._stop.is_set():

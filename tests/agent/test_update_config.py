@@ -189,3 +189,22 @@ def test_old_names_mean_what_the_new_tables_mean(old: dict[str, Any]) -> None:
         nested_cfg = parse_config({"telemetry": TELEMETRY,
                                    "update": {"public_key": "k.pub", **nested}})
     assert flat_cfg == nested_cfg
+
+
+def test_the_artifact_credential_comes_from_the_environment_or_systemd(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like the bearer token: never in the file, read when the agent asks for it."""
+    _, public = generate_keypair(tmp_path / "keys")
+    config = parse_config({"telemetry": TELEMETRY, "update": {"public_key": str(public)}})
+    monkeypatch.delenv("QUANTFLEET_ARTIFACT_TOKEN", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert config.artifact_token() is None
+    (tmp_path / "artifact-token").write_text("qfd_from-credential\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert config.artifact_token() == "qfd_from-credential"
+    monkeypatch.setenv("QUANTFLEET_ARTIFACT_TOKEN", "qfd_from-env")
+    assert config.artifact_token() == "qfd_from-env"
+    assert parse_config({"telemetry": TELEMETRY}).artifact_token() is None  # no [update]
+    with pytest.raises(ConfigError, match=r"update\.artifact_token: unknown option"):
+        parse_config({"telemetry": TELEMETRY, "update": {"public_key": str(public),
+                                                         "artifact_token": "qfd_x"}})

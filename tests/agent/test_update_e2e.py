@@ -1,5 +1,6 @@
 """Device updates end to end: `quantfleet serve`, real agent processes on real variants,
-a private Mosquitto, and the operator's CLI.
+a private Mosquitto, and the operator's CLI; the fleet serves artifacts only to
+devices with their credential ([http.auth]).
 
 Three agents start on Q8_0. The cohort ``cohort=main`` (agent-1, agent-2) is
 moved to Q4_K_M while agent-2, on a slow link, is killed mid-download and
@@ -32,6 +33,7 @@ from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
 from quantfleet.agent.wire import DeviceStatePayload
+from quantfleet.fleet.auth import issue_device_credential, toml_entry
 from quantfleet.fleet.cli import cli
 from quantfleet.models.catalog import Catalog
 from tests.agent.test_updater import walk
@@ -51,6 +53,7 @@ class AgentProc:
     port: int
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # its artifact credential
 
     @property
     def config(self) -> Path:
@@ -66,7 +69,7 @@ class AgentProc:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "quantfleet.agent.cli", "serve", "--config",
              str(self.config), "--log-level", "info"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         deadline = time.monotonic() + 90
         while True:
             assert self.proc.poll() is None, f"{self.name} exited:\n{self.log()}"
@@ -252,7 +255,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Iterato
     url = f"mqtt://127.0.0.1:{broker.port}"
     fleet_models = tmp / "fleet-models"
     _install(catalog, fleet_models, LADDER)
-    fleet, root = make_fleet(tmp, f"sqlite:///{tmp / 'fleet.db'}", fleet_models, broker=url)
+    # The fleet serves artifacts to enrolled devices only: each agent has its credential,
+    # agent-1 from systemd's $CREDENTIALS_DIRECTORY, the others from the environment.
+    names = ("agent-1", "agent-2", "agent-3")
+    creds = {n: issue_device_credential(n) for n in names}
+    fleet, root = make_fleet(tmp, f"sqlite:///{tmp / 'fleet.db'}", fleet_models, broker=url,
+                             extra="[http.auth]\ndevices = [" + ", ".join(
+                                 toml_entry(entry) for _, entry in creds.values()) + "]\n")
     fleet.start()
     states = StateLog()
     watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"w-{uuid.uuid4().hex[:6]}")
@@ -261,9 +270,15 @@ def world(tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> Iterato
     watcher.subscribe(f"{root}/devices/+/state", qos=1)
     watcher.loop_start()
     pub = tmp / "keys" / "signing.pub"
-    agents = {n: AgentProc(n, tmp / n, free_port()) for n in ("agent-1", "agent-2", "agent-3")}
+    agents = {n: AgentProc(n, tmp / n, free_port()) for n in names}
     for a in agents.values():
         _install(catalog, a.dir / "models", ("Q8_0",))
+        if a.name == "agent-1":
+            (a.dir / "credentials").mkdir()
+            (a.dir / "credentials" / "artifact-token").write_text(creds[a.name][0] + "\n")
+            a.env = {"CREDENTIALS_DIRECTORY": str(a.dir / "credentials")}
+        else:
+            a.env = {"QUANTFLEET_ARTIFACT_TOKEN": creds[a.name][0]}
     # agent-1: the defaults but a short soak; agent-2: a slow link (killed mid-download);
     # agent-3: a soak policy no variant can meet (it must roll back), no pre-flight.
     _agent_config(agents["agent-1"], cohort="main", broker=url, root=root, public_key=pub,

@@ -1,4 +1,5 @@
-"""The device updater against a real artifact server, real signatures and real variants."""
+"""The device updater against a real artifact server (asking for device credentials), real
+signatures and real variants."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,10 @@ from quantfleet.agent.update.signing import (
 from quantfleet.agent.update.updater import Check, SoakAnswer, UpdatePolicy, Updater
 from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload
 from quantfleet.fleet.artifacts import create_artifact_app
+from quantfleet.fleet.auth import Credentials, HttpAuth, issue_device_credential
+from quantfleet.fleet.config import AuthEntries
 from quantfleet.models.catalog import Catalog, VariantEntry
-from tests.support import serve
+from tests.support import private_ca, serve
 
 
 @dataclass
@@ -59,14 +63,31 @@ class DeviceHooks:
         return self.soak_answers.pop(0) if self.soak_answers else ("healthy", "")
 
 
+# The artifact server asks for device credentials, as a fleet with [http.auth] does;
+# the device fixture's updater sends this one.
+DEVICE_TOKEN, DEVICE_ENTRY = issue_device_credential("dev-1")
+
+
 @pytest.fixture(scope="module")
 def fleet(ladder_dir: Path, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[str, Path, Path]]:
     keys = tmp_path_factory.mktemp("keys")
     private, public = generate_keypair(keys)
-    app = create_artifact_app(ladder_dir, load_private_key(private), "http://unused")
+    auth = HttpAuth(Credentials(AuthEntries(devices=[DEVICE_ENTRY])))
+    app = create_artifact_app(ladder_dir, load_private_key(private), "http://unused", auth)
     with serve(app) as url:
         yield url, private, public
+
+
+@pytest.fixture(scope="module")
+def https_fleet(ladder_dir: Path, fleet: tuple[str, Path, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path, Path]]:
+    """The same artifact server over HTTPS, its certificate signed by a private CA."""
+    ca, cert, key = private_ca(tmp_path_factory.mktemp("tls"))
+    auth = HttpAuth(Credentials(AuthEntries(devices=[DEVICE_ENTRY])))
+    app = create_artifact_app(ladder_dir, load_private_key(fleet[1]), "http://unused", auth)
+    with serve(app, tls=(cert, key)) as url:
+        yield url, fleet[1], fleet[2], ca
 
 
 def desired(fleet: tuple[str, Path, Path], catalog: Catalog, label: str, revision: int,
@@ -95,8 +116,16 @@ def signed(private: Any, doc: dict[str, object],
 @pytest.fixture
 def device(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog
            ) -> Iterator[tuple[Updater, DeviceHooks, list[DeviceStatePayload]]]:
+    with device_on(tmp_path, fleet, catalog, DEVICE_TOKEN) as d:
+        yield d
+
+
+@contextmanager
+def device_on(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog,
+                token: str | None, ca_file: Path | None = None
+                ) -> Iterator[tuple[Updater, DeviceHooks, list[DeviceStatePayload]]]:
     models = tmp_path / "models"
-    models.mkdir()
+    models.mkdir(parents=True)
     # The device starts with Q8_0 installed and known good.
     q8 = catalog.resolve("Q8_0")
     shutil.copy(q8.path(catalog.dir), models / q8.file)
@@ -107,9 +136,12 @@ def device(tmp_path: Path, fleet: tuple[str, Path, Path], catalog: Catalog
     hooks = DeviceHooks()
     updater = Updater("dev-1", models, tmp_path / "updater.json", load_public_key(fleet[2]),
                       hooks, states.append, boot_epoch=3, current=q8.name,
-                      policy=UpdatePolicy(soak_s=5, soak_poll_s=0.01, min_free_bytes=0))
-    yield updater, hooks, states
-    updater.stop()
+                      policy=UpdatePolicy(soak_s=5, soak_poll_s=0.01, min_free_bytes=0),
+                      artifact_token=token, ca_file=ca_file)
+    try:
+        yield updater, hooks, states
+    finally:
+        updater.stop()
 
 
 def walk(states: list[DeviceStatePayload]) -> list[str]:
@@ -139,6 +171,41 @@ def test_a_good_variant_walks_every_state_to_healthy(device, fleet, catalog) -> 
     states.clear()
     assert updater.handle(desired(fleet, catalog, "Q4_K_M", 1)) is None
     assert states == []
+
+
+@pytest.mark.parametrize("token", [None, "qfd_not-issued"])
+def test_a_device_without_its_credential_fetches_nothing(  # type: ignore[no-untyped-def]
+        tmp_path, fleet, catalog, token) -> None:
+    """The fleet asks for a device credential: without one, or with one it did not issue,
+    the download fails with the reason and nothing is kept."""
+    with device_on(tmp_path, fleet, catalog, token) as (updater, hooks, states):
+        assert updater.handle(desired(fleet, catalog, "Q4_K_M", 1)) is not None
+        assert updater.wait(60)
+        assert walk(states) == ["downloading", "failed"]
+        assert "HTTP 401" in states[-1].reason
+        assert ("refused this device's artifact credential" if token else
+                "wants an artifact credential") in states[-1].reason
+        assert hooks.activated == [] and states[-1].variant == "smollm2-135m-Q8_0"
+        assert not list(updater.models_dir.glob("*Q4_K_M*"))
+
+
+def test_over_https_the_device_trusts_the_fleet_ca_it_is_given(  # type: ignore[no-untyped-def]
+        tmp_path, https_fleet, catalog) -> None:
+    """[update] ca_file: the fleet's certificate must chain to it; without it (the system's
+    trust store) a private CA's certificate is refused before a byte is fetched."""
+    url, private, public, ca = https_fleet
+    served = (url, private, public)
+    with device_on(tmp_path / "no-ca", served, catalog, DEVICE_TOKEN) as (updater, _, states):
+        assert updater.handle(desired(served, catalog, "Q4_K_M", 1)) is not None
+        assert updater.wait(60)
+        assert walk(states) == ["downloading", "failed"]
+        assert "CERTIFICATE_VERIFY_FAILED" in states[-1].reason, states[-1].reason
+    with device_on(tmp_path / "ca", served, catalog, DEVICE_TOKEN,
+                   ca_file=ca) as (updater, hooks, states):
+        assert updater.handle(desired(served, catalog, "Q4_K_M", 1)) is not None
+        assert updater.wait(60)
+        assert states[-1].update_state == "healthy", states[-1].reason
+        assert hooks.activated == ["smollm2-135m-Q4_K_M"]
 
 
 def test_a_tampered_artifact_is_refused_and_deleted(device, fleet, catalog, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -279,7 +346,8 @@ def test_a_device_stopped_mid_download_resumes_the_same_revision(device, fleet, 
     # The agent restarts: same state file, the retained message arrives again.
     again = Updater("dev-1", updater.models_dir, updater.state_file, updater.keyring, hooks,
                     states.append, boot_epoch=4, policy=UpdatePolicy(soak_s=1, soak_poll_s=0.01,
-                                                                     min_free_bytes=0))
+                                                                     min_free_bytes=0),
+                    artifact_token=DEVICE_TOKEN)  # the resuming Range request carries it too
     assert again.memory.last_revision == 0
     assert again.handle(desired(fleet, catalog, "Q4_K_M", 1)) is not None
     assert again.wait(60)

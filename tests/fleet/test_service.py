@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ from quantfleet.agent.wire import (
     device_topic,
 )
 from quantfleet.fleet.cli import cli
-from tests.support import free_port
+from tests.support import free_port, private_ca
 
 from .test_ingest import _broker_up, publish, wait_for
 
@@ -41,9 +42,11 @@ pytestmark = pytest.mark.skipif(not _broker_up(), reason="Mosquitto is not answe
 
 
 class Fleet:
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(self, config: Path, port: int, ca: Path | None = None) -> None:
         self.config = config
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
+        self.verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca)) \
+            if ca else True
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -56,7 +59,8 @@ class Fleet:
                 out = self.proc.stdout.read().decode() if self.proc.stdout else ""
                 raise AssertionError(f"fleet exited: {out}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=1,
+                             verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -75,8 +79,10 @@ class Fleet:
 
 
 def make_fleet(tmp_path: Path, store_url: str, models_dir: Path, *,
-               broker: str = "mqtt://127.0.0.1:1883", extra: str = "") -> tuple[Fleet, str]:
-    """A fleet config in ``tmp_path`` (keys included) on a free port; returns (fleet, root)."""
+               broker: str = "mqtt://127.0.0.1:1883", extra: str = "",
+               tls: tuple[Path, Path, Path] | None = None) -> tuple[Fleet, str]:
+    """A fleet config in ``tmp_path`` (keys included) on a free port; returns (fleet, root).
+    ``tls``: (CA, certificate, key) to serve HTTPS with."""
     root = f"qftest/{uuid.uuid4().hex[:10]}/v1"
     if not (tmp_path / "keys" / "signing.key").exists():
         generate_keypair(tmp_path / "keys")
@@ -94,12 +100,13 @@ share_group = "g{uuid.uuid4().hex[:8]}"
 [artifacts]
 models_dir = "{models_dir}"
 signing_key = "keys/signing.key"
-base_url = "http://127.0.0.1:{port}"
+base_url = "{'https' if tls else 'http'}://127.0.0.1:{port}"
 [http]
 port = {port}
+{f'tls_cert = "{tls[1]}"{chr(10)}tls_key = "{tls[2]}"' if tls else ""}
 {extra}
 """)
-    return Fleet(config, port), root
+    return Fleet(config, port, tls[0] if tls else None), root
 
 
 @pytest.fixture
@@ -437,3 +444,125 @@ def test_poison_on_one_device_neither_stops_serve_nor_comes_back_after_a_restart
         dev.disconnect()
         fleet.stop()
         engine.dispose()
+
+
+def test_with_http_auth_reads_need_an_operator_and_artifacts_a_device(
+        tmp_path: Path, ladder_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[http.auth] in fleet.toml and a device credential from $CREDENTIALS_DIRECTORY, as
+    systemd's LoadCredential= gives it: every read endpoint is 401 without or with a bad
+    token, 403 for an operator without the read role, 200 for one with it; /healthz stays
+    open and names no device; artifacts want the device's credential."""
+    from quantfleet.fleet.auth import issue_device_credential, issue_operator_token, toml_entry
+
+    reader, reader_entry = issue_operator_token("alice", ["read"])
+    writer, writer_entry = issue_operator_token("bob", ["write"])
+    device_token, device_entry = issue_device_credential("kiosk-17")
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "quantfleet-http-auth").write_text(f"devices = [{toml_entry(device_entry)}]\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    fleet, _ = make_fleet(tmp_path, f"sqlite:///{tmp_path / 'fleet.db'}", ladder_dir, extra=f"""
+[http.auth]
+operators = [{toml_entry(reader_entry)}, {toml_entry(writer_entry)}]
+""")
+    assert reader not in fleet.config.read_text()  # only hashes in the config
+    fleet.start()
+    try:
+        for path in ("/v1/devices", "/v1/signals", "/v1/desired"):
+            url = fleet.url + path
+            none = httpx.get(url)
+            assert none.status_code == 401 and none.headers["www-authenticate"].startswith(
+                "Bearer"), path
+            assert httpx.get(url, headers={"Authorization": "Bearer qfo_wrong"}
+                             ).status_code == 401, path
+            assert httpx.get(url, headers={"Authorization": f"Bearer {writer}"}
+                             ).status_code == 403, path
+            assert httpx.get(url, headers={"Authorization": f"Bearer {device_token}"}
+                             ).status_code == 403, path
+            ok = httpx.get(url, headers={"Authorization": f"Bearer {reader}"})
+            assert ok.status_code == 200, (path, ok.text)
+        health = httpx.get(f"{fleet.url}/healthz")
+        assert health.status_code == 200
+        assert "unacknowledged" not in health.json()["desired"]  # device ids and errors
+        assert "devices" in health.json()["desired"]  # the counts stay
+        full = httpx.get(f"{fleet.url}/healthz", headers={"Authorization": f"Bearer {reader}"})
+        assert "unacknowledged" in full.json()["desired"]
+        manifest = f"{fleet.url}/v1/artifacts/smollm2-135m-Q2_K/manifest"
+        assert httpx.get(manifest).status_code == 401
+        assert httpx.get(manifest, headers={"Authorization": f"Bearer {reader}"}
+                         ).status_code == 403
+        got = httpx.get(manifest, headers={"Authorization": f"Bearer {device_token}"})
+        assert got.status_code == 200 and got.json()["variant"] == "smollm2-135m-Q2_K"
+    finally:
+        fleet.stop()
+    assert fleet.proc is not None and fleet.proc.stdout is not None
+    log = fleet.proc.stdout.read().decode()
+    assert "HTTP authentication on: 2 operator token(s), 1 device credential(s)" in log, log
+    assert reader not in log and device_token not in log
+    assert "refused GET /v1/devices: operator bob lacks the read role" in log, log
+
+
+def test_serving_off_loopback_without_auth_or_tls_is_a_warning(tmp_path: Path,
+                                                        ladder_dir: Path) -> None:
+    fleet, _ = make_fleet(tmp_path, f"sqlite:///{tmp_path / 'fleet.db'}", ladder_dir,
+                          extra='host = "0.0.0.0"')
+    fleet.start()
+    fleet.stop()
+    assert fleet.proc is not None and fleet.proc.stdout is not None
+    log = fleet.proc.stdout.read().decode()
+    assert "HTTP authentication off" in log
+    assert "WARNING:  quantfleet.fleet.service: serving HTTP on 0.0.0.0 without " \
+           "authentication" in log, log
+    # With authentication but without TLS, the tokens would cross the network in clear.
+    clear, _ = make_fleet(tmp_path / "clear", f"sqlite:///{tmp_path / 'c.db'}", ladder_dir,
+                          extra='host = "0.0.0.0"\n[http.auth]\n')
+    clear.start()
+    clear.stop()
+    assert clear.proc is not None and clear.proc.stdout is not None
+    log = clear.proc.stdout.read().decode()
+    assert "HTTP authentication on: 0 operator token(s), 0 device credential(s)" in log, log
+    assert "serving HTTP on 0.0.0.0 without TLS: tokens and credentials cross the network " \
+           "in clear" in log, log
+    quiet, _ = make_fleet(tmp_path / "loopback", f"sqlite:///{tmp_path / 'l.db'}", ladder_dir)
+    quiet.start()
+    quiet.stop()
+    assert quiet.proc is not None and quiet.proc.stdout is not None
+    assert "without authentication" not in quiet.proc.stdout.read().decode()
+
+
+def test_over_https_a_device_downloads_with_its_credential_and_the_fleet_ca(
+        tmp_path: Path, ladder_dir: Path, catalog: Any) -> None:
+    """[http] tls_cert/tls_key with a private CA: the artifact URL in a desired state is
+    https://, and a device that trusts the CA ([update] ca_file) and sends its credential
+    downloads and verifies the file; one that does not trust it is refused by TLS."""
+    from quantfleet.agent.update.download import DownloadError, download
+    from quantfleet.fleet.auth import issue_device_credential, toml_entry
+
+    ca, cert, key = private_ca(tmp_path)
+    token, entry = issue_device_credential("kiosk-17")
+    fleet, _ = make_fleet(tmp_path, f"sqlite:///{tmp_path / 'fleet.db'}", ladder_dir,
+                          tls=(ca, cert, key), extra=f"""
+[http.auth]
+devices = [{toml_entry(entry)}]
+""")
+    fleet.start()
+    try:
+        v = catalog.resolve("Q2_K")
+        head = {"Authorization": f"Bearer {token}"}
+        manifest = httpx.get(f"{fleet.url}/v1/artifacts/{v.name}/manifest", headers=head,
+                             verify=fleet.verify).json()
+        assert manifest["url"].startswith("https://127.0.0.1:")
+        with pytest.raises(DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
+            download(manifest["url"], tmp_path / "a.gguf", sha256=v.sha256,
+                     size_bytes=v.size_bytes, token=token)
+        result = download(manifest["url"], tmp_path / "b.gguf", sha256=v.sha256,
+                          size_bytes=v.size_bytes, token=token, ca_file=ca)
+        assert result.bytes_fetched == v.size_bytes
+        with pytest.raises(DownloadError, match="HTTP 401"):
+            download(manifest["url"], tmp_path / "c.gguf", sha256=v.sha256,
+                     size_bytes=v.size_bytes, ca_file=ca)
+    finally:
+        fleet.stop()
+    assert fleet.proc is not None and fleet.proc.stdout is not None
+    log = fleet.proc.stdout.read().decode()
+    assert "HTTPS authentication on: 0 operator token(s), 1 device credential(s)" in log, log

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import subprocess
 import time
@@ -12,10 +10,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from quantfleet.agent.mqtt import MqttConfig
@@ -25,7 +19,7 @@ from quantfleet.agent.telemetry.outbox import Outbox
 from quantfleet.agent.telemetry.publisher import Publisher
 from quantfleet.agent.telemetry.service import TelemetryService
 from quantfleet.agent.wire import device_topic
-from tests.support import free_port
+from tests.support import free_port, private_ca
 
 from .conftest import Mosquitto, wait_until
 from .helpers import FleetSide, request_event
@@ -129,39 +123,11 @@ def test_after_an_outage_recent_events_go_first_and_the_backlog_is_historical_an
     assert elapsed >= (batches - rate) / rate
 
 
-def _certs(d: Path) -> tuple[Path, Path, Path]:
-    now = dt.datetime.now(dt.UTC)
-    day = dt.timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qf-test-ca")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(1)
-          .not_valid_before(now - day).not_valid_after(now + 2 * day)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now - day).not_valid_after(now + 2 * day)
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = d / "ca.pem", d / "server.pem", d / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
-
-
 @pytest.mark.parametrize("password", ["s3cret", "wrong"])
 def test_mqtts_with_a_password_from_the_environment(
         tmp_path: Path, topic_root: str, private_broker: Mosquitto,
         monkeypatch: pytest.MonkeyPatch, password: str) -> None:
-    ca, cert, key = _certs(tmp_path)
+    ca, cert, key = private_ca(tmp_path)
     passwd = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-c", "-b", str(passwd), "pi-01", "s3cret"], check=True)
     tls_port = free_port()
