@@ -423,16 +423,11 @@ def devices_enroll(config_path: Path, device_id: str, client_id: str | None, rot
             "artifact_credential": artifact, "artifact_error": failure}))
     elif rotate:
         pass
-    elif failure is not None:
+    elif failure is not None or artifact is None:
         click.echo(f"artifact credential: NOT issued ({failure})")
-    elif artifact is None:
-        click.echo("artifact credential: not issued by this build (quantfleet.fleet.auth is "
-                   "not installed); issue it separately")
     else:
-        entry = artifact["config_entry"]
         click.echo(f"artifact credential (shown once): {artifact['token']}")
-        click.echo("artifact config entry: "
-                   + (entry if isinstance(entry, str) else json.dumps(entry, default=str)))
+        click.echo(f"add to the fleet's [http.auth] devices: {artifact['toml']}")
     if failure is not None:
         raise click.ClickException(f"{device_id}: enrolled on the broker, but the artifact "
                                    f"credential was not issued: {failure}")
@@ -460,21 +455,12 @@ def devices_revoke(config_path: Path, device_id: str, admin_user: str,
                "artifact credential is revoked separately")
 
 
-def _issue_artifact_credential(device_id: str) -> dict[str, Any] | None:
-    """The artifact (HTTP) credential, from quantfleet.fleet.auth where it exists."""
-    import importlib
+def _issue_artifact_credential(device_id: str) -> dict[str, Any]:
+    """The device's artifact (HTTP) credential: the token, once, and its config entry."""
+    from . import auth
 
-    try:
-        auth = importlib.import_module("quantfleet.fleet.auth")
-    except ModuleNotFoundError as exc:
-        if exc.name != "quantfleet.fleet.auth":
-            raise  # the module exists and is broken: say so
-        return None
-    issue = getattr(auth, "issue_device_credential", None)
-    if issue is None:
-        return None
-    token, entry = issue(device_id)
-    return {"token": token, "config_entry": entry}
+    token, entry = auth.issue_device_credential(device_id)
+    return {"token": token, "config_entry": entry.model_dump(), "toml": auth.toml_entry(entry)}
 
 
 @click.group(name="broker")

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -345,7 +344,7 @@ def test_enroll_prints_the_password_once_and_the_agent_config(broker: Broker) ->
                     if line.startswith("MQTT password"))
     assert result.output.count(password) == 1
     assert 'update_username = "dev-c:update"' in result.output
-    assert "artifact credential: not issued by this build" in result.output
+    assert "artifact credential (shown once): qfd_" in result.output
     broker.passwords["dev-c"] = password
     s = Session(broker, "dev-c", "qf-dev-c")
     assert not s.refused and not s.publish(f"{ROOT}/dev-c/telemetry").is_failure
@@ -391,23 +390,22 @@ def test_rotate_gives_both_users_a_new_password_and_revoke_takes_the_device_off(
     assert broker.enroll("dev-a").exit_code == 0
 
 
-def test_enroll_issues_the_artifact_credential_where_fleet_auth_exists(
-        broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
-    auth = types.ModuleType("quantfleet.fleet.auth")
-    issued: list[str] = []
+def test_enroll_issues_the_artifact_credential_too(broker: Broker) -> None:
+    """One command gives a device everything: its MQTT password and its artifact
+    credential, whose hash goes into the fleet's [http.auth] devices."""
+    from quantfleet.fleet.auth import token_sha256
 
-    def issue_device_credential(device_id: str) -> tuple[str, dict[str, str]]:
-        issued.append(device_id)
-        return "tok-123", {"device_id": device_id}
-
-    auth.issue_device_credential = issue_device_credential  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "quantfleet.fleet.auth", auth)
     result = broker.enroll("dev-d", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    assert issued == ["dev-d"]
-    assert doc["artifact_credential"] == {"token": "tok-123",
-                                          "config_entry": {"device_id": "dev-d"}}
+    cred = doc["artifact_credential"]
+    assert cred["config_entry"] == {"device_id": "dev-d",
+                                    "token_sha256": token_sha256(cred["token"])}
+    assert cred["token"] not in cred["toml"] and cred["config_entry"]["token_sha256"] in \
+        cred["toml"]
+    text = broker.enroll("dev-f")
+    assert text.exit_code == 0, text.output
+    assert "add to the fleet's [http.auth] devices: {device_id = \"dev-f\"" in text.output
 
 
 def test_the_real_agent_and_the_real_fleet_work_through_the_packaged_broker(
@@ -494,13 +492,12 @@ def test_the_real_agent_and_the_real_fleet_work_through_the_packaged_broker(
 
 def test_a_failing_artifact_credential_leaves_the_broker_credential_shown(
         broker: Broker, monkeypatch: pytest.MonkeyPatch) -> None:
-    auth = types.ModuleType("quantfleet.fleet.auth")
+    from quantfleet.fleet import auth
 
     def issue_device_credential(device_id: str) -> tuple[str, str]:
         raise OSError("the token store is read-only")
 
-    auth.issue_device_credential = issue_device_credential  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "quantfleet.fleet.auth", auth)
+    monkeypatch.setattr(auth, "issue_device_credential", issue_device_credential)
     result = broker.enroll("dev-e")
     assert result.exit_code == 1
     assert "MQTT password (shown once" in result.output
