@@ -27,6 +27,40 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
+# -- the reliability campaign: faults injected, and what became of every event ---------
+
+FAULTS: list[dict[str, object]] = []
+
+
+@pytest.fixture
+def fault_record() -> object:
+    """``fault_record(fault, produced=, stored=, reported_lost=, dead_lettered=, lost=)``:
+    a test that injects a fault says what happened to every event; the session prints
+    the table (docs/reliability.md quotes it). ``lost`` is what went unreported."""
+
+    def record(fault: str, *, produced: int, stored: int, reported_lost: int = 0,
+               dead_lettered: int = 0, lost: int | None = None) -> None:
+        unreported = produced - stored - reported_lost - dead_lettered if lost is None \
+            else lost
+        FAULTS.append({"fault": fault, "produced": produced, "stored": stored,
+                       "reported_lost": reported_lost, "dead_lettered": dead_lettered,
+                       "lost": unreported})
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not FAULTS:
+        return
+    tr = terminalreporter
+    tr.section("reliability: faults injected, and every event accounted for")
+    tr.write_line(f"{'fault':<72} {'produced':>9} {'stored':>8} {'reported':>9} "
+                  f"{'dead-let.':>9} {'lost':>5}")
+    for f in FAULTS:
+        tr.write_line(f"{f['fault']!s:<72} {f['produced']:>9} {f['stored']:>8} "
+                      f"{f['reported_lost']:>9} {f['dead_lettered']:>9} {f['lost']:>5}")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads or writes the user's real state directories."""

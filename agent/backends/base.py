@@ -82,6 +82,18 @@ class GenerationRequest:
     json_schema: dict[str, object] | None = None
     grammar: str | None = None  # backend-specific grammar text (GBNF for llama.cpp)
 
+    def __post_init__(self) -> None:
+        # Below GREEDY_BELOW a temperature is greedy in all but name, and dividing
+        # float32 logits by it overflows to inf: llama.cpp's grammar sampler then throws
+        # and aborts the whole process (temperature 1.4e-45 with a JSON response_format
+        # did, found by tests/serving/test_fuzz.py).
+        if not self.temperature >= GREEDY_BELOW:
+            object.__setattr__(self, "temperature", 0.0)  # frozen: set once, here
+
+
+#: Temperatures below this are greedy decoding (the limit, and safe on every backend).
+GREEDY_BELOW = 1e-3
+
 
 @dataclass
 class GenerationChunk:

@@ -105,7 +105,8 @@ def test_without_the_wait_an_answer_can_leave_before_its_event(tmp_path: Path,
 
 
 def test_kill_9_under_load_never_loses_an_answered_request(tmp_path: Path, ladder_dir: Path,
-                                                            spawn: Any) -> None:
+                                                            spawn: Any,
+                                                            fault_record: Any) -> None:
     config = _config(tmp_path, ladder_dir, commit_s=1.0, wait_s=2.0)
     rng = random.Random(7)
     answered: list[str] = []
@@ -133,4 +134,6 @@ def test_kill_9_under_load_never_loses_an_answered_request(tmp_path: Path, ladde
             c.join(35)
     assert len(answered) >= kills, "the load produced almost no answers"
     lost = set(answered) - _stored(tmp_path / "outbox.db")
+    fault_record(f"agent kill -9 under HTTP load, {kills} times (answered requests)",
+                 produced=len(set(answered)), stored=len(set(answered)) - len(lost))
     assert not lost, f"{len(lost)} of {len(answered)} answered requests have no event"

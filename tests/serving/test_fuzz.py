@@ -216,6 +216,18 @@ def test_pathological_bodies_are_refused_cleanly(agent: Running, raw: bytes) -> 
     send(agent, raw)
 
 
+def test_a_denormal_temperature_with_a_grammar_is_answered(agent: Running) -> None:
+    """Found by this fuzz (seed 26): temperature 1.4e-45 with a JSON response_format made
+    llama.cpp's grammar sampler throw and abort the whole process. Below 1e-3 a
+    temperature is greedy decoding now, on every backend."""
+    for fmt in ({"type": "json_object"}, None):
+        doc: dict[str, Any] = {"messages": [{"role": "user", "content": "<|im_end|>"}],
+                               "max_tokens": 3, "temperature": 1.401298464324817e-45}
+        if fmt:
+            doc["response_format"] = fmt
+        assert send(agent, encode(doc)).status_code == 200
+
+
 def test_after_the_fuzz_nothing_is_wedged(agent: Running) -> None:
     start = time.monotonic()
     ok = httpx.post(agent.v1 + "/chat/completions", timeout=30,

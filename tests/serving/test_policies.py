@@ -232,7 +232,8 @@ async def _burst(url: str, n: int, max_tokens: int, **headers: str) -> list[http
 
 
 def test_overload_is_refused_fast_with_retry_after(serve_app: ServeFactory,
-                                                   loaded: dict[str, Backend]) -> None:
+                                                   loaded: dict[str, Backend],
+                                                   fault_record: Any) -> None:
     agent = serve_app({"Q4_K_M": loaded["Q4_K_M"]}, models={"fallback": ""},
                       concurrency={"queue_size": 2})
     rss_before = psutil.Process(os.getpid()).memory_info().rss
@@ -249,6 +250,12 @@ def test_overload_is_refused_fast_with_retry_after(serve_app: ServeFactory,
         if r.status_code == 200:
             assert r.json()["choices"][0]["message"]["content"]
     agent.idle()
+    events = {e.request_id for e in agent.events()}
+    answered = {r.headers["X-Request-Id"] for r in responses}
+    fault_record(f"overload: 12 requests at once on 1 worker + 2 queue slots "
+                 f"({len(rejected)} refused 429)", produced=len(answered),
+                 stored=len(answered & events))
+    assert answered <= events  # every request, refused ones too, has its event
     growth = psutil.Process(os.getpid()).memory_info().rss - rss_before
     assert growth < 64 * 2**20, f"memory grew by {growth / 2**20:.0f} MiB"
     metrics = httpx.get(agent.url + "/metrics").text

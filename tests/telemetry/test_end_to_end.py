@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -43,7 +44,8 @@ def test_every_event_arrives_once_on_the_shared_broker(tmp_path: Path, topic_roo
 
 
 def test_broker_stopped_and_restarted_mid_stream(tmp_path: Path, topic_root: str,
-                                                 private_broker: Mosquitto) -> None:
+                                                 private_broker: Mosquitto,
+                                                 fault_record: Any) -> None:
     store = FleetSide(tmp_path, topic_root, port=private_broker.port).start()
     outbox, publisher = pipeline(tmp_path, "dev-b", private_broker.port, topic_root,
                                  max_inflight=5)
@@ -71,6 +73,8 @@ def test_broker_stopped_and_restarted_mid_stream(tmp_path: Path, topic_root: str
         wait_until(lambda: store.event_count("dev-b") == total, timeout=60,
                    what=f"all {total} events")
         wait_until(lambda: outbox.stats()["rows"] == 0, what="outbox drained")
+        fault_record("broker outage mid-stream (stopped, restarted)", produced=total,
+                     stored=store.event_count("dev-b"))
         assert during < total, "the outage must happen mid-stream"
         assert store.seqs("dev-b") == list(range(1, total + 1))
         assert store.gaps("dev-b") == []

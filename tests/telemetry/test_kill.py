@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from .conftest import wait_until
 from .helpers import FleetSide
@@ -23,7 +24,7 @@ def _run(config: Path, *extra: str) -> subprocess.Popen[bytes]:
 
 
 def test_sigkill_mid_stream_then_restart_delivers_every_committed_event(
-        tmp_path: Path, topic_root: str) -> None:
+        tmp_path: Path, topic_root: str, fault_record: Any) -> None:
     device = "dev-kill"
     outbox = tmp_path / "outbox.db"
     config = tmp_path / "agent.toml"
@@ -71,6 +72,8 @@ will_delay_s = 0
 
         wait_until(lambda: store.event_count(device) == summary["committed_seq"],
                    what="every committed event of both runs")
+        fault_record("telemetry process kill -9 mid-stream (committed events)",
+                     produced=summary["committed_seq"], stored=store.event_count(device))
         # Every event the killed run committed arrived — once (the key forbids twice).
         boot1 = [e["seq"] for e in store.events(device) if e["boot_epoch"] == epoch1]
         assert boot1 == list(range(1, committed + 1))

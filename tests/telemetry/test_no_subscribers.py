@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.fleet.ingest import FleetIngest
@@ -39,7 +40,8 @@ def test_no_matching_subscribers_keeps_the_rows_until_the_fleet_subscribes(
 
 
 def test_a_device_back_before_the_fleet_after_a_broker_restart_loses_nothing(
-        tmp_path: Path, topic_root: str, private_broker: Mosquitto) -> None:
+        tmp_path: Path, topic_root: str, private_broker: Mosquitto,
+        fault_record: Any) -> None:
     """The fleet's persistent session subscribes with ``$share``; mosquitto (persistence on)
     restores the session's plain subscriptions after a restart, not the shared one. The
     device reconnects first and publishes into no subscriber (0x10); the fleet comes back
@@ -71,6 +73,8 @@ def test_a_device_back_before_the_fleet_after_a_broker_restart_loses_nothing(
         ingest = fleet()
         wait_until(lambda: store.event_count() == 300, timeout=60, what="all 300 stored")
         wait_until(lambda: outbox.stats()["rows"] == 0, what="outbox drained")
+        fault_record("broker restart, device back before the fleet (PUBACK 0x10)",
+                     produced=300, stored=store.event_count())
         assert store.seq_gaps() == []
     finally:
         publisher.stop()

@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,7 +43,8 @@ def _gaps(events: list[TelemetryEvent], reason: str) -> list[GapRecord]:
     return [e.body for e in events if isinstance(e.body, GapRecord) and e.body.reason == reason]
 
 
-def test_a_removed_wal_becomes_a_gap_record_and_seq_carries_on(tmp_path: Path) -> None:
+def test_a_removed_wal_becomes_a_gap_record_and_seq_carries_on(tmp_path: Path,
+                                                              fault_record: Any) -> None:
     first = Outbox(tmp_path / "o.db", "d1")
     for i in range(50):
         first.append(request_event(i))
@@ -64,6 +66,9 @@ def test_a_removed_wal_becomes_a_gap_record_and_seq_carries_on(tmp_path: Path) -
     again.close()
     events = _events(crashed / "o.db")
     [gap] = _gaps(events, "lost")
+    fault_record("outbox -wal file removed with the process", produced=150,
+                 stored=len([e for e in events if e.kind == "request" and e.seq <= 150]),
+                 reported_lost=gap.events)
     assert gap.events == 100 and gap.ranges == [(51, 150)]
     assert nxt > 151  # seq carried on after the gap record instead of starting over
     held, gone = _accounted(events)
@@ -86,7 +91,8 @@ def test_a_removed_database_is_reported_from_the_state_file(tmp_path: Path) -> N
     assert gap.events == 20 and gap.ranges == [(11, 30)]
 
 
-def test_a_quarantined_database_reports_what_it_held(tmp_path: Path) -> None:
+def test_a_quarantined_database_reports_what_it_held(tmp_path: Path,
+                                                    fault_record: Any) -> None:
     ob = Outbox(tmp_path / "o.db", "d1")
     for i in range(40):
         ob.append(request_event(i))
@@ -96,6 +102,8 @@ def test_a_quarantined_database_reports_what_it_held(tmp_path: Path) -> None:
     assert again.quarantined is not None
     again.close()
     [gap] = _gaps(_events(tmp_path / "o.db"), "quarantined")
+    fault_record("corrupt outbox file (quarantined at start)", produced=40, stored=0,
+                 reported_lost=gap.events)
     assert gap.events == 40 and gap.ranges == [(1, 40)]
     assert again.quarantined.name in gap.detail
 
@@ -158,7 +166,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_a_real_full_disk_is_a_reported_loss_and_recovers(small_disk: Path) -> None:
+def test_a_real_full_disk_is_a_reported_loss_and_recovers(small_disk: Path,
+                                                          fault_record: Any) -> None:
     ob = Outbox(small_disk / "o.db", "d1", max_bytes=64 * 1024 * 1024, max_buffered=300,
                 commit_interval_s=0.05).start()
     filler = small_disk / "filler"
@@ -180,6 +189,9 @@ def test_a_real_full_disk_is_a_reported_loss_and_recovers(small_disk: Path) -> N
     ob.close()
     events = _events(small_disk / "o.db")
     held, gone = _accounted(events)
+    requests = {e.seq for e in events if e.kind == "request"}
+    fault_record("full disk under the outbox (4 MiB tmpfs filled)", produced=len(seqs),
+                 stored=len(set(seqs) & requests), reported_lost=len(set(seqs) & gone))
     assert set(seqs) <= held | gone and not held & gone
     assert sum(g.events for g in _gaps(events, "unwritable")) == ob.shed_total > 0
 
