@@ -249,6 +249,60 @@ def _state_detail(state: dict[str, Any]) -> str:
     return detail
 
 
+@devices_group.command(name="show")
+@config_option
+@click.argument("device_id")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts.")
+def devices_show(config_path: Path, device_id: str, as_json: bool) -> None:
+    """One device: its registry row, and what the fleet could not take from it —
+    messages rejected (by reason), events dead-lettered, holes in its sequence.
+
+    \b
+    Example:
+      quantfleet devices show edge-001
+    """
+    store = _store(_config(config_path))
+    row = next((d for d in store.devices() if d["device_id"] == device_id), None)
+    rejected = store.rejection_counts(device_id)
+    dead = store.dead_letter_count(device_id)
+    gaps = store.seq_gaps([device_id])
+    if row is None and not rejected and not dead:
+        raise click.ClickException(f"no device {device_id!r} in the registry, and nothing "
+                                   "rejected from it")
+    desired = next(iter(store.desired([device_id])), None)
+    doc: dict[str, Any] = {
+        "device_id": device_id, "registry": row,
+        "desired": None if desired is None else {
+            "revision": desired.revision, "variant": desired.variant,
+            "rollout_id": desired.rollout_id},
+        "rejected": rejected, "dead_lettered": dead,
+        "seq_gaps": [{"first": g.first, "last": g.last, "events": g.events,
+                      "restart": g.restart} for g in gaps]}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    table = Table(title=f"device {device_id}", show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    if row is not None:
+        labels = ",".join(f"{k}={v}" for k, v in sorted((row["labels"] or {}).items()))
+        state = row.get("state") or {}
+        for name, value in (
+                ("online", "yes" if row["online"] else "no"),
+                ("last seen", f"{time.time() - row['last_seen']:.0f} s ago"),
+                ("hardware", hardware_class(row)), ("labels", labels or "-"),
+                ("variant", row["variant"] or "-"), ("update", row["update_state"] or "-"),
+                ("detail", _state_detail(state) or "-")):
+            table.add_row(name, value)
+    if desired is not None:
+        table.add_row("desired", f"{desired.variant} (revision {desired.revision})")
+    table.add_row("rejected", ", ".join(f"{k} {v}" for k, v in sorted(rejected.items()))
+                  or "none")
+    table.add_row("dead-lettered", str(dead))
+    table.add_row("sequence gaps", ", ".join(f"{g.first}-{g.last}" for g in gaps) or "none")
+    console.print(table)
+
+
 @devices_group.command(name="history")
 @config_option
 @click.argument("device_id")

@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from quantfleet.agent.mqtt import connect_options, make_client
@@ -149,6 +149,34 @@ class FleetService:
             body = public_health(self.auth, request, body)
             return JSONResponse(body, status_code=200 if ok else 503)
 
+        async def metrics(request: Request) -> Response:
+            """Prometheus text: what ingest took, rejected and dead-lettered, and the
+            desired-state publisher's deliveries (this process's counters)."""
+            st = self.ingest.stats
+            lines = []
+            for name, help_, value in (
+                    ("messages_received", "Messages received from the broker.", st.received),
+                    ("events_inserted", "Telemetry events stored.", st.events_inserted),
+                    ("events_duplicate", "Events received again and stored once.",
+                     st.duplicates),
+                    ("statuses", "Status messages applied.", st.statuses),
+                    ("states", "Update-state messages applied.", st.states),
+                    ("dead_lettered", "Messages or events the store refused at commit, "
+                     "kept in dead_letters.", st.dead_lettered),
+                    ("commits", "Group commits.", st.commits)):
+                lines += [f"# HELP quantfleet_ingest_{name}_total {help_}",
+                          f"# TYPE quantfleet_ingest_{name}_total counter",
+                          f"quantfleet_ingest_{name}_total {value}"]
+            lines += ["# HELP quantfleet_ingest_rejected_total Messages or events rejected, "
+                      "by reason.", "# TYPE quantfleet_ingest_rejected_total counter"]
+            lines += [f'quantfleet_ingest_rejected_total{{reason="{reason}"}} {n}'
+                      for reason, n in sorted(st.rejected.items())]
+            lines += ["# HELP quantfleet_ingest_connected 1 while ingest is subscribed.",
+                      "# TYPE quantfleet_ingest_connected gauge",
+                      f"quantfleet_ingest_connected {int(self.ingest.connected.is_set())}"]
+            return PlainTextResponse("\n".join(lines) + "\n",
+                                     media_type="text/plain; version=0.0.4")
+
         async def desired(request: Request) -> Response:
             """Every stored desired state, and whether this fleet's publication of it
             was acknowledged by the broker (null: not published by this process)."""
@@ -164,6 +192,7 @@ class FleetService:
             return JSONResponse({"desired": rows})
 
         return Starlette(routes=[Route("/healthz", health),
+                                 Route("/metrics", self.auth.guard("read", metrics)),
                                  Route("/v1/desired", self.auth.guard("read", desired)),
                                  *read_api(self.store, self.auth), Mount("/", app=artifacts)])
 

@@ -52,6 +52,11 @@ class IngestResult:
     duplicates: int = 0
 
 
+def _like_escape(text: str) -> str:
+    """``text`` matched literally inside a LIKE pattern (escape character backslash)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 @dataclass(frozen=True)
 class SeqGap:
     """Events ``first``..``last`` of a device that never arrived and that no gap record
@@ -431,11 +436,23 @@ class Store:
             return [dict(r._mapping) for r in
                     conn.execute(select(d).order_by(d.c.id.desc()).limit(limit))]
 
-    def rejection_counts(self) -> dict[str, int]:
+    def rejection_counts(self, device_id: str | None = None) -> dict[str, int]:
+        """Rejected messages (or events) by reason; of one device's topics if given."""
+        r = schema.rejections
+        q = select(r.c.reason, func.count()).group_by(r.c.reason)
+        if device_id is not None:
+            q = q.where(r.c.topic.like(f"%/devices/{_like_escape(device_id)}/%", escape="\\"))
         with self.engine.connect() as conn:
-            rows = conn.execute(select(schema.rejections.c.reason, func.count())
-                                .group_by(schema.rejections.c.reason)).all()
-        return {r[0]: int(r[1]) for r in rows}
+            rows = conn.execute(q).all()
+        return {row[0]: int(row[1]) for row in rows}
+
+    def dead_letter_count(self, device_id: str | None = None) -> int:
+        d = schema.dead_letters
+        q = select(func.count()).select_from(d)
+        if device_id is not None:
+            q = q.where(d.c.device_id == device_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
 
     # -- registry -------------------------------------------------------
     def set_labels(self, device_id: str, labels: dict[str, str]) -> None:

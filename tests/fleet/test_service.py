@@ -429,6 +429,23 @@ def test_poison_on_one_device_neither_stops_serve_nor_comes_back_after_a_restart
         publish(dev, device_topic("bad", "telemetry", root), raw("bad", 99, time.time()))
         wait_for(lambda: stats()["events_inserted"] == 21 and stats()["dead_lettered"] == 1, 20)
         assert stats()["rejected"] == {"non_finite": 21}
+        # The same counters for Prometheus, and per device for the operator.
+        metrics = httpx.get(f"{fleet.url}/metrics", timeout=5).text
+        assert 'quantfleet_ingest_rejected_total{reason="non_finite"} 21' in metrics
+        assert "quantfleet_ingest_dead_lettered_total 1" in metrics
+        assert "quantfleet_ingest_events_inserted_total 21" in metrics
+        shown = CliRunner().invoke(cli, ["devices", "show", "bad", "--config",
+                                         str(fleet.config), "--json"])
+        assert shown.exit_code == 0, shown.output
+        bad = json.loads(shown.output)
+        assert bad["rejected"] == {"non_finite": 21} and bad["dead_lettered"] == 1
+        good_shown = CliRunner().invoke(cli, ["devices", "show", "good", "--config",
+                                              str(fleet.config)])
+        assert good_shown.exit_code == 0, good_shown.output
+        assert "rejected" in good_shown.output and "none" in good_shown.output
+        unknown = CliRunner().invoke(cli, ["devices", "show", "nobody", "--config",
+                                           str(fleet.config)])
+        assert unknown.exit_code == 1 and "no device 'nobody'" in unknown.output
         fleet.stop()
         fleet.start()
         publish(dev, device_topic("good", "telemetry", root), raw("good", 22, time.time()))
@@ -468,7 +485,7 @@ operators = [{toml_entry(reader_entry)}, {toml_entry(writer_entry)}]
     assert reader not in fleet.config.read_text()  # only hashes in the config
     fleet.start()
     try:
-        for path in ("/v1/devices", "/v1/signals", "/v1/desired"):
+        for path in ("/v1/devices", "/v1/signals", "/v1/desired", "/metrics"):
             url = fleet.url + path
             none = httpx.get(url)
             assert none.status_code == 401 and none.headers["www-authenticate"].startswith(
