@@ -323,6 +323,27 @@ def test_request_events_reach_mqtt_through_the_durable_outbox(tmp_path: Path,
         assert batch["device_id"] == device
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+        # A clean stop, as the broker saw it: the retained status is the agent's own
+        # "shutdown", not its Will ("offline" after a lost connection).
+        status: list[dict[str, Any]] = []
+        got = threading.Event()
+
+        def on_status(c: Any, u: Any, msg: Any) -> None:
+            if msg.payload:
+                status.append(json.loads(msg.payload))
+                got.set()
+
+        watch = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        watch.on_message = on_status
+        watch.connect("127.0.0.1", 1883)
+        watch.subscribe(f"{root}/devices/{device}/status", qos=1)
+        watch.loop_start()
+        try:
+            assert got.wait(10), "no retained status after the stop"
+        finally:
+            watch.loop_stop()
+            watch.disconnect()
+        assert (status[-1]["state"], status[-1]["reason"]) == ("offline", "shutdown"), status
     finally:
         sub.loop_stop()
         sub.disconnect()
