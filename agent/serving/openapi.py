@@ -73,6 +73,36 @@ class ChatCompletionPayload(Strict):
     quantfleet: ResponseMetadataPayload
 
 
+class ChunkToolCallPayload(ToolCall):
+    index: int
+
+
+class ChunkDeltaPayload(Strict):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[ChunkToolCallPayload] | None = None
+
+
+class ChunkChoicePayload(Strict):
+    index: int
+    delta: ChunkDeltaPayload
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
+    logprobs: None
+
+
+class ChatCompletionChunkPayload(Strict):
+    """One server-sent event of a streamed answer (``data: {...}``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoicePayload] = Field(
+        max_length=1, description="Empty only in the last chunk, the one with `usage`.")
+    usage: UsagePayload | None = Field(
+        None, description="With `stream_options.include_usage`, in a last chunk of its own.")
+
+
 class ModelCardPayload(Strict):
     id: str = Field(description="What a request's `model` may name.")
     object: Literal["model"]
@@ -105,7 +135,8 @@ class NotReadyPayload(Strict):
 
 _MODELS: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
     (ChatRequest, "validation"), (ErrorBody, "serialization"),
-    (ChatCompletionPayload, "serialization"), (ModelListPayload, "serialization"),
+    (ChatCompletionPayload, "serialization"), (ChatCompletionChunkPayload, "serialization"),
+    (ModelListPayload, "serialization"),
     (ReadyPayload, "serialization"), (NotReadyPayload, "serialization"),
 ]
 
@@ -158,7 +189,11 @@ def document(*, auth: bool, title: str = "quantfleet agent", version: str = "1")
                              "`data: [DONE]`).",
               "headers": _ANSWER_HEADERS,
               "content": {"application/json": {"schema": _ref(ChatCompletionPayload)},
-                          "text/event-stream": {"schema": {"type": "string"}}}},
+                          "text/event-stream": {
+                              "schema": {"type": "string"},
+                              # OpenAPI 3.1 has no schema for the events of a stream.
+                              "x-quantfleet-event": {"oneOf": [
+                                  _ref(ChatCompletionChunkPayload), _ref(ErrorBody)]}}}},
         **{s: _json(ErrorBody, d, _RETRY_AFTER if s in (429, 503) else None)
            for s, d in CHAT_ERRORS.items()},
         499: {"description": "The client disconnected before the answer; nobody receives this "

@@ -10,6 +10,7 @@ Q4_K_M tokenizer and template for the fuzz, and on the real model for a few requ
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,11 +64,15 @@ def conforms(doc: dict[str, Any], path: str, method: str, resp: httpx.Response) 
         jsonschema.validate(resp.json(), schema_of(doc, content[media]["schema"]),
                             cls=jsonschema.Draft202012Validator)
     elif media == "text/event-stream":
+        # Each event is a documented chunk, then `[DONE]` — or an error event, last.
         events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
-        assert events and events[-1] == "[DONE]", resp.text[-300:]
-        for event in events[:-1]:
-            body = json.loads(event)
-            assert body.get("object") == "chat.completion.chunk" or "error" in body, event
+        assert events, resp.text[-300:]
+        done = events[-1] == "[DONE]"
+        event_schema = schema_of(doc, content[media]["x-quantfleet-event"])
+        for event in events[:-1] if done else events:
+            jsonschema.validate(json.loads(event), event_schema,
+                                cls=jsonschema.Draft202012Validator)
+        assert done or "error" in json.loads(events[-1]), events[-1]
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +276,37 @@ def test_real_model_answers_conform(real: Running, body: dict[str, Any]) -> None
     resp = httpx.post(real.url + CHAT, json=body, timeout=120)
     assert resp.status_code == 200, resp.text[:300]
     conforms(_DOC, CHAT, "post", resp)
+
+
+def test_failures_conform(serve_app: ServeFactory, ladder_dir: Any,
+                          loaded: dict[str, Backend]) -> None:
+    """A runtime failure (500; mid-stream, an error event) and a model still loading (503
+    on both routes, with Retry-After) answer as documented."""
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    failing = serve_app({"Q4_K_M": ScriptedBackend(loaded["Q4_K_M"], ["so <FAIL>"])},
+                        models={"fallback": ""})
+    resp = httpx.post(failing.url + CHAT, json=body, timeout=30)
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "backend_error"
+    conforms(_DOC, CHAT, "post", resp)
+    streamed = httpx.post(failing.url + CHAT, json={**body, "stream": True}, timeout=30)
+    assert '"backend_error"' in streamed.text
+    conforms(_DOC, CHAT, "post", streamed)
+
+    config = make_config(ladder_dir, models={"fallback": ""})
+    release = threading.Event()
+
+    def load() -> ModelSet:
+        release.wait(30)
+        return ModelSet.from_backends(config, {"Q4_K_M": loaded["Q4_K_M"]})
+
+    loading = start_app(config, load)
+    try:
+        health = httpx.get(loading.url + "/healthz", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        conforms(_DOC, "/healthz", "get", health)
+        refused = httpx.post(loading.url + CHAT, json=body, timeout=10)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_ready"
+        conforms(_DOC, CHAT, "post", refused)
+    finally:
+        release.set()
+        loading.stop()
