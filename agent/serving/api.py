@@ -6,7 +6,8 @@ it then loads in the background and ``/healthz`` answers 503 until it is done.
 
 Endpoints: ``POST /v1/chat/completions`` (JSON or server-sent events; the
 request path is :class:`.handler.ChatHandler`), ``GET /v1/models``, ``GET
-/healthz``, ``GET /metrics``. Every error is the OpenAI error body.
+/healthz``, ``GET /metrics``, ``GET /openapi.json`` (:mod:`.openapi`). Every
+error is the OpenAI error body.
 :class:`AgentService` holds what the endpoints share: the loaded models and
 their lanes, quotas, metrics, the recorder, the worker threads and draining.
 """
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quantfleet.agent.config import AgentConfig
 
-from . import pipeline
+from . import openapi, pipeline
 from .admission import Lane, Lease
 from .budgets import QuotaBook
 from .handler import DEFAULT_MODEL_ALIASES, ApiError, ChatHandler
@@ -211,5 +212,13 @@ def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],
              "loaded": bool(service.models and n in service.models.lanes)} for n in names]})
 
     app.post("/v1/chat/completions")(ChatHandler(service).handle)
+
+    # Built by :mod:`.openapi` rather than FastAPI's generator: the chat route reads its
+    # body itself, so FastAPI does not know the request model or the answers.
+    spec = openapi.document(auth=service.token is not None or bool(service.api_keys))
+
+    @app.get("/openapi.json")
+    async def openapi_document() -> JSONResponse:
+        return JSONResponse(spec)
 
     return app
