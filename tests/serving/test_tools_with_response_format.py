@@ -131,8 +131,11 @@ def test_the_real_model_under_the_union_answers_a_call_or_the_format(
     """A property of the grammar, not of the text: every finished answer is one of the two."""
     real = loaded["Q4_K_M"]
     finished = 0
+    # Asked outright, greedy Q4_K_M calls the tool; the others it answers in the
+    # format, and "Say hello." (prose without a format) cannot be prose here.
     for question in ("What is the weather in Lima?", "Ada Lovelace died at 36. Who?",
-                     "Tell me about Alan Turing, who died at 41.", "Is it raining in Rome?"):
+                     'Reply with {"name": "get_weather", "arguments": {"city": "Oslo"}}',
+                     "Say hello."):
         done = complete({"messages": [{"role": "user", "content": question}],
                          "tools": [WEATHER], "response_format": FORMAT, "max_tokens": 60},
                         real)
@@ -168,3 +171,41 @@ def test_the_format_s_definitions_still_resolve_under_the_union(
     assert done.result.constraint == "grammar"  # compiled, not the generic JSON fallback
     if done.finish_reason == "stop" and not done.tool_calls:
         jsonschema.validate(json.loads(done.text), schema)
+
+
+def test_without_a_grammar_the_union_is_validated_and_retried(
+        loaded: dict[str, Backend]) -> None:
+    """ONNX has no grammar engine: the answer is checked against the union and retried."""
+    onnx = loaded["onnx-int8"]
+    assert not onnx.capabilities.grammar
+    done = complete({"messages": [{"role": "user", "content": "Ada Lovelace died at 36."}],
+                     "tools": [WEATHER], "response_format": FORMAT, "max_tokens": 40}, onnx)
+    assert done.result.constraint == "validate_retry"
+    kinds = {(v.kind, v.passed) for v in done.validations}
+    if done.tool_calls:
+        assert done.finish_reason == "tool_calls" and ("tool_call", True) in kinds
+    else:  # the format's checks, passed or not: what the fallback decides on
+        assert {k for k, _ in kinds} >= {"json_parse", "json_schema"}
+        if ("json_schema", True) in kinds:
+            jsonschema.validate(json.loads(done.text), PERSON)
+
+
+def test_streamed_either_branch_arrives_whole(serve_app: ServeFactory,
+                                             loaded: dict[str, Backend]) -> None:
+    real = loaded["Q4_K_M"]
+    call = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    agent = serve_app({"Q4_K_M": ScriptedBackend(real, [call, '{"name": "Ada", "age": 36}']),
+                       "Q8_0": ScriptedBackend(real, ["unused"])})
+    seen = []
+    for _ in range(2):
+        calls, content, finish = [], "", None
+        for chunk in oa(agent.v1).chat.completions.create(
+                model="default", max_tokens=40, tools=[WEATHER], response_format=FORMAT,
+                stream=True, messages=[{"role": "user", "content": "Ada, or Oslo's weather?"}]):
+            for choice in chunk.choices:
+                calls.extend(choice.delta.tool_calls or [])
+                content += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+        seen.append((finish, [c.function.name for c in calls], content))
+    assert seen == [("tool_calls", ["get_weather"], ""),
+                    ("stop", [], '{"name": "Ada", "age": 36}')]
