@@ -116,22 +116,27 @@ config_option = click.option(
 def _load_agent_config(path: Path) -> Any:
     """Load and validate the file; an option under an old name loads, and is said so.
 
+    So does a setting that means less than it says (a :class:`ConfigNote`, e.g. a
+    tier naming ``fallback`` when there is none).
+
     Each old name's DeprecationWarning (e.g. ``update.soak_s``) is printed on stderr
     as ``warning: FILE: ...``: under systemd that is the journal, from both
     ``config check`` (ExecStartPre=) and ``serve``.
     """
     import warnings
 
-    from .config import ConfigError, DeprecatedOptionWarning, load_config
+    from .config import ConfigError, ConfigNote, DeprecatedOptionWarning, load_config
 
+    ours = (DeprecatedOptionWarning, ConfigNote)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DeprecatedOptionWarning)
+        for category in ours:
+            warnings.simplefilter("always", category)
         try:
             config = load_config(path)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
     for w in caught:
-        if issubclass(w.category, DeprecatedOptionWarning):
+        if issubclass(w.category, ours):
             click.echo(f"warning: {path}: {w.message}", err=True)
         else:  # not ours to report: as if it had not been caught
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -152,7 +152,8 @@ class RoutingConfig(_Section):
     tiers: dict[str, str] = Field(
         default_factory=lambda: {"default": "active", "high": "fallback"},
         description="Quality tier -> variant ('active', 'fallback' or a variant name). "
-                    "Unknown tiers are a 400.")
+                    "Unknown tiers are a 400. Without models.fallback, a tier naming "
+                    "'fallback' is served by the active variant (config check notes it).")
     tier_header: str = Field("X-Quantfleet-Tier", description="Header naming the tier.")
 
 
@@ -181,6 +182,10 @@ class EventsConfig(_Section):
 
 class DeprecatedOptionWarning(DeprecationWarning):
     """An option under its old name: it still loads; the message names its new place."""
+
+
+class ConfigNote(UserWarning):
+    """A setting that loads but means less than it says; the message says what it does."""
 
 
 #: The flat ``[update]`` keys of the first release, and the table and key each moved to.
@@ -378,7 +383,11 @@ class AgentConfig(_Section):
             raise ValueError("routing.tiers must define a 'default' tier")
         for tier, target in self.routing.tiers.items():
             if target == "fallback" and self.models.fallback is None:
-                raise ValueError(f"routing.tiers.{tier}: 'fallback' but models.fallback is unset")
+                # Disabling the fallback must not break the apps that ask for the
+                # tier: it is served by the active variant, and config check says so.
+                warnings.warn(f"routing.tiers.{tier}: 'fallback' but models.fallback is "
+                              f"unset; tier {tier!r} is served by the active variant",
+                              ConfigNote, stacklevel=2)
         return self
 
     def variant_names(self) -> list[str]:
@@ -396,7 +405,7 @@ class AgentConfig(_Section):
         if target == "active":
             return self.models.active
         if target == "fallback":
-            return self.models.fallback
+            return self.models.fallback or self.models.active
         return target
 
     # -- secrets, read when asked, never stored in the file --------------

@@ -148,6 +148,11 @@ def check_item(item: GoldenItem, text: str, *, finish_reason: str,
     outcomes = validate_response(text, validation_spec(item), finish_reason=finish_reason,
                                  tool_calls=list(tool_calls),
                                  completion_tokens=completion_tokens)
+    if item.expect.json_valid is not None and tool_calls:
+        # The serving validators check a call as a call and skip the format's
+        # checks; an item that expects the format got something else instead.
+        outcomes.append(ValidationOutcome(kind="json_parse", passed=False,
+                                          detail="a tool call, not the response format"))
     outcomes += content_outcomes(item, text, tool_calls)
     props: dict[str, bool] = {p: True for p in item.expect.properties()}
     for o in outcomes:

@@ -192,7 +192,7 @@ class GoldenItem(_Golden):
             raise ValueError("expect.json_fields needs a response_format or a tool_call")
         if not self.expect.properties():
             raise ValueError("expect sets no property; an item must check something")
-        try:  # the rules across fields (unique tool names, tools with JSON output, ...)
+        try:  # the rules across fields (unique tool names, a named tool_choice, ...)
             ChatRequest.model_validate(self.request_body())
         except ValidationError as exc:
             raise ValueError("not a request the agent accepts: "

@@ -11,8 +11,11 @@ variant is judged on exactly the prompt, budgets and constraints it serves.
     budget (``BudgetExceeded`` when even that fails; O(log n) renders of the
     conversation, see :func:`.budgets.fit_messages`), and picks the
     constraint: a JSON schema for ``response_format`` and required tool calls,
-    a GBNF grammar for ``tool_choice="auto"``. ``Prepared.generation`` is the
-    backend's :class:`GenerationRequest`; ``Prepared.spec`` the validation spec.
+    a GBNF grammar for ``tool_choice="auto"``, and for ``"auto"`` with a JSON
+    ``response_format`` the schema of "a call or a value in the format"
+    (:func:`.tools.call_or_value_schema`; a required call ignores the format).
+    ``Prepared.generation`` is the backend's :class:`GenerationRequest`;
+    ``Prepared.spec`` the validation spec.
 ``run(prepared, backend, cancel=None, deadline=None, on_text=None) -> Completion``
     Generates (calling ``on_text`` with each piece of text as it streams),
     stops early when ``cancel`` is set or the monotonic ``deadline`` passes,
@@ -43,6 +46,7 @@ from .validation import ValidationSpec, validate_response
 
 SCHEMA_HINT = "Reply with only a JSON value that matches this JSON Schema: {schema}"
 JSON_HINT = "Reply with only a JSON object."
+OR_CALL_HINT = "If you do not call a function, "
 
 
 @dataclass
@@ -100,22 +104,30 @@ def prepare(request: ChatRequest | Mapping[str, Any], backend: Backend,
                                            budgets.max_tokens_ceiling)
     tools = req.tool_dicts()
     tool_choice = req.tool_choice_value()
-    kind, constraint = constraint_for(tools, tool_choice,
-                                      grammar_ok=backend.capabilities.grammar)
+    # With tools and tool_choice "auto", a JSON response_format is one of two
+    # answers (a call or a value in the format); a required call ignores it.
+    calls_shown = bool(tools) and tool_choice != "none"
+    must_call = calls_shown and call_required(tool_choice)
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
     json_expected = False
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     fmt = req.response_format
     hint = None
-    if isinstance(fmt, JsonSchemaFormat):
+    if isinstance(fmt, JsonSchemaFormat) and not must_call:
         json_schema = fmt.json_schema.schema_ or {}
         json_expected = True
         hint = SCHEMA_HINT.format(schema=json.dumps(json_schema, separators=(",", ":")))
-    elif isinstance(fmt, JsonObjectFormat):
+    elif isinstance(fmt, JsonObjectFormat) and not must_call:
         json_schema = {"type": "object"}
         json_expected = True
         hint = JSON_HINT
+    if hint and calls_shown:
+        hint = OR_CALL_HINT + hint[0].lower() + hint[1:]
+    response_schema = json_schema
+    kind, constraint = constraint_for(tools, tool_choice,
+                                      grammar_ok=backend.capabilities.grammar,
+                                      response_schema=response_schema)
     if kind == "json_schema":
         json_schema = constraint
     elif kind == "grammar":
@@ -145,8 +157,10 @@ def prepare(request: ChatRequest | Mapping[str, Any], backend: Backend,
     prose_citation = policy.require_citation and not tools and not json_expected
     want_citation = bool(req.quantfleet and req.quantfleet.require_citation) or prose_citation
     spec = ValidationSpec(
-        json_expected=json_expected and json_schema is not None and kind == "none",
-        json_schema=json_schema if (json_expected and kind == "none") else None,
+        # A tool call is validated as a call, any other answer against the format
+        # (validate_response skips the JSON checks when the answer is a call).
+        json_expected=json_expected,
+        json_schema=response_schema if json_expected else None,
         tools=tools if tool_choice != "none" else (),
         tool_calls_required=call_required(tool_choice),
         refusal_patterns=tuple(policy.refusal_patterns),

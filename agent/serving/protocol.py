@@ -255,8 +255,9 @@ class ChatRequest(Strict):
                     f"tool_choice: function {self.tool_choice.function.name!r} is not in tools")
         elif self.tool_choice == "required" and not names:
             raise ValueError("tool_choice: 'required' needs tools")
-        if self.tools and isinstance(self.response_format, JsonSchemaFormat | JsonObjectFormat):
-            raise ValueError("response_format: cannot be combined with tools")
+        # tools with a JSON response_format are accepted, as OpenAI accepts them:
+        # with "auto" the answer is a call or a value in the format; with
+        # "required" or a named function it is a call; with "none", the format.
         return self
 
     @property

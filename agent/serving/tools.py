@@ -9,11 +9,19 @@ describes the tools in the system prompt and constrains the answer:
 ``tool_call_schema(tools, only=None)``
     JSON Schema of one call: ``{"name": <that tool>, "arguments": <its
     parameters>}`` as an ``anyOf`` over the tools (or just ``only``).
-``constraint_for(tools, tool_choice)``
+``call_or_value_schema(call, response_schema)``
+    JSON Schema of "a call or a value in the response format": ``anyOf`` the
+    two, with the response schema's ``$defs`` / ``definitions`` lifted to the
+    root so its ``#/$defs/...`` references still resolve.
+``constraint_for(tools, tool_choice, response_schema=None)``
     What to hand the backend: ``("json_schema", schema)`` when a call is
     required (``"required"`` or a named function), ``("grammar", gbnf)`` for
     ``"auto"`` — the model may either start a JSON call (``{``) that must then
     be a valid call, or write prose — and ``("none", None)`` for ``"none"``.
+    With ``"auto"`` and a JSON ``response_format`` (``response_schema``) it is
+    ``("json_schema", call_or_value_schema(...))``: a call or an answer in the
+    format, nothing else; llama.cpp compiles it to one grammar, other backends
+    validate and retry against it. A required call ignores the response format.
     The auto grammar needs llama.cpp's GBNF; other backends get ``("none",
     None)`` and the answer is parsed afterwards.
 ``parse_tool_calls(text, tools)``
@@ -96,6 +104,18 @@ def tool_call_schema(tools: Sequence[Mapping[str, Any]], only: str | None = None
     return {"anyOf": alternatives}
 
 
+def call_or_value_schema(call: Mapping[str, Any],
+                         response_schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool call (``call``, from :func:`tool_call_schema`) or a value of ``response_schema``."""
+    value = dict(response_schema)
+    # References inside the response schema point at its own root ("#/$defs/X");
+    # under anyOf that root is the union's, so its definitions move up there.
+    lifted: dict[str, Any] = {key: value.pop(key) for key in ("$defs", "definitions")
+                              if key in value}
+    value.pop("$schema", None)
+    return {"anyOf": [dict(call), value], **lifted}
+
+
 def _auto_grammar(schema: Mapping[str, Any]) -> str | None:
     try:
         from llama_cpp.llama_grammar import json_schema_to_gbnf
@@ -112,7 +132,8 @@ def _auto_grammar(schema: Mapping[str, Any]) -> str | None:
 
 
 def constraint_for(
-    tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoice, *, grammar_ok: bool = True
+    tools: Sequence[Mapping[str, Any]], tool_choice: ToolChoice, *, grammar_ok: bool = True,
+    response_schema: Mapping[str, Any] | None = None,
 ) -> tuple[ConstraintKind, Any]:
     if not tools or tool_choice == "none":
         return "none", None
@@ -120,6 +141,8 @@ def constraint_for(
     schema = tool_call_schema(tools, only)
     if call_required(tool_choice):
         return "json_schema", schema
+    if response_schema is not None:
+        return "json_schema", call_or_value_schema(schema, response_schema)
     if grammar_ok:
         grammar = _auto_grammar(schema)
         if grammar is not None:

@@ -14,7 +14,9 @@ Entry points
 ``validate_response(text, spec, finish_reason=..., tool_calls=..., completion_tokens=...)``
     Runs every check ``spec`` (a :class:`ValidationSpec`) asks for and returns
     all outcomes, in a stable order. This is what the server and the evaluator
-    call.
+    call. When the answer is a tool call (``tool_calls``), the JSON checks of
+    ``json_expected`` / ``json_schema`` are skipped: with tools and a response
+    format a call is checked as a call, any other answer against the format.
 
 The single checks, usable on their own:
 
@@ -269,7 +271,9 @@ def validate_response(
 ) -> list[ValidationOutcome]:
     """Every check ``spec`` asks for, in a stable order (json, tools, refusal, ...)."""
     out: list[ValidationOutcome] = []
-    if spec.json_expected or spec.json_schema is not None:
+    # With tools and a response format, the answer is one or the other: a call
+    # is checked as a call, and only an answer that is not one as JSON.
+    if (spec.json_expected or spec.json_schema is not None) and not tool_calls:
         out.extend(check_json(text, spec.json_schema))
     if tool_calls:
         out.extend(check_tool_calls(tool_calls, spec.tools))

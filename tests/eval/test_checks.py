@@ -88,3 +88,18 @@ def test_only_expected_properties_are_judged() -> None:
                                  tool_calls=[], completion_tokens=48)
     assert props == {"contains": True}
     assert {o.kind for o in outcomes} == {"contains"}
+
+
+def test_a_tool_call_is_not_the_response_format_an_item_expects() -> None:
+    """With tools and a response_format the answer may be a call; json_valid then fails."""
+    it = item(tools=[WEATHER], response_format={"type": "json_object"},
+              expect={"json_valid": True})
+    outcomes, props = check_item(it, '{"name": "get_weather", "arguments": {"city": "Oslo"}}',
+                                 finish_reason="tool_calls",
+                                 tool_calls=[call("get_weather", city="Oslo")],
+                                 completion_tokens=20)
+    assert props == {"json_valid": False}
+    assert ("json_parse", False) in [(o.kind, o.passed) for o in outcomes]
+    _, props = check_item(it, '{"city": "Oslo"}', finish_reason="stop", tool_calls=[],
+                          completion_tokens=8)
+    assert props == {"json_valid": True}

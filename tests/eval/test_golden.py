@@ -148,9 +148,9 @@ def test_a_file_may_leave_out_what_the_format_defaults(golden_file) -> None:  # 
     ({"messages": []}, "messages"),
     ({"id": "has space"}, "id"),
     ({"max_tokens": 0}, "max_tokens"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}],
-      "response_format": {"type": "json_object"}, "expect": {"json_valid": True}},
-     "not a request the agent accepts"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2,
+      "expect": {"tool_call": {"name": "f"}}},
+     "not a request the agent accepts: .*function names must be unique"),
 ])
 def test_incoherent_items_are_rejected(golden_file, changes: dict[str, Any],  # type: ignore[no-untyped-def]
                                        reason: str) -> None:

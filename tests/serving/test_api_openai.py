@@ -253,3 +253,25 @@ def test_tier_routes_to_the_fallback_variant(agent: Running, client: openai.Open
     direct = client.chat.completions.create(
         model="Q8_0", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     assert direct.model == "Q8_0"
+
+
+def test_tools_with_a_json_schema_response_format(client: openai.OpenAI) -> None:
+    """The pattern LangChain and pydantic-ai send: tools and a response_format together."""
+    resp = client.chat.completions.create(
+        model="default", max_tokens=60, tools=[WEATHER],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+        messages=[{"role": "user", "content": "Ada Lovelace died at 36. Name and age?"}])
+    choice = resp.choices[0]
+    assert ext(resp)["constraint"] == "grammar"
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        jsonschema.validate(json.loads(choice.message.tool_calls[0].function.arguments),
+                            WEATHER["function"]["parameters"])
+    elif choice.finish_reason == "stop":
+        jsonschema.validate(json.loads(choice.message.content or ""), PERSON)
+    required = client.chat.completions.create(
+        model="default", max_tokens=40, tools=[WEATHER], tool_choice="required",
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}},
+        messages=[{"role": "user", "content": "Weather in Oslo?"}])
+    assert (required.choices[0].message.tool_calls or [])[0].function.name == "get_weather"

@@ -55,8 +55,6 @@ def test_example_config_is_valid_and_checks_against_the_built_ladder(
     ("[validation]\nrefusal_patterns = [\"(\"]\n", "is not a regular expression"),
     ("[validation]\nfallback_on = [\"vibes\"]\n", "validation.fallback_on.0"),
     ("[routing]\ntiers = { gold = \"active\" }\n", "must define a 'default' tier"),
-    ("[models]\nfallback = \"\"\n[routing]\ntiers = { default = \"active\", high = "
-     "\"fallback\" }\n", "routing.tiers.high: 'fallback' but models.fallback is unset"),
     ("[device]\nid = \"has space\"\n", "device.id: String should match pattern"),
     ("this is = not toml [", "not valid TOML"),
 ])
