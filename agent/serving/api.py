@@ -18,7 +18,6 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -56,8 +55,6 @@ class AgentService:
         self.token = config.bearer_token()
         self.api_keys = config.api_keys()
         self.cancels: set[threading.Event] = set()
-        self.executor = ThreadPoolExecutor(max_workers=4 * config.models.workers_per_model + 2,
-                                           thread_name_prefix="generate")
         self.on_ready: list[Callable[[], None]] = []
         metrics.gauge("quantfleet_queue_depth", "Requests waiting for a worker, by variant.",
                       lambda: {(("variant", n),): float(lane.queue_depth)
@@ -96,7 +93,6 @@ class AgentService:
             await asyncio.gather(*(lane.idle(5.0) for lane in lanes))
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
         if self.models is not None:
             self.models.close()
         self.recorder.close()
@@ -123,7 +119,7 @@ class AgentService:
     async def prepare(self, lease: Lease, request: ChatRequest) -> Prepared:
         """Budgets, template and constraint, in a worker thread: fitting a long
         conversation renders and tokenizes it, which must not stall the event loop."""
-        return await lease.run(self.executor,
+        return await lease.run(lease.lane.home(lease.backend),
                                lambda: pipeline.prepare(request, lease.backend, self.config))
 
     async def generate(self, lease: Lease, prepared: Prepared, deadline: float,
@@ -132,7 +128,7 @@ class AgentService:
         """Start generating in a worker thread; the instance returns to the lane when it ends."""
         cancel = threading.Event()
         self.cancels.add(cancel)
-        fut = lease.run(self.executor, lambda: pipeline.run(
+        fut = lease.run(lease.lane.home(lease.backend), lambda: pipeline.run(
             prepared, lease.backend, cancel=cancel, deadline=deadline, on_text=on_text))
         fut.add_done_callback(lambda _: self.cancels.discard(cancel))
         lease.release()

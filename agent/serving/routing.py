@@ -32,7 +32,7 @@ from quantfleet.agent.backends import Backend, LoadOptions, load_backend
 from quantfleet.agent.config import AgentConfig
 from quantfleet.models.catalog import Catalog
 
-from .admission import Lane, Rejected
+from .admission import Lane, Rejected, home_thread
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +109,24 @@ class ModelSet:
         return lane
 
     def _new_lane(self, variant: str) -> Lane:
+        """Load the variant's instances, each on the thread it will always run on
+        (load and warm-up included; see ``Lane``)."""
         assert self.loader is not None
+        loader = self.loader
         instances: list[Backend] = []
+        homes = []
         try:
-            for _ in range(self.config.models.workers_per_model):
-                instances.append(self.loader(variant))
+            for i in range(self.config.models.workers_per_model):
+                home = home_thread(variant, i)
+                homes.append(home)
+                instances.append(home.submit(loader, variant).result())
         except BaseException:
-            for b in instances:
-                b.close()
+            Lane(variant, instances, 0, homes[:len(instances)]).close()
+            for home in homes[len(instances):]:
+                home.shutdown(wait=False)
             raise
         log.info("loaded %s (%d worker(s))", variant, len(instances))
-        return Lane(variant, instances, self.config.concurrency.queue_size)
+        return Lane(variant, instances, self.config.concurrency.queue_size, homes)
 
     # -- hot swap ---------------------------------------------------------
     async def swap(self, variant: str, settle_timeout_s: float | None = None) -> str | None:
@@ -166,9 +173,7 @@ class ModelSet:
                 return
             await asyncio.sleep(0.05)
         del self.lanes[variant]
-        if self.owned:
-            for b in lane.instances:
-                await asyncio.to_thread(b.close)
+        await asyncio.to_thread(lane.close, self.owned)
         log.info("retired %s after the swap", variant)
 
     # -- routing --------------------------------------------------------
@@ -223,15 +228,12 @@ class ModelSet:
         if variant in self.on_demand and lane is not None and lane.in_flight == 0 \
                 and lane.queue_depth == 0:
             del self.lanes[variant]
-            for b in lane.instances:
-                await asyncio.to_thread(b.close)
+            await asyncio.to_thread(lane.close)
             log.info("unloaded on-demand variant %s", variant)
 
     def close(self) -> None:
-        if self.owned:
-            for lane in self.lanes.values():
-                for b in lane.instances:
-                    b.close()
+        for lane in self.lanes.values():
+            lane.close(self.owned)
         self.lanes.clear()
 
 

@@ -177,3 +177,47 @@ def test_a_bug_in_the_fallback_answers_with_the_first_attempt_and_frees_both_wor
     agent.idle(5)
     assert [e.status for e in agent.events()] == [200] * 3
     assert metric(agent.url, "quantfleet_in_flight") == 0
+
+
+def test_an_instance_is_loaded_warmed_up_and_run_on_one_thread(
+        ladder_dir: Any, loaded: dict[str, Backend]) -> None:
+    """llama.cpp keeps a thread team per calling thread: an instance loaded (and warmed
+    up) on one thread and driven from others ran two teams on two cores. Each instance
+    now has a home thread that loads it, prepares its prompts and generates."""
+    import threading
+
+    from quantfleet.agent.serving.routing import ModelSet
+
+    from .conftest import make_config, start_app
+
+    seen: dict[str, list[int]] = {"load": [], "run": []}
+    real = loaded["Q4_K_M"]
+
+    class Recording(ScriptedBackend):
+        def __init__(self) -> None:
+            seen["load"].append(threading.get_ident())
+            super().__init__(real, ["Hello there."])
+
+        def tokenize(self, text: str, *, add_bos: bool = False,
+                     special: bool = True) -> list[int]:
+            seen["run"].append(threading.get_ident())
+            return super().tokenize(text, add_bos=add_bos, special=special)
+
+        def stream(self, request: Any) -> Any:
+            seen["run"].append(threading.get_ident())
+            return super().stream(request)
+
+    config = make_config(ladder_dir, models={"fallback": "", "workers_per_model": 2})
+    models = ModelSet(config, {"Q4_K_M": "Q4_K_M"}, lambda variant: Recording())
+    models._load_sync("Q4_K_M")
+    agent = start_app(config, models)
+    try:
+        with httpx.Client(timeout=60) as client:
+            for _ in range(6):
+                r = client.post(agent.url + "/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+                assert r.status_code == 200, r.text
+    finally:
+        agent.stop()
+    assert len(set(seen["load"])) == 2 and threading.get_ident() not in seen["load"]
+    assert set(seen["run"]) <= set(seen["load"]), "work ran off the instances' own threads"
