@@ -76,14 +76,39 @@ class SeqGap:
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
+    _sqlite_wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=5000")
     try:
         cur.execute("SELECT ln(1.0), floor(1.5)")
     except sqlite3.OperationalError:
         _sqlite_math(dbapi_conn)
     cur.close()
+
+
+#: How long a connection waits for another one's lock before it gives up.
+_SQLITE_BUSY_MS = 5000
+
+
+def _sqlite_wal(cur: Any) -> None:
+    """Put the file in WAL mode (it stays so; later connections only read the mode).
+
+    Switching a file's journal mode takes an exclusive lock, and SQLite answers "database
+    is locked" at once, without its busy handler, when another connection holds one — two
+    fleet processes opening a blank store together. The switch is retried for as long as
+    a busy connection would wait.
+    """
+    deadline = time.monotonic() + _SQLITE_BUSY_MS / 1000
+    while True:
+        try:
+            if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+                return
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 def _ln(x: float | None) -> float | None:
