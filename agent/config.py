@@ -70,10 +70,15 @@ class ModelsConfig(_Section):
                         description="The variant served by default (name or precision label).")
     fallback: str | None = Field("Q8_0", description="Variant retried once when an answer "
                                  "fails validation; empty or absent disables fallback.")
-    fallback_load: Literal["eager", "on_demand"] = Field(
-        "eager", description="eager: keep the fallback loaded beside the active variant; "
-        "on_demand: load it for a fallback and unload it after (slower, less memory). eager "
-        "turns into on_demand at start when available memory cannot hold both.")
+    fallback_load: Literal["lazy", "eager", "on_demand"] = Field(
+        "lazy", description="lazy: load the fallback at its first use and unload it after "
+        "fallback_idle_s without one (costs nothing until needed; the first fallback waits "
+        "for the load, reported as fallback_load_s); eager: keep it loaded beside the active "
+        "variant from the start; on_demand: load it for each fallback and unload it right "
+        "after (least memory, slowest). eager turns into lazy at start when available memory "
+        "cannot hold both.")
+    fallback_idle_s: float = Field(600.0, ge=1, le=86400, description="With lazy loading: "
+                                   "unload the fallback after this long without a fallback.")
     n_ctx: int = Field(2048, ge=128, le=131072, description="Context window in tokens.")
     threads: int | None = Field(None, ge=1, le=512,
                                 description="CPU threads per generation (default: all cores).")

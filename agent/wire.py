@@ -84,6 +84,9 @@ class RequestEvent(WirePayload):
         description="When a fallback ran: the outcomes of the first attempt (the evidence); "
         "`validations` are then the fallback answer's.",
     )
+    fallback_load_s: float | None = Field(
+        None, description="When the fallback variant was not loaded and this request waited "
+        "for it to load (lazy or on-demand fallback): the seconds that load took.")
     attempt_tokens: int = Field(
         0, description="Tokens of every attempt (retries and fallbacks included), for cost."
     )

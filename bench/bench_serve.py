@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from common import free_port, wait_http
 
 from quantfleet.models.catalog import Catalog
 
@@ -70,26 +70,6 @@ for line in sys.stdin:
                "ttft": None}
     print(json.dumps(out), flush=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, proc: subprocess.Popen[Any], what: str) -> None:
-    end = time.monotonic() + 180
-    while time.monotonic() < end:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited during start-up")
-        time.sleep(0.2)
-    raise SystemExit(f"{what} did not start")
 
 
 def http_run(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int,

@@ -100,6 +100,7 @@ class Exchange:
     clamped: bool = False
     attempt_tokens: int = 0  # prompt + completion tokens of every attempt: what is charged
     fallback_from: str | None = None
+    fallback_load_s: float | None = None  # the fallback was loaded for this request
     validations: list[ValidationOutcome] = field(default_factory=list)
     first_validations: list[ValidationOutcome] = field(default_factory=list)
     settled: bool = False
@@ -281,6 +282,7 @@ class ChatHandler:
             return first
         log.info("%s: %s failed %s; retrying on %s", ex.request_id, ex.variant,
                  ",".join(failed), fallback)
+        loaded = fallback in service.models.lanes
         try:
             lease = await service.admit(fallback, PRIORITIES["high"], deadline)
         except Rejected as exc:
@@ -288,6 +290,8 @@ class ChatHandler:
                         fallback, exc)
             return first
         ex.leases.append(lease)
+        if not loaded:
+            ex.fallback_load_s = service.models.load_seconds.get(fallback)
         try:
             try:
                 prepared = await service.prepare(lease, req)
@@ -417,6 +421,7 @@ class ChatHandler:
             stream=ex.stream, constraint=result.constraint if result else "none",
             truncated_messages=ex.truncated, max_tokens_clamped=ex.clamped,
             validations=ex.validations, fallback_from=ex.fallback_from,
+            fallback_load_s=ex.fallback_load_s,
             fallback_validations=ex.first_validations,
             attempt_tokens=ex.attempt_tokens,
         ))

@@ -14,17 +14,21 @@ between, so every request is either on the old lane (and finishes there) or
 on the new one. The old lane is closed once nothing runs or waits on it —
 unless the fallback or a tier still routes to it.
 
-Memory policy: with ``fallback_load = "eager"`` every routed variant is
-loaded at start. When the available memory (psutil) cannot hold them all
-with headroom, or with ``"on_demand"``, the fallback is loaded for a
-fallback and unloaded when it is idle again: slower fallbacks, one model's
-memory.
+Memory policy: with ``fallback_load = "lazy"`` (the default) the fallback
+costs nothing until the first answer needs it: that request waits for the
+load (``load_seconds``, reported in its event) and the fallback stays loaded
+until ``fallback_idle_s`` pass without a use. ``"on_demand"`` unloads it
+after every fallback (one model's memory, a load per fallback). With
+``"eager"`` every routed variant is loaded at start, unless the available
+memory (psutil) cannot hold them all with headroom: then the fallback is
+lazy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -46,12 +50,20 @@ class UnknownTier(ValueError):
 
 class ModelSet:
     def __init__(self, config: AgentConfig, canonical: Mapping[str, str],
-                 loader: Loader | None = None, on_demand: Sequence[str] = ()) -> None:
+                 loader: Loader | None = None, on_demand: Sequence[str] = (),
+                 keep_s: float = 0.0) -> None:
         self.config = config
         self.canonical = dict(canonical)  # configured name or alias -> canonical name
         self.lanes: dict[str, Lane] = {}
         self.loader = loader
-        self.on_demand = set(on_demand)
+        self.on_demand = set(on_demand)  # loaded when a request needs them
+        # How long an on-demand variant stays loaded after its last use (0: unloaded at
+        # once; the lazy policy keeps it for models.fallback_idle_s).
+        self.keep_s = keep_s
+        self.load_seconds: dict[str, float] = {}  # variant -> its last load's duration
+        self._last_used: dict[str, float] = {}
+        self._unloads: set[asyncio.TimerHandle] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.owned = True  # close() frees the backends only when this set loaded them
         self._load_lock = asyncio.Lock()
         self._swap_lock = asyncio.Lock()
@@ -91,12 +103,17 @@ class ModelSet:
         active = canonical[config.models.active]
         fallback = canonical.get(config.models.fallback or "")
         on_demand: list[str] = []
-        if fallback and fallback != active and (
-                config.models.fallback_load == "on_demand"
-                or not _memory_allows([paths[v][2] for v in set(canonical.values())])):
+        policy = config.models.fallback_load
+        if fallback and fallback != active and policy == "eager" and not _memory_allows(
+                [paths[v][2] for v in set(canonical.values())]):
+            log.warning("fallback %s will be loaded at its first use: the available memory "
+                        "cannot hold every variant with %.1fx headroom", fallback,
+                        MEMORY_HEADROOM)
+            policy = "lazy"
+        if fallback and fallback != active and policy != "eager":
             on_demand.append(fallback)
-            log.warning("fallback %s will be loaded on demand (policy or memory)", fallback)
-        models = cls(config, canonical, loader, on_demand)
+        keep_s = config.models.fallback_idle_s if policy == "lazy" else 0.0
+        models = cls(config, canonical, loader, on_demand, keep_s)
         for variant in dict.fromkeys(canonical.values()):
             if variant in on_demand:
                 continue
@@ -104,7 +121,9 @@ class ModelSet:
         return models
 
     def _load_sync(self, variant: str) -> Lane:
+        started = time.monotonic()
         lane = self._new_lane(variant)
+        self.load_seconds[variant] = time.monotonic() - started
         self.lanes[variant] = lane
         return lane
 
@@ -223,15 +242,40 @@ class ModelSet:
             return lane
 
     async def done_with(self, variant: str) -> None:
-        """Unload an on-demand variant once nothing uses it."""
+        """Unload an on-demand variant once nothing uses it: now, or ``keep_s`` after
+        its last use."""
+        if variant not in self.on_demand:
+            return
+        self._last_used[variant] = time.monotonic()
+        if self.keep_s <= 0:
+            await self._unload_if_idle(variant)
+            return
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            self._unloads.discard(handle)
+            task = loop.create_task(self._unload_if_idle(variant))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        handle = loop.call_later(self.keep_s, check)
+        self._unloads.add(handle)
+
+    async def _unload_if_idle(self, variant: str) -> None:
         lane = self.lanes.get(variant)
-        if variant in self.on_demand and lane is not None and lane.in_flight == 0 \
-                and lane.queue_depth == 0:
-            del self.lanes[variant]
-            await asyncio.to_thread(lane.close)
-            log.info("unloaded on-demand variant %s", variant)
+        if lane is None or variant not in self.on_demand or lane.in_flight or lane.queue_depth:
+            return
+        if time.monotonic() - self._last_used.get(variant, 0.0) < self.keep_s:
+            return  # used again since: a later check unloads it
+        del self.lanes[variant]
+        await asyncio.to_thread(lane.close)
+        log.info("unloaded on-demand variant %s (%s)", variant,
+                 f"unused for {self.keep_s:.0f} s" if self.keep_s else "after its use")
 
     def close(self) -> None:
+        for handle in self._unloads:
+            handle.cancel()
+        self._unloads.clear()
         for lane in self.lanes.values():
             lane.close(self.owned)
         self.lanes.clear()

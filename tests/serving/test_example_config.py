@@ -75,7 +75,8 @@ EDITS: dict[str, Edit] = {
     "device.id": uncomment('id = "edge-001"'),
     "models.dir": [('# dir = "/var/lib/quantfleet/models"', 'dir = "@MODELS@"')],
     "models.fallback disabled": [('fallback = "Q8_0"', 'fallback = ""')],
-    "models.fallback_load on_demand": [('fallback_load = "eager"',
+    "models.fallback_load eager": [('fallback_load = "lazy"', 'fallback_load = "eager"')],
+    "models.fallback_load on_demand": [('fallback_load = "lazy"',
                                         'fallback_load = "on_demand"')],
     "models.threads": uncomment(
         "threads = 2                # CPU threads per generation (default: all cores)"),

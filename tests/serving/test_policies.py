@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from quantfleet.agent.backends import Backend
+from quantfleet.agent.config import parse_config
 
 from .conftest import ScriptedBackend, ServeFactory
 
@@ -392,6 +393,39 @@ def test_on_demand_fallback_is_loaded_for_the_retry_and_unloaded(ladder_dir: Any
         assert resp.model == "smollm2-135m-Q8_0"
         assert ext(resp)["fallback_from"] == "smollm2-135m-Q4_K_M"
         assert sorted(models.lanes) == ["smollm2-135m-Q4_K_M"], "unloaded after the retry"
+    finally:
+        agent.stop()
+
+
+def test_lazy_fallback_costs_nothing_until_used_then_stays_until_idle(ladder_dir: Any) -> None:
+    from quantfleet.agent.serving.routing import ModelSet
+
+    from .conftest import make_config, start_app
+
+    config = make_config(ladder_dir, models={"fallback_load": "lazy", "fallback_idle_s": 2},
+                         validation={"fallback_on": ["finish_reason"]})
+    assert parse_config({}).models.fallback_load == "lazy", "the default"
+    models = ModelSet.load(config)
+    assert sorted(models.lanes) == ["smollm2-135m-Q4_K_M"], "only the active one at start"
+    agent = start_app(config, models)
+    body = {"model": "default", "max_tokens": 3,
+            "messages": [{"role": "user", "content": "Write an essay about mountains."}]}
+    try:
+        first = httpx.post(agent.v1 + "/chat/completions", json=body, timeout=120).json()
+        assert first["model"] == "smollm2-135m-Q8_0"
+        event = agent.wait_event(first["id"])
+        # The request that needed the fallback waited for its load, and says how long.
+        assert event.fallback_from == "smollm2-135m-Q4_K_M"
+        assert event.fallback_load_s is not None and 0 < event.fallback_load_s < event.latency_s
+        assert "smollm2-135m-Q8_0" in models.lanes, "kept for the next fallback"
+        second = httpx.post(agent.v1 + "/chat/completions", json=body, timeout=120).json()
+        assert second["model"] == "smollm2-135m-Q8_0"
+        assert agent.wait_event(second["id"]).fallback_load_s is None, "already loaded"
+        end = time.monotonic() + 30
+        while "smollm2-135m-Q8_0" in models.lanes:  # fallback_idle_s without a fallback
+            assert time.monotonic() < end, "the idle fallback was never unloaded"
+            time.sleep(0.2)
+        assert sorted(models.lanes) == ["smollm2-135m-Q4_K_M"]
     finally:
         agent.stop()
 
