@@ -1,44 +1,59 @@
-"""The local API's cost: generation through the agent vs llama-cpp-python directly, then load.
+"""The local API's cost: the agent against raw llama-cpp-python and llama-cpp-python's
+own server, each in a clean process of its own, at 1, 2 and 4 clients; then load.
 
     python bench/bench_api.py --models-dir /tmp/qm [--variant Q4_K_M] [--rounds 3]
-                              [--max-tokens 48] [--load-seconds 20] [--skip-load]
+                              [--max-tokens 64] [--clients 1,2,4] [--load-seconds 20]
+                              [--skip-overhead] [--skip-concurrency] [--skip-load]
 
-Part 1 (overhead): the agent's app runs here under uvicorn on a real loopback
-socket, serving one loaded variant; "direct" calls ``create_completion`` on
-the very same ``Llama`` object (same weights, context and threads), and both
-paths evaluate the prompt from scratch. For each prompt, in
-alternating order (API, direct, API, ...) so a noisy machine hurts both alike,
-the same chat-templated prompt is generated greedily with the same max_tokens
-through ``POST /v1/chat/completions`` (httpx, non-streamed) and through
-``Llama.create_completion``. Printed: seconds per generated token each way and
-the ratio API / direct (target <= 1.03), median over rounds.
+Part 1 (overhead, one client). Three processes load the same GGUF (n_ctx 1024,
+the runtime's default threads), none of them the benchmark's own:
 
-Part 2 (load): a real `quantfleet-agent serve` process; the sustainable rate
+- **raw**: a bare Python process calling ``Llama.create_chat_completion`` (its
+  chat handler, greedy), told what to run over a pipe;
+- **agent**: ``quantfleet-agent serve`` (one worker, no fallback, no telemetry);
+- **peer**: ``python -m llama_cpp.server`` (skipped when its extra, ``[bench]``,
+  is not installed).
+
+Each prompt goes to every path in turn, the order rotating, non-streamed and
+streamed. Printed per path: median seconds per generated token and median time to
+first token (streamed; for raw, to the first chunk of ``stream=True``), and the
+ratios agent / raw and agent / peer (target: <= 1.03 and <= 1.0).
+
+Part 2 (concurrency): the agent with ``workers_per_model`` 1 and 2, and the peer,
+each given ``--clients`` closed-loop clients at once (every client sends the
+prompts one after the other, non-streamed); the targets take turns at each
+client count. Printed: generated tokens per second over all clients, and the
+ratios to the peer's at the same count.
+
+Part 3 (load): a real `quantfleet-agent serve` process; the sustainable rate
 is measured first (sequential requests, 1 worker); then open-loop arrivals
 at 1x, 2x and 10x that rate for ``--load-seconds`` each. Printed per level:
 admitted (200) and rejected (429/503) counts, p50/p95/p99 latency of
-admitted requests, other statuses (must be 0) and the agent's RSS before and after (bounded memory).
+admitted requests, other statuses (must be 0) and the agent's RSS before and
+after (bounded memory).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
+from common import free_port, wait_http
 
-from quantfleet.agent.chat import ChatTemplate
 from quantfleet.models.catalog import Catalog
 
 PROMPTS = [
@@ -50,126 +65,248 @@ PROMPTS = [
     "Describe how to bake bread at home.",
 ]
 
+RAW_WORKER = r"""
+import json, sys, time
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=1024, verbose=False, seed=0)
+print("ready", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    msgs = [{"role": "user", "content": job["prompt"]}]
+    t0 = time.perf_counter()
+    if job["stream"]:
+        ttft, n = None, 0
+        for chunk in llm.create_chat_completion(msgs, max_tokens=job["max_tokens"],
+                                                temperature=0.0, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                n += 1
+        out = {"s": time.perf_counter() - t0, "tokens": n, "ttft": ttft}
+    else:
+        r = llm.create_chat_completion(msgs, max_tokens=job["max_tokens"], temperature=0.0)
+        out = {"s": time.perf_counter() - t0, "tokens": r["usage"]["completion_tokens"],
+               "ttft": None}
+    print(json.dumps(out), flush=True)
+"""
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def http_run(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int,
+             stream: bool) -> dict[str, Any]:
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0,
+            "messages": [{"role": "user", "content": prompt}]}
+    t0 = time.perf_counter()
+    if not stream:
+        r = client.post(url + "/v1/chat/completions", json=body)
+        r.raise_for_status()
+        return {"s": time.perf_counter() - t0,
+                "tokens": r.json()["usage"]["completion_tokens"], "ttft": None}
+    ttft, n = None, 0
+    with client.stream("POST", url + "/v1/chat/completions",
+                       json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                n += 1
+    return {"s": time.perf_counter() - t0, "tokens": n, "ttft": ttft}
 
 
-def start_agent(models_dir: Path, variant: str, queue_size: int, tmp: Path
-                ) -> tuple[subprocess.Popen[bytes], str]:
+def start_agent(models_dir: Path, variant: str, tmp: Path, *, workers: int = 1,
+                queue_size: int = 16, name: str = "agent") -> tuple[subprocess.Popen[Any], str]:
     port = free_port()
-    config = tmp / "agent.toml"
+    config = tmp / f"{name}.toml"
     config.write_text(
         f'[models]\ndir = "{models_dir}"\nactive = "{variant}"\nfallback = ""\nn_ctx = 1024\n'
-        f"[budgets]\nmax_tokens_ceiling = 512\n"
-        f"[concurrency]\nqueue_size = {queue_size}\ndeadline_s = 120\n")
-    agent = Path(sys.executable).parent / "quantfleet-agent"
-    proc = subprocess.Popen([str(agent), "serve", "--config", str(config), "--port", str(port),
+        f"workers_per_model = {workers}\n[budgets]\nmax_tokens_ceiling = 512\n"
+        f"[concurrency]\nqueue_size = {queue_size}\ndeadline_s = 300\n")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "quantfleet-agent"), "serve",
+                             "--config", str(config), "--port", str(port),
                              "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 180
-    while time.monotonic() < end:
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit("the agent exited during start-up")
-        time.sleep(0.2)
-    raise SystemExit("the agent did not become ready")
+    try:
+        wait_http(url + "/healthz", proc, name)
+        while httpx.get(url + "/healthz", timeout=2).status_code != 200:
+            time.sleep(0.2)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
 
 
-def stop_agent(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
-
-
-def overhead(models_dir: Path, variant: str, rounds: int, max_tokens: int) -> None:
-    """API (in-process uvicorn on a real socket) vs the same Llama object called directly."""
-    import threading
-
-    import uvicorn
-
-    from quantfleet.agent.backends import LoadOptions, load_backend
-    from quantfleet.agent.config import parse_config
-    from quantfleet.agent.serving.api import create_app
-    from quantfleet.agent.serving.routing import ModelSet
-
-    entry = Catalog(models_dir).resolve(variant)
-    backend = load_backend(entry.backend, entry.path(models_dir), LoadOptions(n_ctx=1024))
-    llm = backend._llm  # type: ignore[attr-defined]  # the very same weights and context
-    config = parse_config({"models": {"dir": str(models_dir), "active": variant,
-                                      "fallback": "", "n_ctx": 1024}}, "bench")
-    app = create_app(config, ModelSet.from_backends(config, {variant: backend}))
+def start_peer(gguf: Path) -> tuple[subprocess.Popen[Any], str] | None:
+    try:
+        import llama_cpp.server.app  # noqa: F401  (the peer's extra is installed)
+    except ImportError:
+        print("peer: llama-cpp-python[server] is not installed ([bench] extra); skipped")
+        return None
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+                             "--n_ctx", "1024", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    template = ChatTemplate(backend.chat_template, **backend.special_tokens)
-    http = httpx.Client(timeout=300)
-    # Warm both paths once.
-    http.post(url + "/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-    llm.create_completion("hi", max_tokens=4, temperature=0.0)
-    ratios = []
-    totals = [0.0, 0, 0.0, 0]
-    print(f"\n== overhead: {len(PROMPTS)} prompts x {rounds} rounds, max_tokens={max_tokens}, "
-          f"greedy, same Llama object, prompt evaluated from scratch both ways ==")
-    print(f"{'round':>5} {'api s':>8} {'api tok':>8} {'direct s':>9} {'direct tok':>10} "
-          f"{'api s/tok':>10} {'direct s/tok':>12} {'ratio':>6}")
-    for r in range(rounds):
-        api_s = direct_s = 0.0
-        api_tok = direct_tok = 0
-        for i, prompt in enumerate(PROMPTS):
-            messages = [{"role": "user", "content": prompt}]
-            text = template.render(messages)
+    try:
+        wait_http(url + "/v1/models", proc, "the peer server")
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
 
-            def via_api(messages: list[dict[str, str]] = messages) -> tuple[float, int]:
-                t = time.perf_counter()
-                # A seed makes the backend reset its cache: no reuse of the other run's prompt.
-                resp = http.post(url + "/v1/chat/completions", json={
-                    "messages": messages, "max_tokens": max_tokens, "temperature": 0,
-                    "seed": 1})
-                dt = time.perf_counter() - t
-                resp.raise_for_status()
-                return dt, int(resp.json()["usage"]["completion_tokens"])
 
-            def direct(text: str = text) -> tuple[float, int]:
-                t = time.perf_counter()
-                llm.reset()
-                out = llm.create_completion(text, max_tokens=max_tokens, temperature=0.0,
-                                            top_k=1, repeat_penalty=1.0, seed=1)
-                dt = time.perf_counter() - t
-                return dt, int(out["usage"]["completion_tokens"])  # type: ignore[index]
+def stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
-            order = (via_api, direct) if (i + r) % 2 == 0 else (direct, via_api)
-            for fn in order:
-                dt, n = fn()
-                if fn is via_api:
-                    api_s, api_tok = api_s + dt, api_tok + n
-                else:
-                    direct_s, direct_tok = direct_s + dt, direct_tok + n
-        a, d = api_s / max(1, api_tok), direct_s / max(1, direct_tok)
-        ratios.append(a / d)
-        totals = [totals[0] + api_s, totals[1] + api_tok, totals[2] + direct_s,
-                  totals[3] + direct_tok]
-        print(f"{r + 1:>5} {api_s:8.2f} {api_tok:8d} {direct_s:9.2f} {direct_tok:10d} "
-              f"{a:10.4f} {d:12.4f} {a / d:6.3f}")
-    server.should_exit = True
-    thread.join(30)
-    backend.close()
-    print(f"overhead ratio (API / direct, seconds per generated token, median of {rounds}): "
-          f"{statistics.median(ratios):.3f}  (target <= 1.03)")
-    pooled = (totals[0] / max(1, totals[1])) / (totals[2] / max(1, totals[3]))
-    print(f"pooled over all rounds: {pooled:.3f}")
+
+def overhead(args: argparse.Namespace, gguf: Path) -> None:
+    """One client: agent, raw and peer, each in its own clean process, interleaved."""
+    procs: list[subprocess.Popen[Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            raw = subprocess.Popen([sys.executable, "-c", RAW_WORKER, str(gguf)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True)
+            procs.append(raw)
+            assert raw.stdout is not None and raw.stdin is not None
+            if raw.stdout.readline().strip() != "ready":
+                raise SystemExit("the raw worker did not start")
+
+            agent, agent_url = start_agent(args.models_dir, args.variant, Path(tmp))
+            procs.append(agent)
+            peer = start_peer(gguf)
+            peer_url = None
+            if peer:
+                procs.append(peer[0])
+                peer_url = peer[1]
+            paths: dict[str, Any] = {}
+            client = httpx.Client(timeout=600)
+
+            def run_raw(prompt: str, stream: bool) -> dict[str, Any]:
+                assert raw.stdin is not None and raw.stdout is not None
+                raw.stdin.write(json.dumps({"prompt": prompt, "max_tokens": args.max_tokens,
+                                            "stream": stream}) + "\n")
+                raw.stdin.flush()
+                out: dict[str, Any] = json.loads(raw.stdout.readline())
+                return out
+
+            paths["raw"] = run_raw
+            paths["agent"] = lambda p, s: http_run(client, agent_url, "default", p,
+                                                    args.max_tokens, s)
+            if peer_url:
+                paths["peer"] = lambda p, s: http_run(client, peer_url, "x", p,
+                                                       args.max_tokens, s)
+            for fn in paths.values():  # warm every path once
+                fn("hi", False)
+            results: dict[tuple[str, bool], list[dict[str, Any]]] = {
+                (name, s): [] for name in paths for s in (False, True)}
+            names = list(paths)
+            k = 0
+            for _ in range(args.rounds):
+                for prompt in PROMPTS:
+                    for stream in (False, True):
+                        order = names[k % len(names):] + names[:k % len(names)]
+                        k += 1
+                        for name in order:
+                            results[(name, stream)].append(paths[name](prompt, stream))
+            print(f"\n{len(PROMPTS)} prompts x {args.rounds} rounds, max_tokens "
+                  f"{args.max_tokens}, greedy, one client, order rotating")
+            print(f"{'path':<7} {'mode':<7} {'s/token':>9} {'TTFT ms':>9} {'tokens':>7}")
+            per_tok: dict[tuple[str, bool], float] = {}
+            ttft: dict[tuple[str, bool], float] = {}
+            for (name, stream), runs in results.items():
+                per_tok[(name, stream)] = statistics.median(
+                    r["s"] / max(1, r["tokens"]) for r in runs)
+                firsts = [r["ttft"] for r in runs if r["ttft"] is not None]
+                ttft[(name, stream)] = statistics.median(firsts) if firsts else float("nan")
+                print(f"{name:<7} {'stream' if stream else 'json':<7} "
+                      f"{per_tok[(name, stream)]:>9.4f} "
+                      f"{ttft[(name, stream)] * 1000:>9.0f} "
+                      f"{sum(r['tokens'] for r in runs):>7}")
+            for stream in (False, True):
+                mode = "stream" if stream else "json"
+                line = (f"agent / raw ({mode}): "
+                        f"{per_tok[('agent', stream)] / per_tok[('raw', stream)]:.3f}")
+                if peer_url:
+                    line += (f"   agent / peer ({mode}): "
+                             f"{per_tok[('agent', stream)] / per_tok[('peer', stream)]:.3f}")
+                print(line)
+        finally:
+            for proc in procs:
+                stop(proc)
+
+
+def closed_loop(url: str, model: str, clients: int, max_tokens: int, rounds: int
+                ) -> tuple[float, int]:
+    """``clients`` threads sending every prompt ``rounds`` times each; (seconds, tokens)."""
+    tokens = [0] * clients
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            with httpx.Client(timeout=600) as http:
+                for r in range(rounds):
+                    for k in range(len(PROMPTS)):
+                        prompt = PROMPTS[(i + k + r) % len(PROMPTS)]
+                        tokens[i] += http_run(http, url, model, prompt, max_tokens,
+                                              False)["tokens"]
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"a client failed: {errors[0]!r}")
+    return time.perf_counter() - t0, sum(tokens)
+
+
+def concurrency(args: argparse.Namespace, gguf: Path, tmp: Path) -> None:
+    """Throughput at 1, 2, 4 clients: the agent with 1 and 2 workers, and the peer."""
+    procs: list[subprocess.Popen[Any]] = []
+    try:
+        targets: dict[str, tuple[str, str]] = {}
+        for workers in (1, 2):
+            proc, url = start_agent(args.models_dir, args.variant, tmp, workers=workers,
+                                    name=f"agent-w{workers}")
+            procs.append(proc)
+            targets[f"agent w{workers}"] = (url, "default")
+        peer = start_peer(gguf)
+        if peer:
+            procs.append(peer[0])
+            targets["peer"] = (peer[1], "x")
+        for url, model in targets.values():  # warm every target once
+            closed_loop(url, model, 1, 8, 1)
+        counts = [int(c) for c in args.clients.split(",")]
+        print(f"\n== concurrency: closed-loop clients, each sending the {len(PROMPTS)} prompts "
+              f"x {args.rounds}, max_tokens {args.max_tokens}, non-streamed ==")
+        print(f"{'clients':>7} " + " ".join(f"{n + ' tok/s':>14}" for n in targets)
+              + "   vs peer")
+        for c in counts:
+            tps: dict[str, float] = {}
+            names = list(targets)
+            for name in names[c % len(names):] + names[:c % len(names)]:
+                url, model = targets[name]
+                seconds, tokens = closed_loop(url, model, c, args.max_tokens, args.rounds)
+                tps[name] = tokens / seconds
+            ratios = ", ".join(f"{n} {tps[n] / tps['peer']:.2f}" for n in targets
+                               if n != "peer" and "peer" in tps)
+            print(f"{c:>7} " + " ".join(f"{tps[n]:>14.1f}" for n in targets) + f"   {ratios}")
+    finally:
+        for proc in procs:
+            stop(proc)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -210,7 +347,7 @@ async def load_level(url: str, rate: float, seconds: float, max_tokens: int) -> 
     return {"sent": n, "codes": codes, "latencies": latencies}
 
 
-def load(url: str, proc: subprocess.Popen[bytes], seconds: float, max_tokens: int) -> None:
+def load(url: str, proc: subprocess.Popen[Any], seconds: float, max_tokens: int) -> None:
     http = httpx.Client(timeout=300)
     t = time.perf_counter()
     k = 4
@@ -248,25 +385,32 @@ def main() -> None:
                     default=Path(os.environ.get("QUANTFLEET_MODELS_DIR", "var/models")))
     ap.add_argument("--variant", default="Q4_K_M")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--clients", default="1,2,4")
     ap.add_argument("--load-seconds", type=float, default=20.0)
     ap.add_argument("--load-max-tokens", type=int, default=16)
     ap.add_argument("--queue-size", type=int, default=4)
-    ap.add_argument("--skip-load", action="store_true")
     ap.add_argument("--skip-overhead", action="store_true")
+    ap.add_argument("--skip-concurrency", action="store_true")
+    ap.add_argument("--skip-load", action="store_true")
     args = ap.parse_args()
     entry = Catalog(args.models_dir).resolve(args.variant)
-    print(f"variant {entry.name} ({entry.path(args.models_dir)}), {os.cpu_count()} cores")
+    gguf = entry.path(args.models_dir)
+    print(f"{entry.name} ({gguf}); load average {os.getloadavg()[0]:.2f} on "
+          f"{os.cpu_count()} CPUs")
     if not args.skip_overhead:
-        overhead(args.models_dir, args.variant, args.rounds, args.max_tokens)
-    if args.skip_load:
-        return
+        overhead(args, gguf)
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url = start_agent(args.models_dir, args.variant, args.queue_size, Path(tmp))
-        try:
-            load(url, proc, args.load_seconds, args.load_max_tokens)
-        finally:
-            stop_agent(proc)
+        if not args.skip_concurrency:
+            concurrency(args, gguf, Path(tmp))
+        if not args.skip_load:
+            proc, url = start_agent(args.models_dir, args.variant, Path(tmp),
+                                    queue_size=args.queue_size, name="agent-load")
+            try:
+                load(url, proc, args.load_seconds, args.load_max_tokens)
+            finally:
+                stop(proc)
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
