@@ -80,6 +80,9 @@ class TextPart(Strict):
 class ToolCallFunction(Strict):
     name: str
     arguments: str
+    parsed_arguments: dict[str, Any] | None = Field(
+        None, description="Ignored: the openai client's parse() puts the arguments it parsed "
+        "here, and sends them back when its message is appended to the history.")
 
 
 class ToolCall(Strict):
@@ -95,6 +98,9 @@ class Message(Strict):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+    parsed: dict[str, Any] | None = Field(
+        None, description="Ignored: the openai client's parse() result, sent back when its "
+        "message is appended to the history (`content` holds the same answer).")
 
     @model_validator(mode="after")
     def _content_present(self) -> Message:
