@@ -77,7 +77,7 @@ class DemoOptions:
     run_dir: Path
     agents: int = 2
     devices: int = 150
-    rate: float = 1.0  # requests per second per simulated device
+    rate: float = 2.0  # requests per second per simulated device
     bake_s: float = 20.0
     min_samples: int = 150
     soak_s: float = 15.0
@@ -446,7 +446,7 @@ def demo_command() -> Any:
                   help="Real agents (quantfleet-agent serve), one model thread each.")
     @click.option("--devices", default=150, show_default=True, type=click.IntRange(10, 2000),
                   help="Simulated devices in the same cohort.")
-    @click.option("--rate", default=1.0, show_default=True, type=click.FloatRange(0.1, 20),
+    @click.option("--rate", default=2.0, show_default=True, type=click.FloatRange(0.1, 20),
                   help="Requests per second per simulated device.")
     @click.option("--bake", "bake_s", default=20.0, show_default=True,
                   type=click.FloatRange(2, 3600), help="Seconds each rollout step is watched.")

@@ -17,9 +17,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from quantfleet.demo.broker import amqtt_available, start_broker
+from quantfleet.demo.calibration import calibrate
 from quantfleet.demo.processes import ProcessGroup
+from quantfleet.demo.run import STORY, VALIDATION_TOLERANCE
 from quantfleet.fleet.rollouts.engine import RolloutEngine
 from quantfleet.fleet.store import Store
+from quantfleet.models.catalog import Catalog
 
 
 def processes_naming(text: str) -> list[str]:
@@ -48,6 +51,17 @@ def demo_argv(ladder_dir: Path, runs: Path, *extra: str) -> list[str]:
             "--rate", "8", "--bake", "10", "--min-samples", "150", *extra]
 
 
+def knife_edges(ladder_dir: Path) -> list[str]:
+    """The story's steps whose gap, as this machine's calibration measured it (the one the
+    demo just used, reused here), lies within 3 points of the validation gate's tolerance."""
+    labels = tuple(dict.fromkeys(x for _, frm, to, _ in STORY for x in (frm, to)))
+    cal = calibrate(Catalog(ladder_dir), labels)
+    assert cal.reused, "the demo measured this machine just before"
+    return [f"{frm} -> {to}: {cal.failure_rate(to) - cal.failure_rate(frm):+.1%}"
+            for _, frm, to, _ in STORY
+            if abs(cal.failure_rate(to) - cal.failure_rate(frm) - VALIDATION_TOLERANCE) < 0.03]
+
+
 def never_assign(ids: object, variant: str, rollout_id: str) -> None:
     raise AssertionError("reading only")
 
@@ -63,19 +77,22 @@ def test_demo_promotes_q8_catches_q2k_and_stops_everything(ladder_dir: Path,
                             timeout=1400, env={**os.environ, "COLUMNS": "160"})
     out = result.stdout + result.stderr
     assert result.returncode == 0, out  # the machinery worked: every rollout decided itself
+    (run_dir,) = list(runs.iterdir())
+    assert processes_naming(str(run_dir)) == [], "the demo left processes running"
     if "the rollouts ended as expected" not in out:
-        # The story depends on this machine's measured gaps. On an AMD EPYC (Zen 4) the
-        # F16 -> Q8_0 gap (+4.8 points calibrated, against a 10-point tolerance) went
-        # either way at this sample size: issue 12 stays open on it. What must hold
-        # then is that the demo says so and explains it from the evidence.
+        # The story depends on this machine's measured gaps: it must hold unless the
+        # calibration itself put a gap within 3 points of the 10-point tolerance, where
+        # the gate may rightly decide either way. The demo must then say so and explain
+        # it from the evidence.
+        near = knife_edges(ladder_dir)
+        assert near, "the story did not hold although every measured gap is clear of the " \
+                     "tolerance:\n" + out
         assert "the rollouts did not end as expected" in out and "from the evidence" in out
         assert "tolerance of 10%" in out and "on this machine" in out, out
-        warnings.warn("the demo's story did not hold on this machine: "
+        warnings.warn(f"the demo's story did not hold on this machine ({'; '.join(near)}): "
                       + out[out.index("the rollouts did not end as expected"):][:600],
                       stacklevel=1)
         return
-    (run_dir,) = list(runs.iterdir())
-    assert processes_naming(str(run_dir)) == [], "the demo left processes running"
     # The agents' model copies are gone, the fleet's files stay for the printed commands.
     assert [p.name for p in run_dir.glob("agents/*/models/*")] == ["catalog.json"]
     assert (ladder_dir / "smollm2-135m-F16.gguf").exists()

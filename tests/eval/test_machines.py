@@ -42,6 +42,14 @@ from quantfleet.models.catalog import Catalog
 ROOT = Path(__file__).resolve().parents[2]
 OLD_REPORT = ROOT / "docs" / "reports" / "starter-ladder.json"
 AVX2 = ["avx", "avx2", "bmi2", "f16c", "fma", "sse4_2"]
+# The "other machine" of the comparisons below: an AVX2-only EPYC, unless this machine is
+# one; then an AVX-512 VNNI one, so that the two classes differ on every CPU.
+if fingerprint().cpu_class == cpu_class("x86_64", AVX2):
+    OTHER_FEATURES = [*AVX2, "avx512bw", "avx512f", "avx512vl", "avx512_vnni"]
+    OTHER_MODEL = "AMD EPYC 9B14"
+else:
+    OTHER_FEATURES, OTHER_MODEL = AVX2, "AMD EPYC 7B13"
+OTHER_CLASS = cpu_class("x86_64", OTHER_FEATURES)
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +125,13 @@ def _doc(report: EvalReport) -> dict[str, Any]:
 
 
 def _other_machine(evaluation: EvalReport) -> tuple[dict[str, Any], str, str]:
-    """The report as if measured on an AVX2 machine where Q2_K answers one item the other
+    """The report as if measured on another class of machine where Q2_K answers one item the other
     way and words another differently, and Q8_0's structured KLD is 0.5 higher."""
     doc = _doc(evaluation)
     r = doc["report"]
     r["hardware"] = HardwareFingerprint(
-        arch="x86_64", cpu_model="AMD EPYC 7B13", cpu_vendor="AuthenticAMD", features=AVX2,
-        cpu_class=cpu_class("x86_64", AVX2), logical_cores=2, memory_bytes=8 << 30,
+        arch="x86_64", cpu_model=OTHER_MODEL, cpu_vendor="AuthenticAMD",
+        features=OTHER_FEATURES, cpu_class=OTHER_CLASS, logical_cores=2, memory_bytes=8 << 30,
         llama_cpp_system_info=fingerprint().llama_cpp_system_info,
         onnxruntime="1.31.1").model_dump(mode="json")
     q2 = next(v for v in r["variants"] if v["precision"] == "Q2_K")
@@ -146,7 +154,7 @@ def test_compare_finds_exactly_the_differences_made(evaluation: EvalReport,
     mc = compare_reports(evaluation, b, "amx", "avx2")
     assert mc.same_class is False
     assert mc.a.hardware == fingerprint() and mc.b.hardware is not None
-    assert mc.b.hardware.cpu_class == "x86-avx2"
+    assert mc.b.hardware.cpu_class == OTHER_CLASS
     by = {v.precision: v for v in mc.variants}
     assert [v.precision for v in mc.variants] == ["F16", "Q8_0", "Q2_K"]
     assert [(f.item_id, f.direction) for f in by["Q2_K"].flips] == [
@@ -169,12 +177,11 @@ def test_compare_finds_exactly_the_differences_made(evaluation: EvalReport,
     assert out.exit_code == 0, out.output
     assert MachineComparison.model_validate_json(out.stdout) == mc
     md = (tmp_path / "c.md").read_text()
-    assert "different hardware classes: x86-amx against x86-avx2" in md or \
-        f"different hardware classes: {fingerprint().cpu_class} against x86-avx2" in md
+    assert f"different hardware classes: {fingerprint().cpu_class} against {OTHER_CLASS}" in md
     assert flipped in md and "+0.5000" in md
     human = CliRunner().invoke(cli, args)
     assert human.exit_code == 0, human.output
-    assert "amx: " in human.output and "avx2: x86-avx2 (AMD EPYC 7B13" in human.output
+    assert "amx: " in human.output and f"avx2: {OTHER_CLASS} ({OTHER_MODEL}" in human.output
     assert flipped in human.output
 
 
