@@ -50,7 +50,8 @@ will_delay_s = 0
     store = FleetSide(tmp_path, topic_root).start()
     try:
         first = _run(config, "--synthetic-rate", "3000", "--synthetic-count", "10000000")
-        wait_until(lambda: store.event_count(device) >= 3000, what="events before the kill")
+        wait_until(lambda: store.event_count(device) >= 3000, timeout=90,
+                   what="events before the kill")
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
         assert first.returncode == -signal.SIGKILL
