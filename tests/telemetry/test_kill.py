@@ -48,6 +48,7 @@ backoff_max_s = 1.0
 will_delay_s = 0
 """)
     store = FleetSide(tmp_path, topic_root).start()
+    first = second = None
     try:
         first = _run(config, "--synthetic-rate", "3000", "--synthetic-count", "10000000")
         wait_until(lambda: store.event_count(device) >= 3000, timeout=90,
@@ -90,4 +91,8 @@ will_delay_s = 0
         assert store.status(device)["state"] == "offline"  # type: ignore[index]
         assert store.status(device)["reason"] == "shutdown"  # type: ignore[index]
     finally:
+        for proc in (first, second):  # whatever the outcome, nothing is left running
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
         store.stop()
