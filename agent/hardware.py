@@ -9,21 +9,25 @@ derives cohort labels from it (``wire.hardware_labels``).
 
 Features come from what the kernel reports (``/proc/cpuinfo`` on Linux), the
 runtimes' own view from llama.cpp's system-info string and onnxruntime's
-version. Only the features that change a kernel are kept, so two devices of
-one class fingerprint alike. On x86-64 the features are also checked against
-what the ``cpuid`` instruction tells this process (``x86_cpuid_features``):
-the runtimes dispatch on ``cpuid``, and under an emulator or a hypervisor that
-masks features (``qemu-x86_64 -cpu Haswell`` on an AVX-512 host) ``/proc/cpuinfo``
-still describes the host. ``cpuid`` only ever removes features, never adds one.
+version (read from its package metadata: importing onnxruntime for its version
+would cost a GGUF-only device 25 MB). Only the features that change a kernel
+are kept, so two devices of one class fingerprint alike. On x86-64 the features
+are also checked against what the ``cpuid`` instruction tells this process
+(``x86_cpuid_features``): the runtimes dispatch on ``cpuid``, and under an
+emulator or a hypervisor that masks features (``qemu-x86_64 -cpu Haswell`` on
+an AVX-512 host) ``/proc/cpuinfo`` still describes the host. ``cpuid`` only
+ever removes features, never adds one.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
 import mmap
 import os
 import platform
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -157,11 +161,21 @@ def _llama_cpp() -> tuple[str, str]:
 
 
 def _onnxruntime() -> str:
+    """onnxruntime's version, read from its installed metadata without importing it.
+
+    Importing onnxruntime costs about 25 MB RSS, which a device that serves only
+    GGUF variants never needs (issue 16); once an ONNX variant is loaded, the
+    imported module's own version is the answer. Empty when it is not installed.
+    """
+    module = sys.modules.get("onnxruntime")
+    if module is not None:
+        return str(getattr(module, "__version__", ""))
     try:
-        import onnxruntime
-    except Exception:  # a GGUF-only device has no onnxruntime
-        return ""
-    return str(onnxruntime.__version__)
+        return importlib.metadata.version("onnxruntime")
+    except importlib.metadata.PackageNotFoundError:  # or another build (onnxruntime-gpu, ...)
+        for dist in importlib.metadata.packages_distributions().get("onnxruntime", []):
+            return importlib.metadata.version(dist)
+        return ""  # a GGUF-only device has no onnxruntime
 
 
 def _memory_bytes() -> int:

@@ -12,16 +12,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import Field, model_validator
 
 from quantfleet.strict import Strict
 
 from .wire import TOPIC_ROOT
+
+if TYPE_CHECKING:  # paho is imported by the first session: the config alone needs none
+    import paho.mqtt.client as mqtt
 
 
 def parse_broker_url(url: str) -> tuple[bool, str, int]:
@@ -117,6 +118,9 @@ class MqttConfig(Strict):
 
 def make_client(cfg: MqttConfig, client_id: str) -> mqtt.Client:
     """A paho client configured for protocol, TLS and credentials (not connected)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
     v5 = cfg.protocol == "5"
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id,

@@ -16,9 +16,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import numpy as np
+if TYPE_CHECKING:  # numpy comes with the runtime (llama_cpp, onnxruntime), not the seam
+    import numpy as np
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -211,6 +212,8 @@ class Backend(abc.ABC):
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-probabilities, computed in float64 for stable small differences."""
+    import numpy as np
+
     x = logits.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     out: np.ndarray = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))

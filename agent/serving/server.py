@@ -118,6 +118,7 @@ def serve(config: AgentConfig, models: Callable[[], ModelSet] | None = None,
         uds=str(listen.unix_socket) if listen.unix_socket else None,
         log_level=log_level,
         access_log=False,
+        ws="none",  # no websocket route: uvicorn need not import a websockets protocol
         lifespan="on",
         timeout_graceful_shutdown=int(max(1, config.concurrency.drain_timeout_s)),
     )

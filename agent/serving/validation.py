@@ -55,9 +55,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jsonschema import exceptions as js_exceptions
-from jsonschema import validators as js_validators
-
 from quantfleet.agent.wire import ValidationOutcome
 
 # Phrases small instruction-tuned models use when they decline. Matched
@@ -113,6 +110,11 @@ def schema_problem(schema: Any) -> str | None:
     """Why ``schema`` is not a usable JSON Schema (None when it is)."""
     if not isinstance(schema, dict):
         return "a JSON Schema must be an object"
+    # jsonschema (with referencing, rpds and attrs: 5 MB) is imported by the first
+    # request that brings a schema, not with the agent: many devices never see one.
+    from jsonschema import exceptions as js_exceptions
+    from jsonschema import validators as js_validators
+
     try:
         cls = js_validators.validator_for(schema)
         cls.check_schema(schema)
@@ -125,6 +127,9 @@ def schema_problem(schema: Any) -> str | None:
 
 
 def _schema_errors(instance: Any, schema: Mapping[str, Any]) -> str | None:
+    from jsonschema import exceptions as js_exceptions  # see schema_problem
+    from jsonschema import validators as js_validators
+
     try:
         cls = js_validators.validator_for(schema)
         validator = cls(schema)

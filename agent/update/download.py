@@ -19,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 
@@ -112,6 +110,10 @@ def download(
         req_headers["Range"] = f"bytes={have}-"
     if token:
         req_headers["Authorization"] = f"Bearer {token}"
+    # Imported here, not with the module: httpx (with the rich and pygments its
+    # command line pulls in) is 3 MB that a device needs only once it downloads an update.
+    import httpx
+
     verify: ssl.SSLContext | bool = True
     if ca_file is not None:
         verify = ssl.create_default_context(cafile=str(ca_file))
