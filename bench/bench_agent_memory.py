@@ -10,7 +10,7 @@ and PSS (RSS with each shared page divided among the processes sharing it);
 configurations, each packaging/agent.example.toml with ``models.dir`` set to DIR
 and ``--variant`` served; GGUF variants only:
 
-- ``example``: the example as shipped: the Q8_0 fallback loaded eagerly beside the
+- ``example``: the example as shipped: the Q8_0 fallback (loaded at its first use) beside the
   variant, no telemetry, no updates;
 - ``fleet device``: the example with its ``[telemetry]`` and ``[update]`` tables
   uncommented (an outbox and the updater's state in a temporary folder, a fresh

@@ -5,8 +5,9 @@ own server, each in a clean process of its own, at 1, 2 and 4 clients; then load
                               [--max-tokens 64] [--clients 1,2,4] [--load-seconds 20]
                               [--skip-overhead] [--skip-concurrency] [--skip-load]
 
-Part 1 (overhead, one client). Three processes load the same GGUF (n_ctx 1024,
-the runtime's default threads), none of them the benchmark's own:
+Part 1 (overhead, one client). Three processes load the same GGUF (n_ctx 1024;
+threads per generation: each one's default, or ``--threads N`` on all three),
+none of them the benchmark's own:
 
 - **raw**: a bare Python process calling ``Llama.create_chat_completion`` (its
   chat handler, greedy), told what to run over a pipe;
@@ -68,7 +69,9 @@ PROMPTS = [
 RAW_WORKER = r"""
 import json, sys, time
 from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], n_ctx=1024, verbose=False, seed=0)
+threads = int(sys.argv[2]) or None  # 0: llama-cpp-python's default (half the cores)
+llm = Llama(model_path=sys.argv[1], n_ctx=1024, verbose=False, seed=0, n_threads=threads,
+            n_threads_batch=threads)
 print("ready", flush=True)
 for line in sys.stdin:
     job = json.loads(line)
@@ -117,12 +120,15 @@ def http_run(client: httpx.Client, url: str, model: str, prompt: str, max_tokens
 
 
 def start_agent(models_dir: Path, variant: str, tmp: Path, *, workers: int = 1,
-                queue_size: int = 16, name: str = "agent") -> tuple[subprocess.Popen[Any], str]:
+                queue_size: int = 16, name: str = "agent", threads: int = 0
+                ) -> tuple[subprocess.Popen[Any], str]:
+    """A real agent; ``threads`` 0 keeps its default (all cores)."""
     port = free_port()
     config = tmp / f"{name}.toml"
     config.write_text(
         f'[models]\ndir = "{models_dir}"\nactive = "{variant}"\nfallback = ""\nn_ctx = 1024\n'
-        f"workers_per_model = {workers}\n[budgets]\nmax_tokens_ceiling = 512\n"
+        f"workers_per_model = {workers}\n" + (f"threads = {threads}\n" if threads else "")
+        + "[budgets]\nmax_tokens_ceiling = 512\n"
         f"[concurrency]\nqueue_size = {queue_size}\ndeadline_s = 300\n")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "quantfleet-agent"), "serve",
                              "--config", str(config), "--port", str(port),
@@ -139,7 +145,8 @@ def start_agent(models_dir: Path, variant: str, tmp: Path, *, workers: int = 1,
     return proc, url
 
 
-def start_peer(gguf: Path) -> tuple[subprocess.Popen[Any], str] | None:
+def start_peer(gguf: Path, threads: int = 0) -> tuple[subprocess.Popen[Any], str] | None:
+    """llama-cpp-python's server; ``threads`` 0 keeps its default (half the cores)."""
     try:
         import llama_cpp.server.app  # noqa: F401  (the peer's extra is installed)
     except ImportError:
@@ -147,7 +154,9 @@ def start_peer(gguf: Path) -> tuple[subprocess.Popen[Any], str] | None:
         return None
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
-                             "--n_ctx", "1024", "--port", str(port)],
+                             "--n_ctx", "1024", "--port", str(port),
+                             *(["--n_threads", str(threads), "--n_threads_batch", str(threads)]
+                               if threads else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -173,7 +182,8 @@ def overhead(args: argparse.Namespace, gguf: Path) -> None:
     procs: list[subprocess.Popen[Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            raw = subprocess.Popen([sys.executable, "-c", RAW_WORKER, str(gguf)],
+            raw = subprocess.Popen([sys.executable, "-c", RAW_WORKER, str(gguf),
+                                    str(args.threads)],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.DEVNULL, text=True)
             procs.append(raw)
@@ -181,9 +191,10 @@ def overhead(args: argparse.Namespace, gguf: Path) -> None:
             if raw.stdout.readline().strip() != "ready":
                 raise SystemExit("the raw worker did not start")
 
-            agent, agent_url = start_agent(args.models_dir, args.variant, Path(tmp))
+            agent, agent_url = start_agent(args.models_dir, args.variant, Path(tmp),
+                                           threads=args.threads)
             procs.append(agent)
-            peer = start_peer(gguf)
+            peer = start_peer(gguf, args.threads)
             peer_url = None
             if peer:
                 procs.append(peer[0])
@@ -280,10 +291,11 @@ def concurrency(args: argparse.Namespace, gguf: Path, tmp: Path) -> None:
         targets: dict[str, tuple[str, str]] = {}
         for workers in (1, 2):
             proc, url = start_agent(args.models_dir, args.variant, tmp, workers=workers,
+                                    threads=args.threads,
                                     name=f"agent-w{workers}")
             procs.append(proc)
             targets[f"agent w{workers}"] = (url, "default")
-        peer = start_peer(gguf)
+        peer = start_peer(gguf, args.threads)
         if peer:
             procs.append(peer[0])
             targets["peer"] = (peer[1], "x")
@@ -387,6 +399,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", default="1,2,4")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads per generation on every path (0: each one's default: all "
+                         "cores for the agent, half of them for llama-cpp-python)")
     ap.add_argument("--load-seconds", type=float, default=20.0)
     ap.add_argument("--load-max-tokens", type=int, default=16)
     ap.add_argument("--queue-size", type=int, default=4)
@@ -396,8 +411,11 @@ def main() -> None:
     args = ap.parse_args()
     entry = Catalog(args.models_dir).resolve(args.variant)
     gguf = entry.path(args.models_dir)
-    print(f"{entry.name} ({gguf}); load average {os.getloadavg()[0]:.2f} on "
-          f"{os.cpu_count()} CPUs")
+    cores = os.cpu_count() or 1
+    threads = (f"{args.threads} on every path" if args.threads else
+               f"defaults (agent {cores}, raw and peer {max(1, cores // 2)})")
+    print(f"{entry.name} ({gguf}); load average {os.getloadavg()[0]:.2f} on {cores} CPUs; "
+          f"threads per generation: {threads}")
     if not args.skip_overhead:
         overhead(args, gguf)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""The local OpenAI-compatible HTTP API (FastAPI): the agent's front door.
+"""The local OpenAI-compatible HTTP API (Starlette): the agent's front door.
 
 ``create_app(config, models, recorder=None)`` builds the app. ``models`` is a
 :class:`ModelSet` (already loaded) or a zero-argument callable that loads one:
@@ -20,9 +20,11 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
 from quantfleet.agent.config import AgentConfig
 
@@ -136,12 +138,15 @@ class AgentService:
 
 
 def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],
-               recorder: Recorder | None = None, metrics: Metrics | None = None) -> FastAPI:
+               recorder: Recorder | None = None, metrics: Metrics | None = None) -> Starlette:
+    """The agent's ASGI app. Starlette alone: the chat route reads and validates its body
+    itself (``protocol``) and the OpenAPI document is built by :mod:`.openapi`, so a
+    framework's injection and schema generator would only cost memory (issue 16)."""
     service = AgentService(config, recorder or MemoryRecorder(config.events.memory_events),
                            metrics or agent_metrics())
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loader_task = None
         if isinstance(models, ModelSet):
             service.models = models
@@ -166,23 +171,17 @@ def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],
             await service.drain(config.concurrency.drain_timeout_s)
             await asyncio.to_thread(service.close)
 
-    app = FastAPI(title="quantfleet agent", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.service = service
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
         code = "not_found" if exc.status_code == 404 else None
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error", code=code),
-                            status_code=exc.status_code)
+                            status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
         return JSONResponse(error_body("internal error", "server_error"), status_code=500)
 
-    @app.get("/healthz")
-    async def healthz() -> JSONResponse:
+    async def healthz(request: Request) -> Response:
         if service.ready:
             assert service.models is not None
             return JSONResponse({"status": "ready", "active": service.models.active,
@@ -191,12 +190,10 @@ def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],
             "failed" if service.load_error else "loading")
         return JSONResponse({"status": status, "error": service.load_error}, status_code=503)
 
-    @app.get("/metrics")
-    async def metrics_endpoint() -> PlainTextResponse:
+    async def metrics_endpoint(request: Request) -> Response:
         return PlainTextResponse(service.metrics.render(),
                                  media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
         try:
             service.authenticate(request)
@@ -207,14 +204,18 @@ def create_app(config: AgentConfig, models: ModelSet | Callable[[], ModelSet],
             {"id": n, "object": "model", "created": 0, "owned_by": "quantfleet",
              "loaded": bool(service.models and n in service.models.lanes)} for n in names]})
 
-    app.post("/v1/chat/completions")(ChatHandler(service).handle)
-
-    # Built by :mod:`.openapi` rather than FastAPI's generator: the chat route reads its
-    # body itself, so FastAPI does not know the request model or the answers.
     spec = openapi.document(auth=service.token is not None or bool(service.api_keys))
 
-    @app.get("/openapi.json")
-    async def openapi_document() -> JSONResponse:
+    async def openapi_document(request: Request) -> Response:
         return JSONResponse(spec)
 
+    app = Starlette(
+        routes=[Route("/healthz", healthz, methods=["GET"]),
+                Route("/metrics", metrics_endpoint, methods=["GET"]),
+                Route("/v1/models", list_models, methods=["GET"]),
+                Route("/v1/chat/completions", ChatHandler(service).handle, methods=["POST"]),
+                Route("/openapi.json", openapi_document, methods=["GET"])],
+        exception_handlers={StarletteHTTPException: http_error, Exception: internal_error},
+        lifespan=lifespan)
+    app.state.service = service
     return app

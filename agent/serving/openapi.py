@@ -9,7 +9,7 @@ to the document). Every schema comes from a model, so a change of the protocol
 changes the document; only the table of which status each route answers is
 written here, after the handler.
 
-Swagger UI and ReDoc stay off: FastAPI's pages load their scripts from a CDN.
+No Swagger UI or ReDoc page is served: such pages load their scripts from a CDN.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from quantfleet.agent.update.signing import generate_keypair
 from tests.support import Mosquitto, free_port
 
 FLEET_ONLY = ["quantfleet.fleet", "quantfleet.demo", "sqlalchemy", "psycopg", "scipy",
-              "matplotlib", "yaml"]
+              "matplotlib", "yaml",
+              "fastapi"]  # the agent serves on Starlette alone (6 MB less; issue 16)
 ONNX = ["onnxruntime", "quantfleet.agent.backends.onnx", "quantfleet.agent.backends.onnx_json"]
 # Imported where they are used, not at start.
 LATER = ["numpy", "llama_cpp", "jsonschema", "httpx"]

@@ -94,7 +94,7 @@ def test_the_document_is_valid_openapi_and_has_no_auth_when_none_is_set(
     assert doc["openapi"].startswith("3.1")
     assert "securitySchemes" not in doc["components"]
     assert "401" not in doc["paths"][CHAT]["post"]["responses"]
-    # FastAPI's HTML pages would load their scripts from a CDN: they stay off.
+    # No HTML documentation pages (they would load their scripts from a CDN).
     assert httpx.get(scripted.url + "/docs").status_code == 404
     assert httpx.get(scripted.url + "/redoc").status_code == 404
 
