@@ -12,16 +12,31 @@ from tests.support import Mosquitto
 
 
 @pytest.fixture(scope="session")
-def private_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    """ONE private mosquitto per session, for the tests that stop or reconfigure it.
-
-    Tests that change it must leave it running with the default config.
-    """
+def _session_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
     broker.write_config()
     broker.start()
     yield broker
     broker.stop()
+
+
+def _running_with_defaults(broker: Mosquitto) -> None:
+    if broker.proc is None or broker.proc.poll() is not None:
+        broker.write_config()
+        broker.start()
+
+
+@pytest.fixture
+def private_broker(_session_broker: Mosquitto) -> Iterator[Mosquitto]:
+    """ONE private mosquitto per session, for the tests that stop or reconfigure it.
+
+    Tests that change it must leave it running with the default config; one that fails
+    before it can (a broker stopped mid-test) gets it restarted with the default config
+    here, so that its failure does not become the next test's.
+    """
+    _running_with_defaults(_session_broker)
+    yield _session_broker
+    _running_with_defaults(_session_broker)
 
 
 @pytest.fixture
