@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -66,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from common import free_port, stop
 
 MB = 1024 * 1024
 TARGET_MB = 80.0
@@ -158,12 +158,6 @@ def measure(name: str, pid: int, model_files: set[str]) -> Row:
     return Row(name, full.rss / MB, full.uss / MB, full.pss / MB, mapped / MB)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_for(check: Callable[[], bool], proc: subprocess.Popen[Any], what: str,
              timeout: float = 180) -> None:
     end = time.monotonic() + timeout
@@ -247,16 +241,6 @@ def private_broker(tmp: Path) -> tuple[str, subprocess.Popen[Any]]:
         if proc.poll() is not None or time.monotonic() > end:
             raise SystemExit("the private mosquitto did not start")
         time.sleep(0.1)
-
-
-def stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run_agent(label: str, config: Path, variant: str, requests: int, model_files: set[str],

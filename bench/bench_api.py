@@ -41,7 +41,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ from typing import Any
 
 import httpx
 import psutil
-from common import free_port, wait_http
+from common import free_port, stop, wait_http
 
 from quantfleet.models.catalog import Catalog
 
@@ -165,16 +164,6 @@ def start_peer(gguf: Path, threads: int = 0) -> tuple[subprocess.Popen[Any], str
         stop(proc)
         raise
     return proc, url
-
-
-def stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def overhead(args: argparse.Namespace, gguf: Path) -> None:

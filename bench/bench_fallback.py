@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 
 import httpx
 import psutil
-from common import free_port, wait_http
+from common import free_port, stop, wait_http
 
 from quantfleet.models.catalog import Catalog
 
@@ -97,12 +96,7 @@ events_file = "{events_file}"
         evs = events(events_file, args.fallbacks)
         after = memory(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     fell_back = [e for e in evs if e.get("fallback_from")]
     if len(fell_back) < args.fallbacks:
         raise SystemExit(f"{policy}: {len(fell_back)} of {args.fallbacks} requests fell back")
