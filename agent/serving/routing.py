@@ -62,7 +62,7 @@ class ModelSet:
         self.keep_s = keep_s
         self.load_seconds: dict[str, float] = {}  # variant -> its last load's duration
         self._last_used: dict[str, float] = {}
-        self._unloads: set[asyncio.TimerHandle] = set()
+        self._unloads: dict[str, asyncio.TimerHandle] = {}  # variant -> its idle check
         self._tasks: set[asyncio.Task[None]] = set()
         self.owned = True  # close() frees the backends only when this set loaded them
         self._load_lock = asyncio.Lock()
@@ -250,16 +250,23 @@ class ModelSet:
         if self.keep_s <= 0:
             await self._unload_if_idle(variant)
             return
+        if variant not in self._unloads:  # one pending check per variant, however busy
+            self._check_later(variant, self.keep_s)
+
+    def _check_later(self, variant: str, delay_s: float) -> None:
         loop = asyncio.get_running_loop()
 
         def check() -> None:
-            self._unloads.discard(handle)
+            del self._unloads[variant]
+            idle_s = time.monotonic() - self._last_used.get(variant, 0.0)
+            if idle_s < self.keep_s:  # used since: look again once it has been idle enough
+                self._check_later(variant, self.keep_s - idle_s)
+                return
             task = loop.create_task(self._unload_if_idle(variant))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-        handle = loop.call_later(self.keep_s, check)
-        self._unloads.add(handle)
+        self._unloads[variant] = loop.call_later(delay_s, check)
 
     async def _unload_if_idle(self, variant: str) -> None:
         lane = self.lanes.get(variant)
@@ -273,7 +280,7 @@ class ModelSet:
                  f"unused for {self.keep_s:.0f} s" if self.keep_s else "after its use")
 
     def close(self) -> None:
-        for handle in self._unloads:
+        for handle in self._unloads.values():
             handle.cancel()
         self._unloads.clear()
         for lane in self.lanes.values():
