@@ -15,13 +15,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from quantfleet.agent.update.signing import sign
+from quantfleet.agent.update.signing import PrivateKey, sign
 from quantfleet.models.catalog import Catalog, CatalogError, VariantEntry
 
 from .auth import HttpAuth
@@ -29,7 +28,7 @@ from .auth import HttpAuth
 log = logging.getLogger(__name__)
 
 
-def manifest(entry: VariantEntry, key: Ed25519PrivateKey, base_url: str) -> dict[str, Any]:
+def manifest(entry: VariantEntry, key: PrivateKey, base_url: str) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "variant": entry.name,
         "backend": entry.backend,
@@ -48,7 +47,7 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "status": status}}, status_code=status)
 
 
-def create_artifact_app(models_dir: Path, key: Ed25519PrivateKey, base_url: str,
+def create_artifact_app(models_dir: Path, key: PrivateKey, base_url: str,
                         auth: HttpAuth | None = None) -> Starlette:
     """A Starlette app serving ``models_dir``'s catalog; the catalog is re-read per request
     so a ladder rebuilt while the fleet runs is served without a restart. With ``auth``

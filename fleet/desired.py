@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from quantfleet.agent.update.signing import key_id, sign_desired
+from quantfleet.agent.update.signing import PrivateKey, key_id, sign_desired
 from quantfleet.agent.wire import DesiredPayload, device_topic
 from quantfleet.models.catalog import Catalog, CatalogError
 
@@ -361,7 +360,7 @@ class DesiredPublisher:
 
 
 class DesiredState:
-    def __init__(self, store: Store, client: mqtt.Client, key: Ed25519PrivateKey,
+    def __init__(self, store: Store, client: mqtt.Client, key: PrivateKey,
                  models_dir: Path, artifact_base_url: str, *, topic_root: str,
                  publisher: DesiredPublisher | None = None) -> None:
         self.store = store

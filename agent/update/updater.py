@@ -33,14 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from quantfleet.agent.wire import DesiredPayload, DeviceStatePayload, UpdateState
 from quantfleet.models.catalog import Catalog, Precision, VariantEntry, now_iso
 
 from .download import DownloadError, download
-from .signing import Keyring, SignatureError
+from .signing import Keyring, PublicKey, SignatureError
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ class UpdaterMemory:
 
 class Updater:
     def __init__(self, device_id: str, models_dir: Path, state_file: Path,
-                 public_key: Ed25519PublicKey | Keyring, hooks: UpdateHooks,
+                 public_key: PublicKey | Keyring, hooks: UpdateHooks,
                  report: Callable[[DeviceStatePayload], None], *, boot_epoch: int,
                  policy: UpdatePolicy | None = None, current: str | None = None,
                  artifact_token: str | None = None, ca_file: Path | None = None) -> None:

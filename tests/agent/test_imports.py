@@ -26,7 +26,8 @@ from tests.support import Mosquitto, free_port
 
 FLEET_ONLY = ["quantfleet.fleet", "quantfleet.demo", "sqlalchemy", "psycopg", "scipy",
               "matplotlib", "yaml",
-              "fastapi"]  # the agent serves on Starlette alone (6 MB less; issue 16)
+              "fastapi",  # the agent serves on Starlette alone (6 MB less; issue 16)
+              "cryptography"]  # signatures are libsodium's (PyNaCl): 1 MB, against 8
 ONNX = ["onnxruntime", "quantfleet.agent.backends.onnx", "quantfleet.agent.backends.onnx_json"]
 # Imported where they are used, not at start.
 LATER = ["numpy", "llama_cpp", "jsonschema", "httpx"]
