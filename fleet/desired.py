@@ -35,6 +35,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import Connection
 
 from quantfleet.agent.update.signing import key_id, sign_desired
 from quantfleet.agent.wire import DesiredPayload, device_topic
@@ -384,11 +385,13 @@ class DesiredState:
         self.publisher.stop(flush_s)
 
     def set_variant(self, device_ids: Iterable[str], variant: str, *,
-                    rollout_id: str | None = None,
-                    actor: str = "operator") -> list[DesiredPayload]:
+                    rollout_id: str | None = None, actor: str = "operator",
+                    fence: Callable[[Connection], None] | None = None
+                    ) -> list[DesiredPayload]:
         """Point each device at ``variant`` (a catalog name or label): store the next
         revision, queue its publication, audit. Returns without waiting for the broker
-        (``wait_acknowledged`` does)."""
+        (``wait_acknowledged`` does). ``fence`` guards each revision's write
+        (``Store.put_desired``): a rollout leader that lost its lease stops there."""
         try:
             entry = Catalog(self.models_dir).resolve(variant)
         except CatalogError as exc:
@@ -399,7 +402,7 @@ class DesiredState:
             payload = self.store.put_desired(device_id, lambda rev, d=device_id: self.signed(
                 device_id=d, revision=rev, variant=entry.name, backend=entry.backend,
                 sha256=entry.sha256, size_bytes=entry.size_bytes, url=url,
-                rollout_id=rollout_id, issued_at=time.time()))
+                rollout_id=rollout_id, issued_at=time.time()), fence)
             self.publisher.submit([payload])
             self.store.audit(actor, "desired.set", f"device:{device_id}", {
                 "variant": entry.name, "revision": payload.revision, "rollout_id": rollout_id,

@@ -26,6 +26,13 @@ spec's per-class minimum of canaries is picked first.
 Pointing devices at a variant (``assign``) stores their desired state and
 returns: the fleet's desired-state publisher sends it and retries it
 (``fleet/desired.py``), so a tick never waits on the broker.
+
+With ``leases`` (``quantfleet serve``; ``leases.py``) a tick advances only the
+rollouts whose lease this replica holds or can take, renewing each lease just
+before its rollout's tick, and every write of that tick is fenced by the
+lease: several replicas on one store each tick, one of them per rollout.
+Without (the operator's commands), writes are guarded by the compare-and-set
+on the rollout's state alone.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any
 from ..cohorts import Selector
 from ..store import Store
 from .gates import combine
+from .leases import LeaseLost, RolloutLeases
 from .repository import AuditRecord, Pin, RolloutRepository
 from .samples import Member
 from .spec import UNKNOWN_CLASS, RolloutSpec, resolve_count
@@ -75,9 +83,12 @@ def _order(rollout_id: str, device_id: str) -> str:
 
 class RolloutEngine:
     def __init__(self, store: Store, assign: Assign, resolve: Resolve | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *,
+                 leases: RolloutLeases | None = None) -> None:
         self.store = store  # the CLI reads a rollout's audit log from it
-        self.repo = RolloutRepository(store, clock)
+        self.leases = leases
+        self.repo = RolloutRepository(store, clock,
+                                      fence=leases.check if leases is not None else None)
         self.assign = assign
         self.resolve = resolve or (lambda v: v)
         self.clock = clock
@@ -149,15 +160,29 @@ class RolloutEngine:
 
     # -- the tick ---------------------------------------------------------
     def tick(self) -> None:
-        """Advance every running rollout as far as the data allow; safe to call any time."""
-        for r in self.rollouts():
-            if r["state"] == "running":
-                try:
-                    self._tick_one(r["id"])
-                except RolloutError as exc:  # e.g. paused by an operator meanwhile
-                    log.warning("rollout %s: %s; retried next tick", r["id"], exc)
-                except Exception:
-                    log.exception("rollout %s: tick failed; retried next tick", r["id"])
+        """Advance every running rollout as far as the data allow — with leases, those
+        this replica leads (taking the free and expired ones); safe to call any time."""
+        running = [r["id"] for r in self.rollouts() if r["state"] == "running"]
+        if self.leases is not None:
+            self.leases.release_all(keep=running)  # ended, paused, awaiting approval
+        for rollout_id in running:
+            try:
+                if self.leases is not None and self.leases.hold(rollout_id) is None:
+                    continue  # another replica leads it
+                started = time.monotonic()
+                self._tick_one(rollout_id)
+                took = time.monotonic() - started
+                if self.leases is not None and took > self.leases.lease_s / 2:
+                    log.warning("rollout %s: a tick took %.1f s, more than half the lease "
+                                "(%g s): a pause between two writes that long hands the "
+                                "rollout over; raise [rollouts] lease_s", rollout_id, took,
+                                self.leases.lease_s)
+            except LeaseLost as exc:  # taken over while this tick decided
+                log.warning("%s; the new leader carries on", exc)
+            except RolloutError as exc:  # e.g. paused by an operator meanwhile
+                log.warning("rollout %s: %s; retried next tick", rollout_id, exc)
+            except Exception:
+                log.exception("rollout %s: tick failed; retried next tick", rollout_id)
 
     def _cohort(self, spec: RolloutSpec) -> list[dict[str, Any]]:
         sel = Selector.parse(spec.cohort)
