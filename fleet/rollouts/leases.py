@@ -140,9 +140,13 @@ class RolloutLeases:
             # SKIP LOCKED: a row locked by a write of its holder is in use — taking it
             # would wait on that write (forever, for a holder paused mid-transaction
             # until PostgreSQL ends the transaction: Store's idle_in_transaction_s).
+            exists = conn.execute(select(t.c.token)
+                                  .where(t.c.rollout_id == rollout_id)).first() is not None
             row = conn.execute(select(t).where(t.c.rollout_id == rollout_id)
                                .with_for_update(skip_locked=True)).first()
             until = now + self.lease_s
+            if row is None and exists:  # locked: its holder is writing under it
+                return None
             if row is None:
                 ins = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)
                 done = conn.execute(ins(t).values(

@@ -424,6 +424,36 @@ def storage(engine: Engine) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in conn.execute(text(query))]
 
 
+def test_an_m004_store_with_a_running_rollout_gains_the_leases_and_keeps_the_rest(
+    store_url: str, reference: Engine, blank_database: Callable[[], str],
+) -> None:
+    """m005 on a store in the field (m001 → m004, with a rollout): only the new table
+    comes, empty — the first replica to tick a running rollout takes its lease."""
+    engine = create_engine(store_url)
+    migrate(engine, only("m001_initial"))
+    fill_m001(engine)
+    migrate(engine, [(n, fn) for n, fn in MIGRATIONS if n != "m005_rollout_leases"])
+    assert applied(engine) == ALL[:-1] and ALL[-1] == "m005_rollout_leases"
+    fill_m002(engine)
+    tables = storage(engine)
+    engine.dispose()
+
+    s = Store(store_url)
+    assert s.applied == ["m005_rollout_leases"]
+    assert_as_declared(s.engine, reference)
+    assert_as_blank_to_latest(s.engine, blank_database)
+    after = dict(storage(s.engine))
+    assert {t: after[t] for t, _ in tables} == dict(tables)  # nothing else rebuilt
+    assert_m001_data_survived(s)
+    with s.engine.connect() as conn:
+        assert conn.execute(select(schema.rollout_leases)).all() == []
+    from quantfleet.fleet.rollouts.leases import RolloutLeases
+
+    assert RolloutLeases(s, 30, holder="replica-1").hold("r1") == 1
+    assert_it_works_on(s)
+    s.close()
+
+
 def test_a_store_made_since_766cf72_takes_m001a_as_nothing(
     store_url: str, reference: Engine,
 ) -> None:
