@@ -324,18 +324,21 @@ class RolloutEngine:
             rows.append({"rollout_id": rollout_id, "device_id": d["device_id"], "role": "canary",
                          "step": r["step"], "stratum": self._stratum(spec, d),
                          "assigned_at": now, "outcome": "pending", "reason": ""})
-        # The members first, their desired state after: a fleet that stops in between
-        # finds pending canaries without it and sets it again (``_reassign_lost``).
-        self.repo.add_members(rows)
+        # The members with the record of the picks first, their desired state after: a
+        # fleet that stops in between (or a leader killed there) finds pending canaries
+        # without it and sets it again (``_reassign_lost``); the picks are never lost.
+        picks: list[AuditRecord] = []
         if picked:
-            self.assign([d["device_id"] for d in picked], spec.to_variant, rollout_id)
             evidence: dict[str, Any] = {
                 "step": r["step"], "devices": [d["device_id"] for d in picked],
                 "target": target, "controls": controls}
             if spec.hardware_label:
                 evidence["classes"] = dict(sorted(Counter(
                     self._class(spec, d) for d in picked).items()))
-            self.repo.audit(rollout_id, [AuditRecord("rollout.assign", evidence)])
+            picks.append(AuditRecord("rollout.assign", evidence))
+        self.repo.add_members(rows, picks)
+        if picked:
+            self.assign([d["device_id"] for d in picked], spec.to_variant, rollout_id)
         if not canaries and not picked:
             # Nobody to judge: baking 0 canaries against the control would only run
             # out its extensions. Stay at assignment, paused, until an operator resumes.

@@ -139,14 +139,21 @@ class RolloutRepository:
                 "rollout.create", {"spec": doc, "unpinned": bool(pinned)}, actor)])
         return bool(pinned)
 
-    def add_members(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def add_members(self, rows: Sequence[Mapping[str, Any]],
+                    audits: Sequence[AuditRecord] = ()) -> None:
         """Devices join a rollout (controls, and canaries before their desired state is
-        set: a fleet that stops in between finds them pending and sets it again)."""
+        set: a fleet that stops in between finds them pending and sets it again), with
+        the audit records of the decision (``audits``, about the rows' rollout)."""
         if rows:
             with self.store.engine.begin() as conn:
-                for rollout_id in sorted({str(r["rollout_id"]) for r in rows}):
+                ids = sorted({str(r["rollout_id"]) for r in rows})
+                for rollout_id in ids:
                     self._fenced(conn, rollout_id)
                 conn.execute(schema.rollout_devices.insert(), [dict(r) for r in rows])
+                if audits:
+                    if len(ids) != 1:
+                        raise ValueError("audit records go with the rows of one rollout")
+                    self._audit(conn, ids[0], audits)
 
     def record_outcomes(self, rollout_id: str, outcomes: Sequence[tuple[str, str, str]],
                         audit: AuditRecord) -> None:
