@@ -423,14 +423,16 @@ class DesiredState:
         keys = None if payloads is None else [(p.device_id, p.revision) for p in payloads]
         return self.publisher.wait_acknowledged(keys, timeout_s)
 
-    def republish(self) -> int:
-        """Publish every stored desired state again (after a fleet restart). One not
-        signed by the current key (a rotated key, or version 1) is signed again first,
-        same revision, and stored so: a device past a retired key's deadline still
-        accepts the retained message it finds."""
+    def republish(self, device_ids: Iterable[str] | None = None) -> int:
+        """Publish every stored desired state (of ``device_ids``) again: after a fleet
+        restart, and for a rollout taken over from another replica, which may have
+        stored it and stopped before the broker acknowledged it. One not signed by the
+        current key (a rotated key, or version 1) is signed again first, same revision,
+        and stored so: a device past a retired key's deadline still accepts the
+        retained message it finds."""
         payloads = []
         resigned = 0
-        for p in self.store.desired():
+        for p in self.store.desired(device_ids):
             if p.schema_version < 2 or p.key_id != self.key_id:
                 fields = p.model_dump(exclude={"schema_version", "key_id", "signature"})
                 fresh = self.signed(**fields)

@@ -120,7 +120,8 @@ class FleetService:
             name: str = Catalog(cfg.artifacts.models_dir).resolve(label).name
             return name
 
-        self.rollouts = RolloutEngine(self.store, assign, resolve, leases=self.leases)
+        self.rollouts = RolloutEngine(self.store, assign, resolve, leases=self.leases,
+                                      resend=self.desired.republish)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="rollouts", daemon=True)
 

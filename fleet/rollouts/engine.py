@@ -68,6 +68,7 @@ from .verdict import (
 log = logging.getLogger(__name__)
 
 Assign = Callable[[Sequence[str], str, str], None]  # (device ids, variant, rollout id)
+Resend = Callable[[Sequence[str]], object]  # device ids: publish their stored desired state
 Resolve = Callable[[str], str]  # variant label -> catalog name
 
 FAILED_OUTCOMES = ("failed", "timeout")
@@ -84,9 +85,10 @@ def _order(rollout_id: str, device_id: str) -> str:
 class RolloutEngine:
     def __init__(self, store: Store, assign: Assign, resolve: Resolve | None = None,
                  clock: Callable[[], float] = time.time, *,
-                 leases: RolloutLeases | None = None) -> None:
+                 leases: RolloutLeases | None = None, resend: Resend | None = None) -> None:
         self.store = store  # the CLI reads a rollout's audit log from it
         self.leases = leases
+        self.resend = resend
         self.repo = RolloutRepository(store, clock,
                                       fence=leases.check if leases is not None else None)
         self.assign = assign
@@ -167,8 +169,13 @@ class RolloutEngine:
             self.leases.release_all(keep=running)  # ended, paused, awaiting approval
         for rollout_id in running:
             try:
-                if self.leases is not None and self.leases.hold(rollout_id) is None:
-                    continue  # another replica leads it
+                if self.leases is not None:
+                    before = self.leases.held.get(rollout_id)
+                    token = self.leases.hold(rollout_id)
+                    if token is None:
+                        continue  # another replica leads it
+                    if token != before:
+                        self._resend_canaries(rollout_id)
                 started = time.monotonic()
                 self._tick_one(rollout_id)
                 took = time.monotonic() - started
@@ -183,6 +190,18 @@ class RolloutEngine:
                 log.warning("rollout %s: %s; retried next tick", rollout_id, exc)
             except Exception:
                 log.exception("rollout %s: tick failed; retried next tick", rollout_id)
+
+    def _resend_canaries(self, rollout_id: str) -> None:
+        """A rollout this replica has just taken: its canaries' stored desired state is
+        published again (``resend``). The replica that stored it may have stopped before
+        the broker acknowledged it — stored counts as sent (``_reassign_lost``), and
+        only a restart of that replica would send it otherwise. Same revisions: a
+        device that has it already ignores it."""
+        if self.resend is None:
+            return
+        ids = [m["device_id"] for m in self.members(rollout_id) if m["role"] == "canary"]
+        if ids:
+            self.resend(ids)
 
     def _cohort(self, spec: RolloutSpec) -> list[dict[str, Any]]:
         sel = Selector.parse(spec.cohort)

@@ -126,6 +126,38 @@ class PausingWorld(World):
         return assign
 
 
+def test_a_replica_taking_a_rollout_over_sends_its_canaries_desired_state_again(
+        store_url: str) -> None:
+    """The leader may have stored a canary's desired state and died before the broker
+    acknowledged it: the next leader publishes the stored revisions again."""
+    store = Store(store_url)
+    world = World(store)
+    world.add(10)
+    a = RolloutLeases(store, LEASE_S, holder="replica-a")
+    b = RolloutLeases(store, LEASE_S, holder="replica-b")
+    sent: dict[str, list[list[str]]] = {"a": [], "b": []}
+    engine_a = RolloutEngine(store, world.assign, clock=world.clock, leases=a,
+                             resend=lambda ids: sent["a"].append(list(ids)))
+    engine_b = RolloutEngine(store, world.assign, clock=world.clock, leases=b,
+                             resend=lambda ids: sent["b"].append(list(ids)))
+    try:
+        engine_a.create(spec(steps=[2, "100%"]))
+        engine_a.tick()  # takes the lease (no canaries yet) and assigns two
+        canaries = [m["device_id"] for m in engine_a.members("r1") if m["role"] == "canary"]
+        assert len(canaries) == 2 and sent["a"] == []
+        engine_a.tick()  # renewed: nothing sent again
+        engine_b.tick()
+        assert sent["b"] == []  # A leads
+        time.sleep(LEASE_S + 0.2)  # A is gone
+        engine_b.tick()
+        assert sent["b"] == [canaries]
+        engine_b.tick()
+        assert sent["b"] == [canaries]  # once, at the takeover
+        assert {p.revision for p in store.desired(canaries)} == {1}  # re-sent, not re-set
+    finally:
+        store.close()
+
+
 def test_a_leader_paused_mid_tick_and_resumed_after_a_takeover_writes_nothing(
         store_url: str) -> None:
     store = Store(store_url)
