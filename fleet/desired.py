@@ -402,11 +402,8 @@ class DesiredState:
             payload = self.store.put_desired(device_id, lambda rev, d=device_id: self.signed(
                 device_id=d, revision=rev, variant=entry.name, backend=entry.backend,
                 sha256=entry.sha256, size_bytes=entry.size_bytes, url=url,
-                rollout_id=rollout_id, issued_at=time.time()), fence)
+                rollout_id=rollout_id, issued_at=time.time()), fence, audit_actor=actor)
             self.publisher.submit([payload])
-            self.store.audit(actor, "desired.set", f"device:{device_id}", {
-                "variant": entry.name, "revision": payload.revision, "rollout_id": rollout_id,
-                "sha256": entry.sha256})
             out.append(payload)
         return out
 

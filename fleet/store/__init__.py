@@ -319,11 +319,15 @@ class Store:
 
     # -- desired state --------------------------------------------------
     def put_desired(self, device_id: str, make: Any,
-                    fence: Callable[[Connection], None] | None = None) -> DesiredPayload:
+                    fence: Callable[[Connection], None] | None = None, *,
+                    audit_actor: str | None = None) -> DesiredPayload:
         """Store the next desired revision for a device: ``make(revision)`` builds the payload.
 
         ``fence(conn)`` runs first in the same transaction and raises to refuse the write
-        (a rollout's lease that this replica lost: ``rollouts/leases.py``)."""
+        (a rollout's lease that this replica lost: ``rollouts/leases.py``). With
+        ``audit_actor`` the ``desired.set`` audit record is written in the same
+        transaction: a process killed right after the commit leaves no revision
+        without its record."""
         with self.engine.begin() as conn:
             if fence is not None:
                 fence(conn)
@@ -338,6 +342,12 @@ class Store:
             conn.execute(stmt.on_conflict_do_update(
                 index_elements=["device_id"],
                 set_={k: v for k, v in row.items() if k != "device_id"}))
+            if audit_actor is not None:
+                conn.execute(schema.audit.insert().values(
+                    ts=time.time(), actor=audit_actor, action="desired.set",
+                    subject=f"device:{device_id}", evidence={
+                        "variant": payload.variant, "revision": payload.revision,
+                        "rollout_id": payload.rollout_id, "sha256": payload.sha256}))
         return payload
 
     def replace_desired(self, payload: DesiredPayload) -> bool:
