@@ -217,12 +217,16 @@ def _refuse(status: int, message: str, challenge: str) -> Response:
 
 def public_health(auth: HttpAuth, request: Request, body: dict[str, Any]) -> dict[str, Any]:
     """/healthz stays open for liveness probes; without the read role it keeps the counts
-    and drops what names devices (the unacknowledged deliveries and their errors)."""
+    and drops what names devices (the unacknowledged deliveries and their errors) and
+    rollouts (those this replica leads become their number)."""
     if auth.allows(request, "read"):
         return body
     desired = body.get("desired")
     if isinstance(desired, dict) and "unacknowledged" in desired:
         body = {**body, "desired": {k: v for k, v in desired.items() if k != "unacknowledged"}}
+    rollouts = body.get("rollouts")
+    if isinstance(rollouts, dict) and isinstance(rollouts.get("leads"), dict):
+        body = {**body, "rollouts": {**rollouts, "leads": len(rollouts["leads"])}}
     return body
 
 

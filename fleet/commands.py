@@ -74,6 +74,7 @@ def serve_cmd(config_path: Path) -> None:
     except Exception as exc:
         raise click.ClickException(f"the fleet could not start: {exc}") from None
     click.echo(f"quantfleet serve: {service.auth_summary()}", err=True)
+    click.echo(f"quantfleet serve: {service.replica_summary()}", err=True)
     service.warn_if_open()
     # SIGTERM (systemd's stop) ends run() normally, so the shutdown below runs and the
     # process exits 0: MQTT sessions closed, desired state flushed, the store closed.

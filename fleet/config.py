@@ -128,6 +128,19 @@ class HttpConfig(Strict):
 class RolloutsConfig(Strict):
     tick_s: float = Field(10.0, gt=0, le=3600, description="How often running rollouts are "
                           "advanced (assign, check device states, judge a finished bake).")
+    lease_s: float = Field(30.0, gt=0, le=7200, description="How long a replica leads a "
+                           "rollout without renewing its lease (renewed at each of the "
+                           "rollout's ticks and writes). A replica that stops (kill -9, a "
+                           "pause, a lost network) hands its rollouts to another within "
+                           "lease_s + tick_s; at least twice tick_s (docs/scaling.md, "
+                           "Replicas).")
+
+    @model_validator(mode="after")
+    def _lease_outlives_ticks(self) -> RolloutsConfig:
+        if self.lease_s < 2 * self.tick_s:
+            raise ValueError(f"lease_s ({self.lease_s:g}) must be at least twice tick_s "
+                             f"({self.tick_s:g}): a leader renews its lease once a tick")
+        return self
 
 
 class FleetConfig(Strict):

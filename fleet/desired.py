@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from sqlalchemy import Connection
 
 from quantfleet.agent.update.signing import PrivateKey, key_id, sign_desired
 from quantfleet.agent.wire import DesiredPayload, device_topic
@@ -383,11 +384,13 @@ class DesiredState:
         self.publisher.stop(flush_s)
 
     def set_variant(self, device_ids: Iterable[str], variant: str, *,
-                    rollout_id: str | None = None,
-                    actor: str = "operator") -> list[DesiredPayload]:
+                    rollout_id: str | None = None, actor: str = "operator",
+                    fence: Callable[[Connection], None] | None = None
+                    ) -> list[DesiredPayload]:
         """Point each device at ``variant`` (a catalog name or label): store the next
         revision, queue its publication, audit. Returns without waiting for the broker
-        (``wait_acknowledged`` does)."""
+        (``wait_acknowledged`` does). ``fence`` guards each revision's write
+        (``Store.put_desired``): a rollout leader that lost its lease stops there."""
         try:
             entry = Catalog(self.models_dir).resolve(variant)
         except CatalogError as exc:
@@ -398,11 +401,8 @@ class DesiredState:
             payload = self.store.put_desired(device_id, lambda rev, d=device_id: self.signed(
                 device_id=d, revision=rev, variant=entry.name, backend=entry.backend,
                 sha256=entry.sha256, size_bytes=entry.size_bytes, url=url,
-                rollout_id=rollout_id, issued_at=time.time()))
+                rollout_id=rollout_id, issued_at=time.time()), fence, audit_actor=actor)
             self.publisher.submit([payload])
-            self.store.audit(actor, "desired.set", f"device:{device_id}", {
-                "variant": entry.name, "revision": payload.revision, "rollout_id": rollout_id,
-                "sha256": entry.sha256})
             out.append(payload)
         return out
 
@@ -419,14 +419,16 @@ class DesiredState:
         keys = None if payloads is None else [(p.device_id, p.revision) for p in payloads]
         return self.publisher.wait_acknowledged(keys, timeout_s)
 
-    def republish(self) -> int:
-        """Publish every stored desired state again (after a fleet restart). One not
-        signed by the current key (a rotated key, or version 1) is signed again first,
-        same revision, and stored so: a device past a retired key's deadline still
-        accepts the retained message it finds."""
+    def republish(self, device_ids: Iterable[str] | None = None) -> int:
+        """Publish every stored desired state (of ``device_ids``) again: after a fleet
+        restart, and for a rollout taken over from another replica, which may have
+        stored it and stopped before the broker acknowledged it. One not signed by the
+        current key (a rotated key, or version 1) is signed again first, same revision,
+        and stored so: a device past a retired key's deadline still accepts the
+        retained message it finds."""
         payloads = []
         resigned = 0
-        for p in self.store.desired():
+        for p in self.store.desired(device_ids):
             if p.schema_version < 2 or p.key_id != self.key_id:
                 fields = p.model_dump(exclude={"schema_version", "key_id", "signature"})
                 fresh = self.signed(**fields)

@@ -7,6 +7,12 @@ converges), then serves HTTP: the artifacts devices fetch and a small read
 API for consoles and scripts. The rollout ticker never waits on the broker:
 desired state is stored, queued and acknowledged in the background
 (``desired.py``); ``/healthz`` and ``/v1/desired`` show what is acknowledged.
+
+Replicas: on PostgreSQL any number of services share the store and the
+broker — ingest on all (a shared subscription), each running rollout ticked
+by the one replica holding its lease (``rollouts/leases.py``; ``/healthz``
+says which this one leads). A SQLite store takes one service
+(``store/single_writer.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from .config import FleetConfig
 from .desired import DesiredState
 from .ingest import FleetIngest
 from .rollouts.engine import RolloutEngine
-from .store import Store
+from .rollouts.leases import RolloutLeases
+from .store import Store, single_writer
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +98,10 @@ def read_api(store: Store, auth: HttpAuth | None = None) -> list[Route]:
 class FleetService:
     def __init__(self, cfg: FleetConfig) -> None:
         self.cfg = cfg
-        self.store = Store(cfg.store.url)
+        self.writer = single_writer.hold(cfg.store.url)  # before the store migrates
+        self.store = Store(cfg.store.url, idle_in_transaction_s=cfg.rollouts.lease_s)
+        self.leases = RolloutLeases(self.store, cfg.rollouts.lease_s,
+                                    exclusive=self.writer is not None)
         self.key = load_private_key(cfg.artifacts.signing_key)
         self.auth = HttpAuth(load_credentials(cfg.http.auth) if cfg.http.auth else None)
         self.ingest = FleetIngest(self.store, cfg.mqtt, share_group=cfg.ingest.share_group,
@@ -103,20 +113,25 @@ class FleetService:
                                     topic_root=cfg.mqtt.topic_root)
 
         def assign(ids: Any, variant: str, rollout_id: str) -> None:
-            self.desired.set_variant(ids, variant, rollout_id=rollout_id, actor="rollout")
+            self.desired.set_variant(ids, variant, rollout_id=rollout_id, actor="rollout",
+                                     fence=self.leases.fence(rollout_id))
 
         def resolve(label: str) -> str:
             name: str = Catalog(cfg.artifacts.models_dir).resolve(label).name
             return name
 
-        self.rollouts = RolloutEngine(self.store, assign, resolve)
+        self.rollouts = RolloutEngine(self.store, assign, resolve, leases=self.leases,
+                                      resend=self.desired.republish)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="rollouts", daemon=True)
 
     def _tick_loop(self) -> None:
         # Interruptible: stop() wakes it at once rather than after a full interval.
         while not self._stop.wait(self.cfg.rollouts.tick_s):
-            self.rollouts.tick()
+            try:
+                self.rollouts.tick()
+            except Exception:  # the store unreachable, say: the next tick tries again
+                log.exception("rollout tick failed; retried in %.1f s", self.cfg.rollouts.tick_s)
 
     def start(self) -> FleetService:
         self.ingest.start()
@@ -131,12 +146,19 @@ class FleetService:
         self._stop.set()
         if self._ticker.is_alive():
             self._ticker.join(30)
+        try:
+            self.leases.release_all()  # another replica takes them at its next tick
+        except Exception:
+            log.exception("could not release the rollout leases; they expire in %.0f s",
+                          self.leases.lease_s)
         # What is not acknowledged by then is in the store, re-published at the next start.
         self.desired.stop(flush_s=2.0)
         self.ingest.stop()
         self.publisher.disconnect()
         self.publisher.loop_stop()
         self.store.close()
+        if self.writer is not None:
+            self.writer.release()
 
     def app(self) -> Starlette:
         artifacts = create_artifact_app(self.cfg.artifacts.models_dir, self.key,
@@ -145,7 +167,8 @@ class FleetService:
         async def health(request: Request) -> Response:
             ok = self.ingest.connected.is_set()
             body: dict[str, Any] = {"ingest_connected": ok, "stats": vars(self.ingest.stats),
-                                    "desired": self.desired.status()}
+                                    "desired": self.desired.status(),
+                                    "rollouts": self.replica_status()}
             body = public_health(self.auth, request, body)
             return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -195,6 +218,21 @@ class FleetService:
                                  Route("/metrics", self.auth.guard("read", metrics)),
                                  Route("/v1/desired", self.auth.guard("read", desired)),
                                  *read_api(self.store, self.auth), Mount("/", app=artifacts)])
+
+    def replica_status(self) -> dict[str, Any]:
+        """Which rollouts this replica leads (their lease tokens), and the lease terms."""
+        return {"replica": self.leases.holder, "leads": self.leases.held,
+                "lease_s": self.leases.lease_s, "tick_s": self.cfg.rollouts.tick_s,
+                "takeover_within_s": self.leases.lease_s + self.cfg.rollouts.tick_s}
+
+    def replica_summary(self) -> str:
+        """One line for the start log: this replica and how rollouts are led."""
+        single = f"the only writer of {self.writer.store_path}" if self.writer else \
+            "one of any number of replicas on this PostgreSQL store"
+        return (f"replica {self.leases.holder}, {single}; rollouts are led by lease "
+                f"({self.leases.lease_s:g} s, handed over within "
+                f"{self.leases.lease_s + self.cfg.rollouts.tick_s:g} s of a replica's loss; "
+                "/healthz lists the ones this replica leads)")
 
     def auth_summary(self) -> str:
         """One line for the start log: who may use HTTP, and over what."""

@@ -15,6 +15,7 @@ from rich.text import Text
 from ..cli_options import _config, _desired_state, _disconnect, _store, config_option
 from ..desired import DesiredState, unacknowledged_message
 from .engine import RolloutEngine, RolloutError
+from .leases import leases
 from .spec import SpecError, load_spec
 
 console = Console()
@@ -101,11 +102,13 @@ def _status(engine: RolloutEngine, rollout_id: str) -> dict[str, Any]:
         by_outcome[key] = by_outcome.get(key, 0) + 1
     verdicts = [a for a in engine.store.audit_log(f"rollout:{rollout_id}", 1000)
                 if a["action"] == "rollout.verdict"]
+    lease = leases(engine.store, [rollout_id]).get(rollout_id)
     return {"id": rollout_id, "state": r["state"], "step": r["step"] + 1,
             "steps": spec.steps, "phase": r["phase"], "bake_extensions": r["bake_extensions"],
             "reason": r["reason"], "from": spec.from_variant, "to": spec.to_variant,
             "cohort": spec.cohort, "devices": by_outcome,
-            "last_verdict": verdicts[0]["evidence"] if verdicts else None}
+            "last_verdict": verdicts[0]["evidence"] if verdicts else None,
+            "leader": lease.to_json() if lease else None}
 
 
 @rollout_group.command(name="status")
@@ -124,15 +127,18 @@ def rollout_status(config_path: Path, rollout_id: str | None, watch: bool,
     engine, _ = _engine(config_path)
     if rollout_id is None:
         rows = engine.rollouts()
+        held = leases(engine.store)
+        lead = {i: lease.holder for i, lease in held.items() if lease.live}
         if as_json:
-            click.echo(json.dumps([{k: r[k] for k in ("id", "state", "step", "reason")}
-                                   for r in rows]))
+            click.echo(json.dumps([{**{k: r[k] for k in ("id", "state", "step", "reason")},
+                                    "leader": lead.get(r["id"])} for r in rows]))
             return
         table = Table(title="rollouts")
-        for col in ("id", "state", "step", "reason"):
+        for col in ("id", "state", "step", "leader", "reason"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["id"], r["state"], str(r["step"] + 1), r["reason"])
+            table.add_row(r["id"], r["state"], str(r["step"] + 1), lead.get(r["id"], "-"),
+                          r["reason"])
         console.print(table)
         return
     while True:
@@ -158,8 +164,21 @@ def _print_status(st: dict[str, Any]) -> None:
     if st["reason"]:
         console.print(f"reason: {st['reason']}", markup=False, highlight=False)
     console.print("devices: " + ", ".join(f"{k} {v}" for k, v in sorted(st["devices"].items())))
+    console.print(_leader_line(st), markup=False, highlight=False, soft_wrap=True)
     if verdict:
         console.print(gate_table(verdict, reason=verdict.get("reason") != st["reason"]))
+
+
+def _leader_line(st: dict[str, Any]) -> str:
+    """Which fleet replica advances the rollout (the holder of its lease)."""
+    lease = st.get("leader")
+    if lease is None:
+        return "leader: none yet (no fleet replica has ticked it)"
+    if lease["live"] and st["state"] == "running":
+        return (f"leader: {lease['holder']} (lease token {lease['token']}, expires in "
+                f"{lease['expires_in_s']:g} s unless renewed)")
+    return (f"leader: none now; last {lease['holder']} (token {lease['token']}, lease "
+            f"ended {-lease['expires_in_s']:g} s ago)")
 
 
 def _groups(verdict: dict[str, Any]) -> list[dict[str, Any]]:
@@ -299,6 +318,13 @@ def _history_detail(action: str, ev: dict[str, Any]) -> str:
         return f"to step {ev['step'] + 1} (target {ev.get('target')})"
     if action == "rollout.complete":
         return f"all {ev.get('steps')} steps passed"
+    if action == "rollout.leader":
+        prev = ev.get("previous")
+        return f"led by {ev.get('holder')} (lease token {ev.get('token')})" + (
+            f", after {prev['holder']} (token {prev['token']}, "
+            + ("released" if prev.get("released") else
+               f"expired {prev['expired_s_ago']:g} s before")
+            + ")" if isinstance(prev, dict) else "")
     if action == "rollout.pause" and ev.get("detail"):
         return f"{ev['reason']}: {ev['detail']}"
     if ev.get("reason"):

@@ -26,6 +26,13 @@ spec's per-class minimum of canaries is picked first.
 Pointing devices at a variant (``assign``) stores their desired state and
 returns: the fleet's desired-state publisher sends it and retries it
 (``fleet/desired.py``), so a tick never waits on the broker.
+
+With ``leases`` (``quantfleet serve``; ``leases.py``) a tick advances only the
+rollouts whose lease this replica holds or can take, renewing each lease just
+before its rollout's tick, and every write of that tick is fenced by the
+lease: several replicas on one store each tick, one of them per rollout.
+Without (the operator's commands), writes are guarded by the compare-and-set
+on the rollout's state alone.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any
 from ..cohorts import Selector
 from ..store import Store
 from .gates import combine
+from .leases import LeaseLost, RolloutLeases
 from .repository import AuditRecord, Pin, RolloutRepository
 from .samples import Member
 from .spec import UNKNOWN_CLASS, RolloutSpec, resolve_count
@@ -60,6 +68,7 @@ from .verdict import (
 log = logging.getLogger(__name__)
 
 Assign = Callable[[Sequence[str], str, str], None]  # (device ids, variant, rollout id)
+Resend = Callable[[Sequence[str]], object]  # device ids: publish their stored desired state
 Resolve = Callable[[str], str]  # variant label -> catalog name
 
 FAILED_OUTCOMES = ("failed", "timeout")
@@ -75,9 +84,13 @@ def _order(rollout_id: str, device_id: str) -> str:
 
 class RolloutEngine:
     def __init__(self, store: Store, assign: Assign, resolve: Resolve | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *,
+                 leases: RolloutLeases | None = None, resend: Resend | None = None) -> None:
         self.store = store  # the CLI reads a rollout's audit log from it
-        self.repo = RolloutRepository(store, clock)
+        self.leases = leases
+        self.resend = resend
+        self.repo = RolloutRepository(store, clock,
+                                      fence=leases.check if leases is not None else None)
         self.assign = assign
         self.resolve = resolve or (lambda v: v)
         self.clock = clock
@@ -149,15 +162,46 @@ class RolloutEngine:
 
     # -- the tick ---------------------------------------------------------
     def tick(self) -> None:
-        """Advance every running rollout as far as the data allow; safe to call any time."""
-        for r in self.rollouts():
-            if r["state"] == "running":
-                try:
-                    self._tick_one(r["id"])
-                except RolloutError as exc:  # e.g. paused by an operator meanwhile
-                    log.warning("rollout %s: %s; retried next tick", r["id"], exc)
-                except Exception:
-                    log.exception("rollout %s: tick failed; retried next tick", r["id"])
+        """Advance every running rollout as far as the data allow — with leases, those
+        this replica leads (taking the free and expired ones); safe to call any time."""
+        running = [r["id"] for r in self.rollouts() if r["state"] == "running"]
+        if self.leases is not None:
+            self.leases.release_all(keep=running)  # ended, paused, awaiting approval
+        for rollout_id in running:
+            try:
+                if self.leases is not None:
+                    before = self.leases.held.get(rollout_id)
+                    token = self.leases.hold(rollout_id)
+                    if token is None:
+                        continue  # another replica leads it
+                    if token != before:
+                        self._resend_canaries(rollout_id)
+                started = time.monotonic()
+                self._tick_one(rollout_id)
+                took = time.monotonic() - started
+                if self.leases is not None and took > self.leases.lease_s / 2:
+                    log.warning("rollout %s: a tick took %.1f s, more than half the lease "
+                                "(%g s): a pause between two writes that long hands the "
+                                "rollout over; raise [rollouts] lease_s", rollout_id, took,
+                                self.leases.lease_s)
+            except LeaseLost as exc:  # taken over while this tick decided
+                log.warning("%s; the new leader carries on", exc)
+            except RolloutError as exc:  # e.g. paused by an operator meanwhile
+                log.warning("rollout %s: %s; retried next tick", rollout_id, exc)
+            except Exception:
+                log.exception("rollout %s: tick failed; retried next tick", rollout_id)
+
+    def _resend_canaries(self, rollout_id: str) -> None:
+        """A rollout this replica has just taken: its canaries' stored desired state is
+        published again (``resend``). The replica that stored it may have stopped before
+        the broker acknowledged it — stored counts as sent (``_reassign_lost``), and
+        only a restart of that replica would send it otherwise. Same revisions: a
+        device that has it already ignores it."""
+        if self.resend is None:
+            return
+        ids = [m["device_id"] for m in self.members(rollout_id) if m["role"] == "canary"]
+        if ids:
+            self.resend(ids)
 
     def _cohort(self, spec: RolloutSpec) -> list[dict[str, Any]]:
         sel = Selector.parse(spec.cohort)
@@ -299,18 +343,21 @@ class RolloutEngine:
             rows.append({"rollout_id": rollout_id, "device_id": d["device_id"], "role": "canary",
                          "step": r["step"], "stratum": self._stratum(spec, d),
                          "assigned_at": now, "outcome": "pending", "reason": ""})
-        # The members first, their desired state after: a fleet that stops in between
-        # finds pending canaries without it and sets it again (``_reassign_lost``).
-        self.repo.add_members(rows)
+        # The members with the record of the picks first, their desired state after: a
+        # fleet that stops in between (or a leader killed there) finds pending canaries
+        # without it and sets it again (``_reassign_lost``); the picks are never lost.
+        picks: list[AuditRecord] = []
         if picked:
-            self.assign([d["device_id"] for d in picked], spec.to_variant, rollout_id)
             evidence: dict[str, Any] = {
                 "step": r["step"], "devices": [d["device_id"] for d in picked],
                 "target": target, "controls": controls}
             if spec.hardware_label:
                 evidence["classes"] = dict(sorted(Counter(
                     self._class(spec, d) for d in picked).items()))
-            self.repo.audit(rollout_id, [AuditRecord("rollout.assign", evidence)])
+            picks.append(AuditRecord("rollout.assign", evidence))
+        self.repo.add_members(rows, picks)
+        if picked:
+            self.assign([d["device_id"] for d in picked], spec.to_variant, rollout_id)
         if not canaries and not picked:
             # Nobody to judge: baking 0 canaries against the control would only run
             # out its extensions. Stay at assignment, paused, until an operator resumes.

@@ -9,6 +9,10 @@ checks in one transaction; a state change is written together with its audit
 records, and only if the row is still in the state the decision was made from
 (a compare-and-set on ``state`` and ``phase``: an operator's command in another
 process and a tick of the running fleet never both apply).
+
+A repository made with a ``fence`` (the fleet's ticker: ``leases.py``) passes
+every write about a rollout through it first, in the write's transaction: a
+replica that lost the rollout's lease writes nothing.
 """
 
 from __future__ import annotations
@@ -44,10 +48,21 @@ class Pin:
     reason: str
 
 
+#: Raises (``leases.LeaseLost``) inside a write transaction about the rollout it is
+#: given when this process may not write it.
+WriteFence = Callable[[Connection, str], None]
+
+
 class RolloutRepository:
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time, *,
+                 fence: WriteFence | None = None) -> None:
         self.store = store
         self.clock = clock
+        self.fence = fence
+
+    def _fenced(self, conn: Connection, rollout_id: str) -> None:
+        if self.fence is not None:
+            self.fence(conn, rollout_id)
 
     # -- reading ----------------------------------------------------------
     def get(self, rollout_id: str) -> dict[str, Any] | None:
@@ -124,18 +139,28 @@ class RolloutRepository:
                 "rollout.create", {"spec": doc, "unpinned": bool(pinned)}, actor)])
         return bool(pinned)
 
-    def add_members(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def add_members(self, rows: Sequence[Mapping[str, Any]],
+                    audits: Sequence[AuditRecord] = ()) -> None:
         """Devices join a rollout (controls, and canaries before their desired state is
-        set: a fleet that stops in between finds them pending and sets it again)."""
+        set: a fleet that stops in between finds them pending and sets it again), with
+        the audit records of the decision (``audits``, about the rows' rollout)."""
         if rows:
             with self.store.engine.begin() as conn:
+                ids = sorted({str(r["rollout_id"]) for r in rows})
+                for rollout_id in ids:
+                    self._fenced(conn, rollout_id)
                 conn.execute(schema.rollout_devices.insert(), [dict(r) for r in rows])
+                if audits:
+                    if len(ids) != 1:
+                        raise ValueError("audit records go with the rows of one rollout")
+                    self._audit(conn, ids[0], audits)
 
     def record_outcomes(self, rollout_id: str, outcomes: Sequence[tuple[str, str, str]],
                         audit: AuditRecord) -> None:
         """``(device, outcome, reason)`` of canaries, and the audit record saying so."""
         rd = schema.rollout_devices
         with self.store.engine.begin() as conn:
+            self._fenced(conn, rollout_id)
             for device_id, outcome, reason in outcomes:
                 conn.execute(update(rd).where(and_(
                     rd.c.rollout_id == rollout_id, rd.c.device_id == device_id)).values(
@@ -146,12 +171,14 @@ class RolloutRepository:
         """Pending canaries assigned again get a fresh deadline."""
         rd = schema.rollout_devices
         with self.store.engine.begin() as conn:
+            self._fenced(conn, rollout_id)
             conn.execute(update(rd).where(and_(
                 rd.c.rollout_id == rollout_id, rd.c.device_id.in_(list(device_ids))))
                 .values(assigned_at=now))
 
     def audit(self, rollout_id: str, records: Sequence[AuditRecord]) -> None:
         with self.store.engine.begin() as conn:
+            self._fenced(conn, rollout_id)
             self._audit(conn, rollout_id, records)
 
     def transition(self, rollout_id: str, expect: Mapping[str, Any],
@@ -165,6 +192,7 @@ class RolloutRepository:
         candidate off the cohort (once: an existing pin is kept)."""
         r = schema.rollouts
         with self.store.engine.begin() as conn:
+            self._fenced(conn, rollout_id)
             done = conn.execute(update(r).where(and_(
                 r.c.id == rollout_id, r.c.state == expect["state"],
                 r.c.phase == expect["phase"])).values(**values, updated_at=self.clock()))
@@ -202,4 +230,4 @@ class RolloutRepository:
                 subject=f"rollout:{rollout_id}", evidence=a.evidence))
 
 
-__all__ = ["AuditRecord", "Pin", "RolloutRepository"]
+__all__ = ["AuditRecord", "Pin", "RolloutRepository", "WriteFence"]

@@ -14,11 +14,12 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     bindparam,
     case,
@@ -196,9 +197,17 @@ def _liveness_params(device_id: str, cur: _Liveness) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self, url: str = "sqlite:///fleet.db", *, echo: bool = False) -> None:
+    def __init__(self, url: str = "sqlite:///fleet.db", *, echo: bool = False,
+                 idle_in_transaction_s: float | None = None) -> None:
+        """``idle_in_transaction_s`` (PostgreSQL): the server ends a transaction of this
+        store's sessions left idle that long — a process paused mid-transaction then
+        holds no lock (the rollout leases rely on it) and commits nothing when resumed."""
         self.url = url
-        self.engine: Engine = create_engine(url, echo=echo)
+        connect_args: dict[str, Any] = {}
+        if idle_in_transaction_s is not None and url.startswith("postgresql"):
+            ms = max(1, round(idle_in_transaction_s * 1000))
+            connect_args["options"] = f"-c idle_in_transaction_session_timeout={ms}"
+        self.engine: Engine = create_engine(url, echo=echo, connect_args=connect_args)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         elif self.engine.dialect.name != "postgresql":
@@ -309,9 +318,19 @@ class Store:
         return out
 
     # -- desired state --------------------------------------------------
-    def put_desired(self, device_id: str, make: Any) -> DesiredPayload:
-        """Store the next desired revision for a device: ``make(revision)`` builds the payload."""
+    def put_desired(self, device_id: str, make: Any,
+                    fence: Callable[[Connection], None] | None = None, *,
+                    audit_actor: str | None = None) -> DesiredPayload:
+        """Store the next desired revision for a device: ``make(revision)`` builds the payload.
+
+        ``fence(conn)`` runs first in the same transaction and raises to refuse the write
+        (a rollout's lease that this replica lost: ``rollouts/leases.py``). With
+        ``audit_actor`` the ``desired.set`` audit record is written in the same
+        transaction: a process killed right after the commit leaves no revision
+        without its record."""
         with self.engine.begin() as conn:
+            if fence is not None:
+                fence(conn)
             current = conn.execute(select(schema.desired.c.revision)
                                    .where(schema.desired.c.device_id == device_id)
                                    ).scalar_one_or_none()
@@ -323,6 +342,12 @@ class Store:
             conn.execute(stmt.on_conflict_do_update(
                 index_elements=["device_id"],
                 set_={k: v for k, v in row.items() if k != "device_id"}))
+            if audit_actor is not None:
+                conn.execute(schema.audit.insert().values(
+                    ts=time.time(), actor=audit_actor, action="desired.set",
+                    subject=f"device:{device_id}", evidence={
+                        "variant": payload.variant, "revision": payload.revision,
+                        "rollout_id": payload.rollout_id, "sha256": payload.sha256}))
         return payload
 
     def replace_desired(self, payload: DesiredPayload) -> bool:

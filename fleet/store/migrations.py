@@ -339,6 +339,27 @@ def m004_dead_letters(conn: Connection) -> None:
     _M004.create_all(conn)
 
 
+# -- m005: rollout leases ---------------------------------------------------------
+
+_M005 = MetaData()
+Table(
+    "rollout_leases", _M005,
+    Column("rollout_id", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("token", BigInteger, nullable=False),
+    Column("acquired_at", Float, nullable=False),
+    Column("renewed_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+
+@migration
+def m005_rollout_leases(conn: Connection) -> None:
+    """Which fleet replica runs each rollout's engine, until when, and the fencing token
+    every engine write is checked against (docs/scaling.md, Replicas)."""
+    _M005.create_all(conn)
+
+
 # -- helpers the migrations use (they change only by adding to them) --------
 
 def _add_column(conn: Connection, column: Column[Any]) -> None:

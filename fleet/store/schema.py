@@ -170,3 +170,15 @@ pins = Table(
     Column("pinned_at", Float, nullable=False),
     Column("reason", Text, nullable=False),
 )
+
+# -- m005: which replica runs each rollout's engine (fleet/rollouts/leases.py) --
+
+rollout_leases = Table(
+    "rollout_leases", metadata,
+    Column("rollout_id", String(64), primary_key=True),
+    Column("holder", String(128), nullable=False),  # the replica: host, pid, start
+    Column("token", BigInteger, nullable=False),  # +1 at every change of holder
+    Column("acquired_at", Float, nullable=False),  # the database's clock, as the others
+    Column("renewed_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)

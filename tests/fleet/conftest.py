@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,22 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path, pg_ok: bool) -> It
         return
     if not pg_ok:
         pytest.skip("PostgreSQL is not answering on 127.0.0.1:5432")
+    with fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_ok: bool) -> Iterator[str]:
+    """A fresh PostgreSQL database, for what only PostgreSQL does (fleet replicas)."""
+    if not pg_ok:
+        pytest.skip("PostgreSQL is not answering on 127.0.0.1:5432")
+    with fresh_pg_database() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """The URL of a database of its own, dropped afterwards (its sessions with it)."""
     name = f"qf_{uuid.uuid4().hex[:12]}"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

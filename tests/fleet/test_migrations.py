@@ -363,7 +363,8 @@ def test_an_m001_m002_store_with_rollouts_upgrades_to_latest(
 
     s = Store(store_url)
     assert s.applied == ["m001a_columns_changed_without_a_migration",
-                         "m003_events_request_signals_index", "m004_dead_letters"]
+                         "m003_events_request_signals_index", "m004_dead_letters",
+                         "m005_rollout_leases"]
     assert_as_declared(s.engine, reference)
     assert_as_blank_to_latest(s.engine, blank_database)
     indexes = {i["name"] for i in inspect(s.engine).get_indexes("events")}
@@ -388,15 +389,16 @@ def test_an_m003_store_with_data_gains_the_dead_letters_and_keeps_the_rest(
     engine = create_engine(store_url)
     migrate(engine, only("m001_initial"))
     fill_m001(engine)
-    migrate(engine, [(n, fn) for n, fn in MIGRATIONS if n != "m004_dead_letters"])
-    assert applied(engine) == [n for n in ALL if n != "m004_dead_letters"]
+    migrate(engine, only("m001a_columns_changed_without_a_migration", "m002_rollouts",
+                         "m003_events_request_signals_index"))
+    assert applied(engine) == ALL[:4]
     assert not inspect(engine).has_table("dead_letters")
     fill_m002(engine)
     tables = storage(engine)
     engine.dispose()
 
     s = Store(store_url)
-    assert s.applied == ["m004_dead_letters"]
+    assert s.applied == ["m004_dead_letters", "m005_rollout_leases"]
     assert_as_declared(s.engine, reference)
     assert_as_blank_to_latest(s.engine, blank_database)
     after = dict(storage(s.engine))
@@ -420,6 +422,36 @@ def storage(engine: Engine) -> list[tuple[Any, ...]]:
             query = ("SELECT relname, relfilenode FROM pg_class WHERE relkind = 'r' "
                      "AND relnamespace = 'public'::regnamespace ORDER BY relname")
         return [tuple(r) for r in conn.execute(text(query))]
+
+
+def test_an_m004_store_with_a_running_rollout_gains_the_leases_and_keeps_the_rest(
+    store_url: str, reference: Engine, blank_database: Callable[[], str],
+) -> None:
+    """m005 on a store in the field (m001 → m004, with a rollout): only the new table
+    comes, empty — the first replica to tick a running rollout takes its lease."""
+    engine = create_engine(store_url)
+    migrate(engine, only("m001_initial"))
+    fill_m001(engine)
+    migrate(engine, [(n, fn) for n, fn in MIGRATIONS if n != "m005_rollout_leases"])
+    assert applied(engine) == ALL[:-1] and ALL[-1] == "m005_rollout_leases"
+    fill_m002(engine)
+    tables = storage(engine)
+    engine.dispose()
+
+    s = Store(store_url)
+    assert s.applied == ["m005_rollout_leases"]
+    assert_as_declared(s.engine, reference)
+    assert_as_blank_to_latest(s.engine, blank_database)
+    after = dict(storage(s.engine))
+    assert {t: after[t] for t, _ in tables} == dict(tables)  # nothing else rebuilt
+    assert_m001_data_survived(s)
+    with s.engine.connect() as conn:
+        assert conn.execute(select(schema.rollout_leases)).all() == []
+    from quantfleet.fleet.rollouts.leases import RolloutLeases
+
+    assert RolloutLeases(s, 30, holder="replica-1").hold("r1") == 1
+    assert_it_works_on(s)
+    s.close()
 
 
 def test_a_store_made_since_766cf72_takes_m001a_as_nothing(

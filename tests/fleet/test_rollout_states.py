@@ -108,7 +108,8 @@ def test_a_decision_on_a_stale_row_is_refused_and_the_operator_wins(world: World
     fleet.tick()  # logs the refusal; retried next tick
     r = fleet.get("r1")
     assert (r["state"], r["phase"], r["reason"]) == ("paused", "assigning", "paused by alice")
-    assert actions(world) == ["rollout.create", "rollout.pause", "rollout.assign"]
+    # The picks are recorded with the members, before their desired state is set.
+    assert actions(world) == ["rollout.create", "rollout.assign", "rollout.pause"]
     with pytest.raises(RolloutError, match=r"rollout 'r1' changed while this was decided "
                        r"\(it was running/assigning, it is paused/assigning\)"):
         fleet._move({**r, "state": "running"}, "assign", "waiting")

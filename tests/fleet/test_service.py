@@ -502,8 +502,10 @@ operators = [{toml_entry(reader_entry)}, {toml_entry(writer_entry)}]
         assert health.status_code == 200
         assert "unacknowledged" not in health.json()["desired"]  # device ids and errors
         assert "devices" in health.json()["desired"]  # the counts stay
+        assert health.json()["rollouts"]["leads"] == 0  # how many, not which
         full = httpx.get(f"{fleet.url}/healthz", headers={"Authorization": f"Bearer {reader}"})
         assert "unacknowledged" in full.json()["desired"]
+        assert full.json()["rollouts"]["leads"] == {}
         manifest = f"{fleet.url}/v1/artifacts/smollm2-135m-Q2_K/manifest"
         assert httpx.get(manifest).status_code == 401
         assert httpx.get(manifest, headers={"Authorization": f"Bearer {reader}"}
