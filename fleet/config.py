@@ -130,6 +130,14 @@ class RolloutsConfig(Strict):
                           "advanced (assign, check device states, judge a finished bake).")
 
 
+class ConsoleConfig(Strict):
+    reports_dir: Path | None = Field(None, description="A folder of eval reports "
+                                     "(`quantfleet eval --html`) the console lists and serves "
+                                     "under /console/reports/. Absent: no reports page entries.")
+    session_ttl_s: float = Field(8 * 3600, gt=0, le=30 * 86400, description="How long a "
+                                 "console login lasts (the session cookie's lifetime).")
+
+
 class FleetConfig(Strict):
     store: StoreConfig = Field(default_factory=lambda: StoreConfig.model_validate({}),
                                description="Where the fleet keeps its state.")
@@ -144,6 +152,8 @@ class FleetConfig(Strict):
                              description="The artifact and read API server.")
     rollouts: RolloutsConfig = Field(default_factory=lambda: RolloutsConfig.model_validate({}),
                                      description="The rollout engine.")
+    console: ConsoleConfig = Field(default_factory=lambda: ConsoleConfig.model_validate({}),
+                                   description="The web console at /console/ (docs/console.md).")
 
     def resolve_paths(self, base: Path) -> FleetConfig:
         a = self.artifacts
@@ -159,6 +169,9 @@ class FleetConfig(Strict):
         if auth is not None and auth.credentials_file is not None \
                 and not auth.credentials_file.is_absolute():
             auth.credentials_file = base / auth.credentials_file
+        reports = self.console.reports_dir
+        if reports is not None and not reports.is_absolute():
+            self.console.reports_dir = base / reports
         prefix = "sqlite:///"
         if self.store.url.startswith(prefix):
             path = Path(self.store.url[len(prefix):])

@@ -31,6 +31,9 @@ from .artifacts import create_artifact_app
 from .auth import HttpAuth, is_loopback, load_credentials, public_health
 from .cohorts import LABEL_TOKEN, Selector, SelectorError
 from .config import FleetConfig
+from .console.app import ConsoleContext, console_mount
+from .console.metrics import fleet_metrics
+from .console.sessions import Sessions
 from .desired import DesiredState
 from .ingest import FleetIngest
 from .rollouts.engine import RolloutEngine
@@ -150,8 +153,9 @@ class FleetService:
             return JSONResponse(body, status_code=200 if ok else 503)
 
         async def metrics(request: Request) -> Response:
-            """Prometheus text: what ingest took, rejected and dead-lettered, and the
-            desired-state publisher's deliveries (this process's counters)."""
+            """Prometheus text: what ingest took, rejected and dead-lettered (this process's
+            counters), and the store's signals per variant and rollout states
+            (console/metrics.py)."""
             st = self.ingest.stats
             lines = []
             for name, help_, value in (
@@ -174,6 +178,7 @@ class FleetService:
             lines += ["# HELP quantfleet_ingest_connected 1 while ingest is subscribed.",
                       "# TYPE quantfleet_ingest_connected gauge",
                       f"quantfleet_ingest_connected {int(self.ingest.connected.is_set())}"]
+            lines += fleet_metrics(self.store)  # signals and rollouts, from the store
             return PlainTextResponse("\n".join(lines) + "\n",
                                      media_type="text/plain; version=0.0.4")
 
@@ -191,10 +196,15 @@ class FleetService:
                              "delivery": mine.to_json() if mine else None})
             return JSONResponse({"desired": rows})
 
+        console = console_mount(ConsoleContext(
+            self.store, self.rollouts, self.desired, self.auth,
+            Sessions(self.cfg.console.session_ttl_s), self.cfg.console.reports_dir,
+            secure_cookie=self.cfg.http.tls_cert is not None))
         return Starlette(routes=[Route("/healthz", health),
                                  Route("/metrics", self.auth.guard("read", metrics)),
                                  Route("/v1/desired", self.auth.guard("read", desired)),
-                                 *read_api(self.store, self.auth), Mount("/", app=artifacts)])
+                                 *read_api(self.store, self.auth), console,
+                                 Mount("/", app=artifacts)])
 
     def auth_summary(self) -> str:
         """One line for the start log: who may use HTTP, and over what."""

@@ -1,0 +1,271 @@
+"""What the console reads, aggregated by the store's database rather than the browser.
+
+``signal_series`` is one GROUP BY over the request-signal index (the one the
+rollout gates read, ``ix_events_request_signals``): per variant, time bucket and
+latency bin it counts requests and the outcomes behind every rate; this module
+only folds the bins into each bucket's rates (Wilson 95 % intervals) and
+latency percentiles (with the order-statistic 95 % interval of the quantile,
+read off the binned distribution). Latency bins here grow by 5 % (the gates'
+by 1 %): a chart point's percentile is exact to half a bin, 2.5 %.
+
+``fleet_summary`` counts devices by variant, update state, hardware class and
+liveness; ``device_detail`` and ``rollout_detail`` gather one device's or one
+rollout's page.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, case, func, select
+
+from quantfleet.agent.quality.stats import wilson_interval
+
+from ..cohorts import Selector
+from ..store import Store, schema
+
+#: Latency bins of the charts: bin 0 is under FLOOR_S, bin i >= 1 is
+#: [FLOOR_S * GROWTH**(i-1), FLOOR_S * GROWTH**i).
+FLOOR_S = 1e-3
+GROWTH = 1.05
+_LN_GROWTH = math.log(GROWTH)
+Z95 = 1.959963984540054
+
+RATES = ("validation_failure", "tool_call_success", "refusal", "fallback", "error")
+PERCENTILES = {"latency_p50_s": 0.50, "latency_p95_s": 0.95, "latency_p99_s": 0.99}
+
+
+def bin_value(i: int) -> float:
+    """The latency a bin stands for: its geometric middle (half the floor for bin 0)."""
+    if i <= 0:
+        return FLOOR_S / 2
+    return float(FLOOR_S * GROWTH ** (i - 0.5))
+
+
+@dataclass
+class _Bucket:
+    n: int = 0
+    k: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        (*RATES, "tool_calls", "successes", "tokens"), 0))
+    bins: dict[int, int] = field(default_factory=dict)
+
+
+def quantile_with_interval(bins: dict[int, int], q: float
+                           ) -> tuple[float | None, float | None, float | None]:
+    """The q-quantile of binned latencies and its distribution-free 95 % interval: the
+    order statistics at ranks n·q ∓ 1.96·√(n·q·(1−q)) (normal approximation to the
+    binomial count of observations below the quantile)."""
+    n = sum(bins.values())
+    if n == 0:
+        return None, None, None
+    half = Z95 * math.sqrt(n * q * (1 - q))
+    ranks = (max(1, math.ceil(n * q)), max(1, math.floor(n * q - half)),
+             min(n, math.ceil(n * q + half)))
+    order = sorted(bins.items())
+    out: list[float] = []
+    for rank in ranks:
+        seen = 0
+        for i, count in order:
+            seen += count
+            if seen >= rank:
+                out.append(bin_value(i))
+                break
+    return out[0], out[1], out[2]
+
+
+def signal_series(store: Store, start: float, end: float, step_s: float,
+                  device_ids: Sequence[str] | None = None,
+                  variant: str | None = None) -> dict[str, Any]:
+    """Per variant, a point per ``step_s`` bucket of [start, end) that had requests:
+    ``t`` (bucket start), ``requests``, each rate with its interval, the latency
+    percentiles with theirs, cost per successful request and tool usage (drift)."""
+    e = schema.events
+    first = math.floor(start / step_s)
+    bucket = func.floor(e.c.ts / step_s)
+    lat = e.c.latency_s
+    lbin = case((lat >= FLOOR_S, 1 + func.floor(func.ln(lat / FLOOR_S) / _LN_GROWTH)), else_=0)
+
+    def total(cond: Any) -> Any:
+        return func.sum(case((cond, 1), else_=0))
+
+    cond = [e.c.kind == "request", e.c.ts >= start, e.c.ts < end]
+    if variant is not None:
+        cond.append(e.c.variant == variant)
+    if device_ids is not None:
+        cond.append(e.c.device_id.in_(list(device_ids)))
+    failed = e.c.validation_failed.is_(True)
+    erred = e.c.status >= 400
+    q = (select(e.c.variant, bucket.label("b"), lbin.label("lb"), func.count().label("n"),
+                total(failed).label("validation_failure"),
+                total(e.c.tool_call_ok.is_not(None)).label("tool_calls"),
+                total(e.c.tool_call_ok.is_(True)).label("tool_call_success"),
+                total(e.c.refused.is_(True)).label("refusal"),
+                total(e.c.fallback.is_(True)).label("fallback"),
+                total(erred).label("error"),
+                total(and_(~erred, ~failed)).label("successes"),
+                func.sum(func.coalesce(e.c.attempt_tokens, 0)).label("tokens"))
+         .where(and_(*cond)).group_by(e.c.variant, bucket, lbin))
+    buckets: dict[str, dict[int, _Bucket]] = {}
+    with store.engine.connect() as conn:
+        for row in conn.execute(q):
+            b = buckets.setdefault(row.variant or "?", {}).setdefault(int(row.b), _Bucket())
+            n = int(row.n)
+            b.n += n
+            for key in b.k:
+                b.k[key] += int(getattr(row, key) or 0)
+            if row.lb is not None:  # requests without a latency (refused before serving)
+                b.bins[int(row.lb)] = b.bins.get(int(row.lb), 0) + n
+    variants = []
+    for name, per in sorted(buckets.items()):
+        points = []
+        for i in sorted(per):
+            b = per[i]
+            point: dict[str, Any] = {"t": i * step_s, "requests": b.n}
+            for rate in RATES:
+                n = b.k["tool_calls"] if rate == "tool_call_success" else b.n
+                ci = wilson_interval(b.k[rate], n)
+                point[rate] = {"value": b.k[rate] / n if n else None, "k": b.k[rate], "n": n,
+                               "low": ci.low if n else None, "high": ci.high if n else None}
+            for key, pq in PERCENTILES.items():
+                value, low, high = quantile_with_interval(b.bins, pq)
+                point[key] = {"value": value, "low": low, "high": high}
+            point["cost_per_success_tokens"] = (b.k["tokens"] / b.k["successes"]
+                                                if b.k["successes"] else None)
+            point["tool_usage"] = b.k["tool_calls"] / b.n if b.n else None
+            points.append(point)
+        variants.append({"variant": name, "requests": sum(p["requests"] for p in points),
+                         "points": points})
+    return {"start": first * step_s, "end": end, "step_s": step_s, "variants": variants}
+
+
+# -- the fleet ---------------------------------------------------------------
+
+FLEET_COLUMNS = ("device_id", "labels", "online", "variant", "update_state", "last_seen",
+                 "agent_version")
+UNKNOWN_CLASS = "(unknown)"
+
+
+def fleet_summary(store: Store, selector: Selector | None, *, limit: int = 100,
+                  offset: int = 0) -> dict[str, Any]:
+    """Counts by variant, update state, hardware class (``cpu.class``) and liveness,
+    of the devices ``selector`` picks, and one page of them (by id)."""
+    rows = store.devices(list(FLEET_COLUMNS))
+    if selector is not None:
+        rows = [r for r in rows if selector.matches(r["labels"] or {})]
+    counts: dict[str, dict[str, int]] = {"variant": {}, "update_state": {}, "class": {},
+                                         "online": {}}
+    for r in rows:
+        labels = r["labels"] or {}
+        for key, value in (("variant", r["variant"] or "(none)"),
+                           ("update_state", r["update_state"] or "(none)"),
+                           ("class", labels.get("cpu.class", UNKNOWN_CLASS)),
+                           ("online", "online" if r["online"] else "offline")):
+            counts[key][value] = counts[key].get(value, 0) + 1
+    page = [{**r, "cpu_class": (r["labels"] or {}).get("cpu.class", UNKNOWN_CLASS)}
+            for r in rows[offset:offset + limit]]
+    return {"total": len(rows), "counts": {k: dict(sorted(v.items()))
+                                           for k, v in counts.items()},
+            "devices": page, "offset": offset, "limit": limit, "now": time.time()}
+
+
+def device_ids(store: Store, selector: Selector | None) -> list[str] | None:
+    """The ids ``selector`` picks (None: no selector, every device)."""
+    if selector is None:
+        return None
+    return selector.select(store.devices(["device_id", "labels"]))
+
+
+# -- one device ----------------------------------------------------------------
+
+def device_detail(store: Store, device_id: str, *, window_s: float = 3600,
+                  now: float | None = None) -> dict[str, Any] | None:
+    """A device's registry row, its update walk (the state events it recorded and the
+    fleet's desired-state and rollout decisions about it), its telemetry gaps and its
+    recent request signals."""
+    d = schema.devices
+    with store.engine.connect() as conn:
+        row = conn.execute(select(d).where(d.c.device_id == device_id)).first()
+        if row is None:
+            return None
+        e = schema.events
+        states = conn.execute(
+            select(e.c.ts, e.c.body).where(and_(e.c.device_id == device_id,
+                                                e.c.kind == "state"))
+            .order_by(e.c.ts.desc()).limit(50)).all()
+        rd = schema.rollout_devices
+        rollouts = [dict(r._mapping) for r in conn.execute(
+            select(rd).where(rd.c.device_id == device_id).order_by(rd.c.assigned_at))]
+    walk = [{"ts": ts, **json.loads(body)} for ts, body in states]
+    current = dict(row._mapping)
+    if current.get("state") and not any(w.get("ts") == current["state"].get("ts")
+                                        for w in walk):
+        walk.insert(0, current["state"])
+    end = now if now is not None else time.time()
+    series = signal_series(store, end - window_s, end, max(60.0, window_s / 60),
+                           device_ids=[device_id])
+    return {"device": current, "walk": walk,
+            "audit": store.audit_log(f"device:{device_id}", 50), "rollouts": rollouts,
+            "gaps": [vars(g) | {"events": g.events} for g in store.seq_gaps([device_id])],
+            "signals": series}
+
+
+# -- one rollout ----------------------------------------------------------------
+
+def rollout_detail(engine: Any, rollout_id: str) -> dict[str, Any] | None:
+    """A rollout's state, spec, steps with their targets, members by step and role,
+    every verdict (oldest first) and its audit trail (newest first), and the pins of
+    its cohort."""
+    from ..rollouts.spec import resolve_count
+
+    r = engine.get(rollout_id)
+    if r is None:
+        return None
+    spec = engine.spec(rollout_id)
+    members = engine.members(rollout_id)
+    cohort_size = len(engine.store.devices(["device_id"])) if spec.cohort == "*" else len(
+        Selector.parse(spec.cohort).select(engine.store.devices(["device_id", "labels"])))
+    steps = []
+    for i, target in enumerate(spec.steps):
+        at = [m for m in members if m["step"] == i]
+        outcomes: dict[str, int] = {}
+        for m in at:
+            key = "control" if m["role"] == "control" else m["outcome"]
+            outcomes[key] = outcomes.get(key, 0) + 1
+        steps.append({"step": i + 1, "target": target,
+                      "target_devices": resolve_count(target, cohort_size),
+                      "current": i == r["step"], "devices": outcomes})
+    audit = engine.store.audit_log(f"rollout:{rollout_id}", 2000)
+    verdicts = [{"ts": a["ts"], **a["evidence"]} for a in reversed(audit)
+                if a["action"] == "rollout.verdict"]
+    pins = [p for p in engine.pins() if p["cohort"] == spec.cohort]
+    return {"rollout": r, "spec": spec.model_dump(mode="json", by_alias=True),
+            "cohort_size": cohort_size, "steps": steps,
+            "canaries": sum(1 for m in members if m["role"] == "canary"),
+            "controls": sum(1 for m in members if m["role"] == "control"),
+            "verdicts": verdicts, "audit": audit, "pins": pins}
+
+
+def rollouts_summary(engine: Any) -> list[dict[str, Any]]:
+    out = []
+    for r in reversed(engine.rollouts()):
+        spec = r["spec"]
+        out.append({"id": r["id"], "state": r["state"], "step": r["step"] + 1,
+                    "steps": len(spec.get("steps", [])), "phase": r["phase"],
+                    "from": spec.get("from"), "to": spec.get("to"),
+                    "cohort": spec.get("cohort"), "reason": r["reason"],
+                    "updated_at": r["updated_at"]})
+    return out
+
+
+def states(store: Store, names: Iterable[str]) -> dict[str, int]:
+    """How many rollouts are in each state (every state in ``names``, 0 included)."""
+    r = schema.rollouts
+    with store.engine.connect() as conn:
+        found: dict[str, int] = {str(state): int(n) for state, n in conn.execute(
+            select(r.c.state, func.count()).group_by(r.c.state))}
+    return {n: int(found.get(n, 0)) for n in names}

@@ -1,0 +1,298 @@
+"""The console's data, parameters, auth and metrics, in process on a real store (SQLite and
+PostgreSQL); tests/fleet/test_console_browser.py drives the same console in Chromium."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from quantfleet.agent.wire import (
+    RequestEvent,
+    StatusPayload,
+    TelemetryBatch,
+    TelemetryEvent,
+    ValidationOutcome,
+)
+from quantfleet.fleet.auth import Credentials, HttpAuth, issue_operator_token
+from quantfleet.fleet.config import AuthEntries
+from quantfleet.fleet.console import queries
+from quantfleet.fleet.console.app import ConsoleContext, console_mount
+from quantfleet.fleet.console.metrics import fleet_metrics
+from quantfleet.fleet.console.sessions import COOKIE, Sessions
+from quantfleet.fleet.rollouts.engine import RolloutEngine
+from quantfleet.fleet.store import Store
+
+NOW = time.time()
+VARIANTS = ("tiny-Q8_0", "tiny-Q4_K_M")
+
+
+def _events(device: str, variant: str, n: int, rng: random.Random, start: float,
+            span: float) -> TelemetryBatch:
+    evs = []
+    for i in range(n):
+        ts = start + rng.random() * span
+        tools = [ValidationOutcome(kind="tool_call", passed=rng.random() > 0.2)] \
+            if rng.random() < 0.3 else []
+        body = RequestEvent(
+            request_id=f"{device}-{i}", ts=ts, variant=variant,
+            status=500 if rng.random() < 0.03 else 200,
+            latency_s=rng.lognormvariate(math.log(0.2), 0.5),
+            prompt_tokens=rng.randint(10, 90), completion_tokens=rng.randint(5, 40),
+            fallback_from="tiny-Q4_K_M" if rng.random() < 0.05 else None,
+            validations=[ValidationOutcome(kind="json_schema", passed=rng.random() > 0.1),
+                         *tools])
+        evs.append(TelemetryEvent(boot_epoch=1, seq=i + 1, kind="request", ts=ts, body=body))
+    return TelemetryBatch(device_id=device, sent_at=NOW, events=evs)
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    s = Store(store_url)
+    rng = random.Random(7)
+    for i in range(6):
+        device = f"dev-{i}"
+        s.apply_status(StatusPayload(device_id=device, state="online", boot_epoch=1,
+                                     reason="birth", ts=NOW,
+                                     labels={"region": "eu" if i % 2 else "us"}))
+        s.ingest_batch(_events(device, VARIANTS[i % 2], 300, rng, NOW - 3600, 3600))
+    yield s
+    s.close()
+
+
+def test_signal_series_matches_the_raw_requests(store: Store) -> None:
+    """Each bucket's counts equal a count over the raw events; percentiles are within
+    the bin's precision of numpy's over the same requests, inside their interval."""
+    step = 600.0
+    out = queries.signal_series(store, NOW - 3600, NOW + 1, step)
+    raw: dict[tuple[str, int], list[Any]] = {}
+    with store.engine.connect() as conn:
+        from sqlalchemy import select
+
+        from quantfleet.fleet.store import schema
+        e = schema.events
+        for r in conn.execute(select(e.c.variant, e.c.ts, e.c.latency_s, e.c.validation_failed,
+                                     e.c.tool_call_ok, e.c.fallback, e.c.status)):
+            raw.setdefault((r.variant, math.floor(r.ts / step)), []).append(r)
+    assert [v["variant"] for v in out["variants"]] == sorted(VARIANTS)
+    seen = 0
+    for v in out["variants"]:
+        for p in v["points"]:
+            rows = raw[(v["variant"], round(p["t"] / step))]
+            seen += len(rows)
+            assert p["requests"] == len(rows)
+            assert p["validation_failure"]["k"] == sum(bool(r.validation_failed) for r in rows)
+            assert p["fallback"]["k"] == sum(bool(r.fallback) for r in rows)
+            assert p["error"]["k"] == sum(r.status >= 400 for r in rows)
+            tools = [r.tool_call_ok for r in rows if r.tool_call_ok is not None]
+            assert p["tool_call_success"]["n"] == len(tools)
+            assert p["tool_call_success"]["k"] == sum(tools)
+            low, high = p["validation_failure"]["low"], p["validation_failure"]["high"]
+            assert low <= p["validation_failure"]["value"] <= high
+            lat = np.array([r.latency_s for r in rows])
+            p95 = p["latency_p95_s"]
+            assert p95["low"] <= p95["value"] <= p95["high"]
+            exact = float(np.quantile(lat, 0.95, method="inverted_cdf"))
+            assert abs(p95["value"] / exact - 1) <= queries.GROWTH - 1
+    assert seen == sum(len(r) for r in raw.values()) == 1800
+
+
+def test_quantile_interval_widens_with_fewer_observations() -> None:
+    few = {100: 10}
+    many = {i: 100 for i in range(50, 150)}
+    v, lo, hi = queries.quantile_with_interval(many, 0.95)
+    assert lo is not None and hi is not None and v is not None and lo <= v <= hi
+    assert hi / lo < queries.GROWTH ** 3  # 10,000 observations: a few bins wide
+    assert queries.quantile_with_interval(few, 0.95)[0] == queries.bin_value(100)
+    assert queries.quantile_with_interval({}, 0.5) == (None, None, None)
+
+
+class _Assign:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], str, str]] = []
+
+    def __call__(self, ids: Any, variant: str, rollout_id: str) -> None:
+        self.calls.append((list(ids), variant, rollout_id))
+
+
+@pytest.fixture
+def console(store: Store) -> Iterator[tuple[TestClient, dict[str, str], Store]]:
+    """The console with two operators: alice (read, write) and bob (read)."""
+    alice, a = issue_operator_token("alice", ["read", "write"])
+    bob, b = issue_operator_token("bob", ["read"])
+    auth = HttpAuth(Credentials(AuthEntries(operators=[a, b])))
+    engine = RolloutEngine(store, _Assign(), lambda label: f"tiny-{label}")
+    app = Starlette(routes=[console_mount(ConsoleContext(store, engine, None, auth,
+                                                         Sessions(3600)))])
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        yield client, {"alice": alice, "bob": bob}, store
+
+
+SPEC = """name: q4
+cohort: "region=eu"
+from: Q8_0
+to: Q4_K_M
+steps: [1, "100%"]
+"""
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_writes_need_an_operator_with_the_write_role(
+        console: tuple[TestClient, dict[str, str], Store]) -> None:
+    client, tokens, store = console
+    r = client.post("/console/api/rollouts", json={"spec": SPEC})
+    assert r.status_code == 401 and "WWW-Authenticate" in r.headers
+    r = client.post("/console/api/rollouts", json={"spec": SPEC}, headers=_bearer("qfo_nope"))
+    assert r.status_code == 401
+    r = client.post("/console/api/rollouts", json={"spec": SPEC}, headers=_bearer(tokens["bob"]))
+    assert r.status_code == 403 and "'bob' lacks the 'write' role" in r.json()["error"]["message"]
+    r = client.post("/console/api/rollouts", json={"spec": SPEC},
+                    headers=_bearer(tokens["alice"]))
+    assert r.status_code == 201, r.text
+    assert r.json() == {"id": "q4", "state": "running"}
+    r = client.post("/console/api/rollouts/q4/pause", headers=_bearer(tokens["alice"]))
+    assert r.json()["state"] == "paused"
+    r = client.post("/console/api/rollouts/q4/abort", json={"reason": "testing"},
+                    headers=_bearer(tokens["alice"]))
+    assert r.json()["state"] == "aborted"
+    trail = [(a["actor"], a["action"]) for a in reversed(store.audit_log("rollout:q4"))]
+    assert ("alice", "rollout.create") in trail and ("alice", "rollout.pause") in trail
+    assert ("alice", "rollout.abort") in trail
+    # Reads: every page and endpoint needs an operator too.
+    assert client.get("/console/api/fleet").status_code == 401
+    assert client.get("/console/fleet", follow_redirects=False).status_code == 303
+    assert client.get("/console/api/fleet", headers=_bearer(tokens["bob"])).status_code == 200
+
+
+def test_a_browser_session_writes_only_with_its_csrf_token(
+        console: tuple[TestClient, dict[str, str], Store]) -> None:
+    client, tokens, store = console
+    r = client.post("/console/login", data={"token": "wrong", "next": "/console/rollouts"})
+    assert r.status_code == 401 and COOKIE not in r.cookies
+    r = client.post("/console/login", data={"token": tokens["alice"],
+                                            "next": "https://evil.example/"},
+                    follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/console/fleet"
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and tokens["alice"] not in cookie
+    page = client.get("/console/rollouts").text
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page)
+    assert csrf and csrf.group(1)
+    r = client.post("/console/api/rollouts", json={"spec": SPEC})
+    assert r.status_code == 403 and "CSRF" in r.json()["error"]["message"]
+    r = client.post("/console/api/rollouts", json={"spec": SPEC},
+                    headers={"X-CSRF-Token": "not-it"})
+    assert r.status_code == 403
+    r = client.post("/console/api/rollouts", json={"spec": SPEC},
+                    headers={"X-CSRF-Token": csrf.group(1)})
+    assert r.status_code == 201, r.text
+    assert store.audit_log("rollout:q4")[-1]["actor"] == "alice"
+    client.post("/console/logout")
+    assert client.get("/console/api/fleet").status_code == 401
+
+
+@pytest.mark.parametrize(("path", "query", "param"), [
+    ("/console/api/fleet", "selector=region==eu", "selector"),
+    ("/console/api/fleet", "limit=0", "limit"),
+    ("/console/api/fleet", "limit=ten", "limit"),
+    ("/console/api/signals", "window=forever", "window"),
+    ("/console/api/signals", "window=90d", "window"),
+    ("/console/api/signals", "window=7d&step=1", "step"),
+    ("/console/api/signals", "selector=a=b,,", "selector"),
+    ("/console/api/signals", "variant=../x", "variant"),
+    ("/console/api/devices/dev-1", "window=0", "window"),
+])
+def test_a_bad_query_parameter_is_400_naming_it(
+        console: tuple[TestClient, dict[str, str], Store], path: str, query: str,
+        param: str) -> None:
+    client, tokens, _ = console
+    r = client.get(f"{path}?{query}", headers=_bearer(tokens["bob"]))
+    assert r.status_code == 400, r.text
+    assert f"query parameter {param!r}" in r.json()["error"]["message"]
+
+
+def test_bad_write_bodies_are_400_naming_the_field(
+        console: tuple[TestClient, dict[str, str], Store]) -> None:
+    client, tokens, _ = console
+    h = _bearer(tokens["alice"])
+    r = client.post("/console/api/rollouts", content=b"{not json", headers=h)
+    assert r.status_code == 400 and "body: not JSON" in r.json()["error"]["message"]
+    r = client.post("/console/api/rollouts", json={"spec": 3}, headers=h)
+    assert r.json()["error"]["message"] == "body field 'spec' must be a str"
+    r = client.post("/console/api/rollouts", json={"spec": "name: x\nsteps: [1]\n"}, headers=h)
+    assert r.status_code == 400 and "spec" in r.json()["error"]["message"]
+    r = client.post("/console/api/rollouts/nope/abort", headers=h)
+    assert r.status_code == 404
+    r = client.post("/console/api/rollouts/nope/explode", headers=h)
+    assert r.status_code == 404
+    r = client.post("/console/api/pins/unpin", json={"cohort": "*", "variant": "x"}, headers=h)
+    assert r.status_code == 404 and "not pinned" in r.json()["error"]["message"]
+
+
+def test_the_fleet_endpoint_counts_the_selected_devices(
+        console: tuple[TestClient, dict[str, str], Store]) -> None:
+    client, tokens, _ = console
+    body = client.get("/console/api/fleet?selector=region=eu",
+                      headers=_bearer(tokens["bob"])).json()
+    assert body["total"] == 3
+    assert body["counts"]["online"] == {"online": 3}
+    assert [d["device_id"] for d in body["devices"]] == ["dev-1", "dev-3", "dev-5"]
+    sig = client.get("/console/api/signals?window=2h&selector=region=eu",
+                     headers=_bearer(tokens["bob"])).json()
+    assert sig["devices"] == 3
+    assert {v["variant"]: v["requests"] for v in sig["variants"]} == {"tiny-Q4_K_M": 900}
+
+
+def test_metrics_carry_variants_and_rollout_states_but_no_device_ids(store: Store) -> None:
+    lines = fleet_metrics(store, now=NOW + 1)
+    text = "\n".join(lines)
+    assert "dev-" not in text
+    requests = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^quantfleet_signal_requests\{variant="([^"]+)"\} (\S+)$', text, re.M)}
+    # The last 300 s of requests, as the store has them.
+    from sqlalchemy import func, select
+
+    from quantfleet.fleet.store import schema
+    e = schema.events
+    with store.engine.connect() as conn:
+        want = {v: n for v, n in conn.execute(
+            select(e.c.variant, func.count()).where(e.c.ts >= NOW + 1 - 300)
+            .group_by(e.c.variant))}
+    assert requests == {v: float(n) for v, n in want.items()}
+    assert 'quantfleet_rollouts{state="running"} 0' in text
+    assert re.search(r'^quantfleet_devices\{variant="none",update_state="none",online="true"\} 6$',
+                     text, re.M)
+    for line in lines:  # Prometheus text: comments, or name{labels} value
+        assert line.startswith("# ") or re.fullmatch(r'[a-z_]+\{[^}]*\} \S+', line), line
+
+
+def test_reports_are_listed_and_served_from_their_folder_only(
+        store: Store, tmp_path: Path) -> None:
+    (tmp_path / "ladder.html").write_text("<html>report</html>")
+    (tmp_path / "ladder.json").write_text("{}")
+    (tmp_path / "secret.txt").write_text("no")
+    engine = RolloutEngine(store, _Assign(), lambda label: label)
+    app = Starlette(routes=[console_mount(ConsoleContext(
+        store, engine, None, HttpAuth(None), Sessions(60), reports_dir=tmp_path))])
+    with TestClient(app) as client:
+        page = client.get("/console/reports").text
+        assert 'href="/console/reports/ladder.html"' in page
+        assert client.get("/console/reports/ladder.html").text == "<html>report</html>"
+        assert client.get("/console/reports/secret.txt").status_code == 404
+        assert client.get("/console/reports/..%2Fsecret.txt").status_code == 404
+        # No [http.auth]: anyone reads, no one writes.
+        assert client.get("/console/api/fleet").status_code == 200
+        r = client.post("/console/api/rollouts", json={"spec": SPEC})
+        assert r.status_code == 401 and "[http.auth]" in r.json()["error"]["message"]
