@@ -216,6 +216,42 @@ def device_detail(store: Store, device_id: str, *, window_s: float = 3600,
 
 # -- one rollout ----------------------------------------------------------------
 
+def gate_limits(gate: dict[str, Any]) -> dict[str, Any]:
+    """Where a gate's estimate is judged: ``reference`` (no difference: 0 for a rate
+    difference, 1 for a canary/control ratio) and the tolerated ``limits`` around it,
+    as ``gates.judge_rate``/``judge_ratio`` apply them."""
+    from ..rollouts.gates import RATE_METRICS
+
+    tol = float(gate["tolerance"])
+    direction = RATE_METRICS.get(gate["metric"])
+    if direction is None:  # a ratio metric: worse is higher
+        return {"reference": 1.0, "limits": [1.0 + tol]}
+    if direction == "lower_is_better":
+        return {"reference": 0.0, "limits": [tol]}
+    if direction == "higher_is_better":
+        return {"reference": 0.0, "limits": [-tol]}
+    return {"reference": 0.0, "limits": [-tol, tol]}
+
+
+def gate_bar(gate: dict[str, Any], width: float = 300) -> dict[str, Any]:
+    """x positions (0..width) of a gate's estimate, interval, reference and limits on one
+    scale that holds them all, for the rollout page's interval bars."""
+    where = gate_limits(gate)
+    values = [v for v in (gate.get("estimate"), gate.get("low"), gate.get("high"))
+              if v is not None and math.isfinite(v)]
+    everything = [*values, where["reference"], *where["limits"]]
+    lo, hi = min(everything), max(everything)
+    pad = (hi - lo) * 0.08 or 0.1
+    lo, hi = lo - pad, hi + pad
+
+    def x(v: float | None) -> float | None:
+        return None if v is None else round(width * (v - lo) / (hi - lo), 1)
+
+    return {"estimate": x(gate.get("estimate")), "low": x(gate.get("low")),
+            "high": x(gate.get("high")), "reference": x(where["reference"]),
+            "limits": [x(v) for v in where["limits"]], "scale": [lo, hi]}
+
+
 def rollout_detail(engine: Any, rollout_id: str) -> dict[str, Any] | None:
     """A rollout's state, spec, steps with their targets, members by step and role,
     every verdict (oldest first) and its audit trail (newest first), and the pins of
@@ -240,8 +276,10 @@ def rollout_detail(engine: Any, rollout_id: str) -> dict[str, Any] | None:
                       "target_devices": resolve_count(target, cohort_size),
                       "current": i == r["step"], "devices": outcomes})
     audit = engine.store.audit_log(f"rollout:{rollout_id}", 2000)
-    verdicts = [{"ts": a["ts"], **a["evidence"]} for a in reversed(audit)
-                if a["action"] == "rollout.verdict"]
+    verdicts = [{"ts": a["ts"], **a["evidence"],
+                 "gates": [{**g, **gate_limits(g), "bar": gate_bar(g)}
+                           for g in a["evidence"].get("gates", [])]}
+                for a in reversed(audit) if a["action"] == "rollout.verdict"]
     pins = [p for p in engine.pins() if p["cohort"] == spec.cohort]
     return {"rollout": r, "spec": spec.model_dump(mode="json", by_alias=True),
             "cohort_size": cohort_size, "steps": steps,

@@ -58,7 +58,7 @@
   // -- charts ---------------------------------------------------------------
   // One chart per signal: per variant a line (its value per bucket) and, for rates
   // and percentiles, a band between the 95 % interval's ends.
-  function seriesChart(fig, key, kind, variants) {
+  function seriesChart(fig, key, kind, variants, range) {
     const withBand = kind === "rate" || kind === "latency";
     const xs = [...new Set(variants.flatMap((v) => v.points.map((p) => p.t)))].sort((a, b) => a - b);
     const data = [xs];
@@ -77,15 +77,36 @@
       if (withBand) {
         data.push(pick("high"), pick("low"));
         const hi = series.length, lo = series.length + 1;
-        series.push({ label: `${v.variant} 95% high`, stroke: color + "55", width: 1, points: { show: false } },
-                    { label: `${v.variant} 95% low`, stroke: color + "55", width: 1, points: { show: false } });
+        series.push({ label: `${v.variant} 95% high`, stroke: color + "55", width: 1, points: { show: false }, band: true },
+                    { label: `${v.variant} 95% low`, stroke: color + "55", width: 1, points: { show: false }, band: true });
         bands.push({ series: [hi, lo], fill: color + "22" });
       }
     });
-    draw(fig, key, data, { series, bands }, variants.length);
+    draw(fig, key, data, { series, bands }, variants.length, range);
   }
 
-  function draw(fig, key, data, { series, bands }, groups) {
+  // The x range is the window asked for, not the data's extent (a lone bucket would
+  // otherwise be stretched over years).
+  const ranges = {};
+
+  function legend(fig, series) {
+    let el = fig.querySelector(".legend");
+    if (!el) {
+      el = document.createElement("div");
+      el.className = "legend";
+      fig.appendChild(el);
+    }
+    el.innerHTML = "";
+    series.slice(1).filter((s) => !s.band).forEach((s) => {
+      const item = document.createElement("span");
+      item.innerHTML = `<i style="background:${s.stroke}"></i>`;
+      item.append(s.label);
+      el.appendChild(item);
+    });
+  }
+
+  function draw(fig, key, data, { series, bands }, groups, range) {
+    ranges[key] = range || null;
     const old = plots[key];
     if (old && old.series.length === series.length) {
       old.setData(data);
@@ -95,11 +116,12 @@
       const width = Math.max(380, fig.clientWidth - 16);
       plots[key] = new uPlot({
         width, height: 220, series, bands,
-        scales: { x: { time: true } },
-        legend: { live: false },
+        scales: { x: { time: true, range: (u, min, max) => ranges[key] || [min, max] } },
+        legend: { show: false },
         hooks: { draw: [(u) => { charts[key].draws += 1; }] },
       }, data, fig);
       charts[key] = { draws: 0 };
+      legend(fig, series);
     }
     Object.assign(charts[key], { series: series.length - 1, points: data[0].length, groups });
     let empty = fig.querySelector(".empty");
@@ -164,7 +186,7 @@
         `${total} requests of ${s.variants.length} variants` +
         (s.devices !== null ? ` on ${s.devices} devices` : "") + `, buckets of ${s.step_s} s`;
       document.querySelectorAll("figure.chart").forEach((fig) =>
-        seriesChart(fig, fig.dataset.key, fig.dataset.kind, s.variants));
+        seriesChart(fig, fig.dataset.key, fig.dataset.kind, s.variants, [s.start, s.end]));
       stamp();
     });
     refresh();
@@ -173,7 +195,7 @@
   pages.device = () => {
     const s = JSON.parse(document.getElementById("device-signals").textContent);
     document.querySelectorAll("figure.chart").forEach((fig) =>
-      seriesChart(fig, fig.dataset.key, fig.dataset.kind, s.variants));
+      seriesChart(fig, fig.dataset.key, fig.dataset.kind, s.variants, [s.start, s.end]));
   };
 
   pages.rollout = () => {
@@ -214,15 +236,20 @@
         const g = v.gates.find((x) => x.metric === m);
         return g && g[f] !== null && g[f] !== undefined ? g[f] : null;
       });
-      data.push(get("estimate"), get("high"), get("low"), get("tolerance"));
+      const limit = verdicts.map((v) => {
+        const g = v.gates.find((x) => x.metric === m);
+        return g ? g.limits[g.limits.length - 1] : null;
+      });
+      data.push(get("estimate"), get("high"), get("low"), limit);
       const base = series.length;
       series.push({ label: m, stroke: color, width: 2 },
-                  { label: `${m} 95% high`, stroke: color + "55", points: { show: false } },
-                  { label: `${m} 95% low`, stroke: color + "55", points: { show: false } },
-                  { label: `${m} tolerance`, stroke: color, dash: [6, 4], points: { show: false } });
+                  { label: `${m} 95% high`, stroke: color + "55", points: { show: false }, band: true },
+                  { label: `${m} 95% low`, stroke: color + "55", points: { show: false }, band: true },
+                  { label: `${m} tolerated limit`, stroke: color, dash: [6, 4], points: { show: false } });
       bands.push({ series: [base + 1, base + 2], fill: color + "22" });
     });
-    draw(fig, "verdicts", data, { series, bands }, metrics.length);
+    draw(fig, "verdicts", data, { series, bands }, metrics.length,
+         xs.length ? [xs[0] - 1, xs[xs.length - 1] + 1] : null);
   }
 
   pages.rollouts = () => {
