@@ -98,6 +98,7 @@ class Console:
     def __init__(self, ctx: ConsoleContext) -> None:
         self.ctx = ctx
         self.env = _templates()
+        self.rollup = queries.SignalRollup(ctx.store)
 
     # -- who is asking ----------------------------------------------------------
     def _session(self, request: Request) -> Session | None:
@@ -282,8 +283,11 @@ class Console:
         variant = params.name(q, "variant")
         end = time.time()
         ids = queries.device_ids(self.ctx.store, selector)
-        out = queries.signal_series(self.ctx.store, end - window, end, step,
-                                    device_ids=ids, variant=variant)
+        if self.rollup.covers(step, ids):
+            out = self.rollup.series(end - window, end, step, variant=variant)
+        else:
+            out = queries.signal_series(self.ctx.store, end - window, end, step,
+                                        device_ids=ids, variant=variant)
         out.update(window_s=window, selector=str(selector) if selector else None,
                    devices=None if ids is None else len(ids))
         return _json(out)

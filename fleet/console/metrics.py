@@ -56,16 +56,14 @@ def fleet_metrics(store: Store, now: float | None = None) -> list[str]:
                       "(within 2.5 %: binned in the store).")
     cost = _Family("quantfleet_signal_cost_per_success_tokens", "gauge",
                    "Tokens of every attempt over the successful requests, by variant.")
-    series = queries.signal_series(store, start, end, WINDOW_S * 2)
-    for v in series["variants"]:
-        # step = 2 windows: at most two buckets; fold them into one.
-        merged = _merge(v["points"])
-        requests.add(merged["requests"], variant=v["variant"])
+    for point in queries.window_totals(store, start, end):
+        variant = point["variant"]
+        requests.add(point["requests"], variant=variant)
         for signal in queries.RATES:
-            rate.add(merged[signal], variant=v["variant"], signal=signal)
+            rate.add(point[signal]["value"], variant=variant, signal=signal)
         for key, q in queries.PERCENTILES.items():
-            latency.add(merged[key], variant=v["variant"], quantile=f"{q:g}")
-        cost.add(merged["cost"], variant=v["variant"])
+            latency.add(point[key]["value"], variant=variant, quantile=f"{q:g}")
+        cost.add(point["cost_per_success_tokens"], variant=variant)
     side_rate = _Family("quantfleet_rollout_signal_rate", "gauge",
                         f"Share of the last {WINDOW_S:g} s's requests of an active rollout's "
                         "canaries or controls, by rollout, side and signal.")
@@ -104,21 +102,6 @@ def fleet_metrics(store: Store, now: float | None = None) -> list[str]:
                 info):
         lines += fam.lines
     return lines
-
-
-def _merge(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """One figure per signal from a variant's (at most two) buckets: rates re-summed,
-    percentiles from the larger bucket (the buckets' bins are not kept)."""
-    out: dict[str, Any] = {"requests": sum(p["requests"] for p in points)}
-    for signal in queries.RATES:
-        k = sum(p[signal]["k"] for p in points)
-        n = sum(p[signal]["n"] for p in points)
-        out[signal] = k / n if n else None
-    big = max(points, key=lambda p: p["requests"])
-    for key in queries.PERCENTILES:
-        out[key] = big[key]["value"]
-    out["cost"] = big["cost_per_success_tokens"]
-    return out
 
 
 def _rollout_sides(store: Store, start: float, end: float) -> list[dict[str, Any]]:

@@ -18,8 +18,9 @@ MAX_WINDOW_S = 31 * 86400
 MAX_POINTS = 500
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-#: Steps a chart's buckets snap to, so that polling keeps the same buckets.
-_NICE_STEPS = (10, 30, 60, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
+#: Steps a chart's buckets snap to, so that polling keeps the same buckets; from 600 s
+#: on multiples of it, which the in-memory rollup answers (queries.SignalRollup).
+_NICE_STEPS = (10, 30, 60, 300, 600, 1800, 3600, 7200, 10800, 21600, 43200, 86400)
 
 
 class ParamError(ValueError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -78,53 +79,57 @@ def quantile_with_interval(bins: dict[int, int], q: float
     return out[0], out[1], out[2]
 
 
-def signal_series(store: Store, start: float, end: float, step_s: float,
-                  device_ids: Sequence[str] | None = None,
-                  variant: str | None = None) -> dict[str, Any]:
-    """Per variant, a point per ``step_s`` bucket of [start, end) that had requests:
-    ``t`` (bucket start), ``requests``, each rate with its interval, the latency
-    percentiles with theirs, cost per successful request and tool usage (drift)."""
+def _aggregate(conn: Any, cond: list[Any], bucket_s: float) -> dict[tuple[str, int], _Bucket]:
+    """Requests matching ``cond`` per (variant, floor(ts / bucket_s)), with their latency
+    bins: one GROUP BY in the database."""
     e = schema.events
-    first = math.floor(start / step_s)
-    bucket = func.floor(e.c.ts / step_s)
+    bucket = func.floor(e.c.ts / bucket_s)
     lat = e.c.latency_s
     lbin = case((lat >= FLOOR_S, 1 + func.floor(func.ln(lat / FLOOR_S) / _LN_GROWTH)), else_=0)
 
-    def total(cond: Any) -> Any:
-        return func.sum(case((cond, 1), else_=0))
+    def total(c: Any) -> Any:
+        return func.sum(case((c, 1), else_=0))
 
-    cond = [e.c.kind == "request", e.c.ts >= start, e.c.ts < end]
-    if variant is not None:
-        cond.append(e.c.variant == variant)
-    if device_ids is not None:
-        cond.append(e.c.device_id.in_(list(device_ids)))
     failed = e.c.validation_failed.is_(True)
     erred = e.c.status >= 400
     q = (select(e.c.variant, bucket.label("b"), lbin.label("lb"), func.count().label("n"),
-                total(failed).label("validation_failure"),
-                total(e.c.tool_call_ok.is_not(None)).label("tool_calls"),
-                total(e.c.tool_call_ok.is_(True)).label("tool_call_success"),
-                total(e.c.refused.is_(True)).label("refusal"),
-                total(e.c.fallback.is_(True)).label("fallback"),
-                total(erred).label("error"),
-                total(and_(~erred, ~failed)).label("successes"),
-                func.sum(func.coalesce(e.c.attempt_tokens, 0)).label("tokens"))
-         .where(and_(*cond)).group_by(e.c.variant, bucket, lbin))
-    buckets: dict[str, dict[int, _Bucket]] = {}
-    with store.engine.connect() as conn:
-        for row in conn.execute(q):
-            b = buckets.setdefault(row.variant or "?", {}).setdefault(int(row.b), _Bucket())
-            n = int(row.n)
-            b.n += n
-            for key in b.k:
-                b.k[key] += int(getattr(row, key) or 0)
-            if row.lb is not None:  # requests without a latency (refused before serving)
-                b.bins[int(row.lb)] = b.bins.get(int(row.lb), 0) + n
+                total(failed), total(e.c.tool_call_ok.is_not(None)),
+                total(e.c.tool_call_ok.is_(True)), total(e.c.refused.is_(True)),
+                total(e.c.fallback.is_(True)), total(erred), total(and_(~erred, ~failed)),
+                func.sum(func.coalesce(e.c.attempt_tokens, 0)))
+         .where(and_(e.c.kind == "request", *cond)).group_by(e.c.variant, bucket, lbin))
+    keys = ("validation_failure", "tool_calls", "tool_call_success", "refusal", "fallback",
+            "error", "successes", "tokens")
+    out: dict[tuple[str, int], _Bucket] = {}
+    for variant, b_no, lb, n, *counts in conn.execute(q).all():
+        b = out.setdefault((variant or "?", int(b_no)), _Bucket())
+        b.n += int(n)
+        for key, c in zip(keys, counts, strict=True):
+            b.k[key] += int(c or 0)
+        if lb is not None:  # requests without a latency (refused before serving)
+            b.bins[int(lb)] = b.bins.get(int(lb), 0) + int(n)
+    return out
+
+
+def _merge_into(into: dict[tuple[str, int], _Bucket], key: tuple[str, int], b: _Bucket) -> None:
+    mine = into.get(key)
+    if mine is None:
+        into[key] = mine = _Bucket()
+    mine.n += b.n
+    for k, v in b.k.items():
+        mine.k[k] += v
+    for i, c in b.bins.items():
+        mine.bins[i] = mine.bins.get(i, 0) + c
+
+
+def _points(buckets: dict[tuple[str, int], _Bucket], step_s: float) -> list[dict[str, Any]]:
     variants = []
-    for name, per in sorted(buckets.items()):
+    per_variant: dict[str, list[tuple[int, _Bucket]]] = {}
+    for (variant, i), b in buckets.items():
+        per_variant.setdefault(variant, []).append((i, b))
+    for name, rows in sorted(per_variant.items()):
         points = []
-        for i in sorted(per):
-            b = per[i]
+        for i, b in sorted(rows, key=lambda r: r[0]):
             point: dict[str, Any] = {"t": i * step_s, "requests": b.n}
             for rate in RATES:
                 n = b.k["tool_calls"] if rate == "tool_call_success" else b.n
@@ -140,7 +145,112 @@ def signal_series(store: Store, start: float, end: float, step_s: float,
             points.append(point)
         variants.append({"variant": name, "requests": sum(p["requests"] for p in points),
                          "points": points})
-    return {"start": first * step_s, "end": end, "step_s": step_s, "variants": variants}
+    return variants
+
+
+def signal_series(store: Store, start: float, end: float, step_s: float,
+                  device_ids: Sequence[str] | None = None,
+                  variant: str | None = None) -> dict[str, Any]:
+    """Per variant, a point per ``step_s`` bucket of the window that had requests: ``t``
+    (bucket start), ``requests``, each rate with its interval, the latency percentiles
+    with theirs, cost per successful request and tool usage (drift). Buckets are whole:
+    the window starts at the start of the bucket ``start`` falls in."""
+    e = schema.events
+    first = math.floor(start / step_s)
+    cond = [e.c.ts >= first * step_s, e.c.ts < end]
+    if variant is not None:
+        cond.append(e.c.variant == variant)
+    if device_ids is not None:
+        cond.append(e.c.device_id.in_(list(device_ids)))
+    with store.engine.connect() as conn:
+        buckets = _aggregate(conn, cond, step_s)
+    return {"start": first * step_s, "end": end, "step_s": step_s,
+            "variants": _points(buckets, step_s)}
+
+
+def window_totals(store: Store, start: float, end: float) -> list[dict[str, Any]]:
+    """Per variant, one point over exactly [start, end) (``/metrics``)."""
+    e = schema.events
+    with store.engine.connect() as conn:
+        # A bucket wider than any clock: every request of the window in one.
+        buckets = _aggregate(conn, [e.c.ts >= start, e.c.ts < end], 1e12)
+    return [{"variant": v["variant"], **v["points"][0]} for v in _points(buckets, 1e12)]
+
+
+class SignalRollup:
+    """The whole fleet's requests per variant and ``BASE_S`` bucket, kept in memory and
+    brought up to date incrementally, so that a week's chart does not aggregate a
+    week of requests at every refresh.
+
+    It holds the events up to a high-water mark of event ids: every refresh folds
+    in the events with a higher id received more than ``settle_s`` ago (by then
+    their ingest transaction has committed; ids are assigned at insert), and
+    aggregates the newer ones afresh without keeping them. Events of any
+    timestamp are folded, so a device's late history lands in its own buckets.
+    Buckets older than ``horizon_s`` are dropped. Only windows without a device
+    selector and with a step that is a multiple of ``BASE_S`` are answered from
+    here; ``signal_series`` answers the others from the store directly.
+    """
+
+    BASE_S = 600.0
+
+    def __init__(self, store: Store, *, settle_s: float = 60.0, horizon_s: float = 31 * 86400,
+                 clock: Any = time.time) -> None:
+        self.store = store
+        self.settle_s = settle_s
+        self.horizon_s = horizon_s
+        self.clock = clock
+        self.high_water = 0
+        self._buckets: dict[tuple[str, int], _Bucket] = {}
+        self._lock = threading.Lock()
+
+    def covers(self, step_s: float, device_ids: Sequence[str] | None) -> bool:
+        return device_ids is None and step_s % self.BASE_S == 0
+
+    def refresh(self) -> dict[tuple[str, int], _Bucket]:
+        """Fold what settled; return the fresh (unsettled) buckets."""
+        e = schema.events
+        now = self.clock()
+        oldest = math.floor((now - self.horizon_s) / self.BASE_S)
+        with self._lock, self.store.engine.connect() as conn:
+            settled = conn.execute(select(func.max(e.c.id)).where(
+                e.c.id > self.high_water, e.c.received_at < now - self.settle_s)).scalar()
+            if settled is not None:
+                folded = _aggregate(conn, [e.c.id > self.high_water, e.c.id <= settled,
+                                           e.c.ts >= oldest * self.BASE_S], self.BASE_S)
+                for key, b in folded.items():
+                    _merge_into(self._buckets, key, b)
+                self.high_water = int(settled)
+            fresh = _aggregate(conn, [e.c.id > self.high_water], self.BASE_S)
+            for key in [k for k in self._buckets if k[1] < oldest]:
+                del self._buckets[key]
+            kept = dict(self._buckets)
+        return {**{k: v for k, v in fresh.items() if k not in kept},
+                **{k: _merged(v, fresh.get(k)) for k, v in kept.items()}}
+
+    def series(self, start: float, end: float, step_s: float,
+               variant: str | None = None) -> dict[str, Any]:
+        """What ``signal_series`` answers for the whole fleet, from the rollup."""
+        first = math.floor(start / step_s)
+        ratio = round(step_s / self.BASE_S)
+        lo, hi = first * ratio, math.floor(end / self.BASE_S)
+        out: dict[tuple[str, int], _Bucket] = {}
+        for (v, base), b in self.refresh().items():
+            if lo <= base <= hi and (variant is None or v == variant) \
+                    and base * self.BASE_S < end:
+                _merge_into(out, (v, base // ratio), b)
+        return {"start": first * step_s, "end": end, "step_s": step_s,
+                "variants": _points(out, step_s)}
+
+
+def _merged(a: _Bucket, b: _Bucket | None) -> _Bucket:
+    """``a`` and ``b`` summed, in a new bucket (the rollup's own stay as they are)."""
+    if b is None:
+        return a
+    out: dict[tuple[str, int], _Bucket] = {}
+    _merge_into(out, ("", 0), a)
+    _merge_into(out, ("", 0), b)
+    return out[("", 0)]
 
 
 # -- the fleet ---------------------------------------------------------------

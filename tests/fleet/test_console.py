@@ -296,3 +296,59 @@ def test_reports_are_listed_and_served_from_their_folder_only(
         assert client.get("/console/api/fleet").status_code == 200
         r = client.post("/console/api/rollouts", json={"spec": SPEC})
         assert r.status_code == 401 and "[http.auth]" in r.json()["error"]["message"]
+
+
+def test_the_grafana_dashboard_queries_only_series_the_fleet_exports(store: Store) -> None:
+    """Every metric packaging/grafana/quantfleet.json names is one /metrics exports, with
+    the labels and label values it selects on."""
+    import json
+
+    root = Path(__file__).resolve().parents[2]
+    dash = json.loads((root / "packaging" / "grafana" / "quantfleet.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    lines = fleet_metrics(store)
+    exported = {line.split()[2] for line in lines if line.startswith("# TYPE")}
+    service = (root / "fleet" / "service.py").read_text()
+    for expr in exprs:
+        for name in re.findall(r"\bquantfleet_[a-z_]+", expr):
+            if name.startswith("quantfleet_ingest_"):
+                assert name.removeprefix("quantfleet_ingest_").removesuffix("_total") \
+                    in service, name
+            else:
+                assert name in exported, f"{name} (in {expr!r}) is not exported"
+        for signal in re.findall(r'signal="([a-z_]+)"', expr):
+            assert signal in queries.RATES, signal
+        for q in re.findall(r'quantile="([0-9.]+)"', expr):
+            assert float(q) in queries.PERCENTILES.values(), q
+
+
+def test_the_rollup_answers_as_the_store_does_as_events_arrive(store: Store) -> None:
+    """The in-memory rollup (week-long charts) gives what one query over the store gives:
+    after its first fill, after more events (folded incrementally, a late one into an
+    old bucket), and for the events not yet settled (aggregated afresh, not kept)."""
+    clock = [NOW + 120]
+    rollup = queries.SignalRollup(store, settle_s=60, clock=lambda: clock[0])
+
+    def same(step: float, variant: str | None = None) -> None:
+        end = clock[0]
+        want = queries.signal_series(store, end - 7200, end, step, variant=variant)
+        got = rollup.series(end - 7200, end, step, variant=variant)
+        assert got == want
+
+    same(600)
+    same(1800)
+    same(3600, variant="tiny-Q8_0")
+    mark = rollup.high_water
+    assert mark > 0
+    rng = random.Random(3)
+    # New events, received now (not settled for the rollup: read afresh) ...
+    store.ingest_batch(_events("dev-9", "tiny-Q8_0", 50, rng, NOW - 3000, 600),
+                       received_at=clock[0])
+    same(600)
+    assert rollup.high_water == mark
+    # ... and once settled, folded in; the late history went to its old buckets.
+    clock[0] += 120
+    same(600)
+    same(1800)
+    assert rollup.high_water > mark
