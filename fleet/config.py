@@ -130,12 +130,37 @@ class RolloutsConfig(Strict):
                           "advanced (assign, check device states, judge a finished bake).")
 
 
+class ConsoleUser(Strict):
+    """A console login by name and password (``quantfleet auth password NAME``)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$",
+                      description="Who logs in; the name the audit trail records.")
+    password_scrypt: str = Field(
+        pattern=r"^scrypt\$[0-9]+\$[0-9]+\$[0-9]+\$[A-Za-z0-9_-]+=*\$[A-Za-z0-9_-]+=*$",
+        description="The password's scrypt hash as `quantfleet auth password` prints it "
+        "(scrypt$N$r$p$salt$hash); never the password.")
+    roles: list[OperatorRole] = Field(
+        default_factory=lambda: list[OperatorRole](["read"]),
+        description="read: the console's pages; write: its changes.")
+
+
 class ConsoleConfig(Strict):
     reports_dir: Path | None = Field(None, description="A folder of eval reports "
                                      "(`quantfleet eval --html`) the console lists and serves "
                                      "under /console/reports/. Absent: no reports page entries.")
     session_ttl_s: float = Field(8 * 3600, gt=0, le=30 * 86400, description="How long a "
                                  "console login lasts (the session cookie's lifetime).")
+    users: list[ConsoleUser] = Field(default_factory=list, description="Logins by name and "
+                                     "password, besides operator tokens; they need "
+                                     "[http.auth] (present, even empty) to be used.")
+
+    @model_validator(mode="after")
+    def _unique_users(self) -> ConsoleConfig:
+        names = [u.name for u in self.users]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"console users given twice: {', '.join(twice)}")
+        return self
 
 
 class FleetConfig(Strict):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,12 +33,13 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..auth import REALM, HttpAuth, Principal, parse_bearer
+from ..config import ConsoleUser
 from ..desired import DesiredState
 from ..rollouts.cli import _history_detail
 from ..rollouts.engine import RolloutEngine
 from ..store import Store
 from . import actions, params, queries
-from .sessions import COOKIE, CSRF_HEADER, Session, Sessions, csrf_ok
+from .sessions import COOKIE, CSRF_HEADER, Session, Sessions, csrf_ok, verify_password
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -55,6 +56,7 @@ class ConsoleContext:
     sessions: Sessions
     reports_dir: Path | None = None
     secure_cookie: bool = False
+    users: Sequence[ConsoleUser] = ()
 
 
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -237,7 +239,8 @@ class Console:
         return FileResponse(self.ctx.reports_dir / name)
 
     async def login_page(self, request: Request) -> Response:
-        return self.render(request, "login.html", next=_safe_next(request), message="")
+        return self.render(request, "login.html", next=_safe_next(request), message="",
+                           users=bool(self.ctx.users))
 
     async def login(self, request: Request) -> Response:
         # A urlencoded form of two fields, read here (starlette's form() needs
@@ -247,11 +250,26 @@ class Console:
         token = form.get("token", "").strip()
         nxt = _safe_next(request, form.get("next", ""))
         creds = self.ctx.auth.credentials
-        who = creds.authenticate(token) if creds is not None and token else None
-        if who is None or who.kind != "operator":
-            log.warning("console login refused: not an operator's token")
-            return self.render(request, "login.html", 401, next=nxt,
-                               message="That is not a valid operator token.")
+        who: Principal | None = None
+        if creds is None:
+            return self.render(request, "login.html", 401, next=nxt, message="This fleet "
+                               "has no [http.auth]: there is nothing to log in to.")
+        if "user" in form:
+            user = next((u for u in self.ctx.users if u.name == form["user"]), None)
+            # A hash is computed for an unknown name too: no answer says which names exist.
+            if verify_password(form.get("password", ""),
+                               user.password_scrypt if user else None) and user:
+                who = Principal("operator", user.name, frozenset(user.roles))
+            if who is None:
+                log.warning("console login refused: wrong name or password")
+                return self.render(request, "login.html", 401, next=nxt, users=True,
+                                   message="Wrong name or password.")
+        else:
+            who = creds.authenticate(token) if token else None
+            if who is None or who.kind != "operator":
+                log.warning("console login refused: not an operator's token")
+                return self.render(request, "login.html", 401, next=nxt,
+                                   message="That is not a valid operator token.")
         session_id, _ = self.ctx.sessions.open(who)
         log.info("console login: operator %s (%s)", who.name, ", ".join(sorted(who.roles)))
         resp = RedirectResponse(nxt, 303)

@@ -105,26 +105,37 @@ def fleet_metrics(store: Store, now: float | None = None) -> list[str]:
 
 
 def _rollout_sides(store: Store, start: float, end: float) -> list[dict[str, Any]]:
+    """Per active rollout and side, its devices' requests of the window: the members and
+    the window's per-device counts are read apart (two index reads) and summed here — a
+    join lets SQLite scan every request once per member."""
     e, rd, r = schema.events, schema.rollout_devices, schema.rollouts
 
     def total(cond: Any) -> Any:
         return func.sum(case((cond, 1), else_=0))
 
-    q = (select(rd.c.rollout_id, rd.c.role, func.count().label("n"),
-                total(e.c.validation_failed.is_(True)).label("validation_failure"),
-                total(e.c.refused.is_(True)).label("refusal"),
-                total(e.c.fallback.is_(True)).label("fallback"),
-                total(e.c.status >= 400).label("error"))
-         .select_from(rd.join(r, r.c.id == rd.c.rollout_id)
-                      .join(e, e.c.device_id == rd.c.device_id))
-         .where(and_(r.c.state.in_(ACTIVE), e.c.kind == "request", e.c.ts >= start,
-                     e.c.ts < end, e.c.ts >= rd.c.assigned_at))
-         .group_by(rd.c.rollout_id, rd.c.role))
+    signals = ("validation_failure", "refusal", "fallback", "error")
     with store.engine.connect() as conn:
-        return [{"rollout": row.rollout_id, "side": row.role, "n": int(row.n),
-                 "validation_failure": int(row.validation_failure or 0),
-                 "refusal": int(row.refusal or 0), "fallback": int(row.fallback or 0),
-                 "error": int(row.error or 0)} for row in conn.execute(q)]
+        members = conn.execute(select(rd.c.device_id, rd.c.rollout_id, rd.c.role)
+                               .select_from(rd.join(r, r.c.id == rd.c.rollout_id))
+                               .where(r.c.state.in_(ACTIVE))).all()
+        if not members:
+            return []
+        per_device = {row[0]: row[1:] for row in conn.execute(
+            select(e.c.device_id, func.count(), total(e.c.validation_failed.is_(True)),
+                   total(e.c.refused.is_(True)), total(e.c.fallback.is_(True)),
+                   total(e.c.status >= 400))
+            .where(and_(e.c.kind == "request", e.c.ts >= start, e.c.ts < end))
+            .group_by(e.c.device_id))}
+    sides: dict[tuple[str, str], dict[str, Any]] = {}
+    for device_id, rollout_id, role in members:
+        side = sides.setdefault((rollout_id, role), {"rollout": rollout_id, "side": role,
+                                                     "n": 0, **dict.fromkeys(signals, 0)})
+        counts = per_device.get(device_id)
+        if counts:
+            side["n"] += int(counts[0])
+            for name, k in zip(signals, counts[1:], strict=True):
+                side[name] += int(k or 0)
+    return [sides[k] for k in sorted(sides)]
 
 
 __all__ = ["STATES", "WINDOW_S", "fleet_metrics"]

@@ -263,23 +263,42 @@ UNKNOWN_CLASS = "(unknown)"
 def fleet_summary(store: Store, selector: Selector | None, *, limit: int = 100,
                   offset: int = 0) -> dict[str, Any]:
     """Counts by variant, update state, hardware class (``cpu.class``) and liveness,
-    of the devices ``selector`` picks, and one page of them (by id)."""
-    rows = store.devices(list(FLEET_COLUMNS))
-    if selector is not None:
-        rows = [r for r in rows if selector.matches(r["labels"] or {})]
+    of the devices ``selector`` picks, and one page of them (by id). The whole fleet
+    is counted by the database; a selector is matched here, on every device's labels
+    (the selector language is ``cohorts.Selector``'s, not SQL)."""
     counts: dict[str, dict[str, int]] = {"variant": {}, "update_state": {}, "class": {},
                                          "online": {}}
-    for r in rows:
-        labels = r["labels"] or {}
-        for key, value in (("variant", r["variant"] or "(none)"),
-                           ("update_state", r["update_state"] or "(none)"),
-                           ("class", labels.get("cpu.class", UNKNOWN_CLASS)),
-                           ("online", "online" if r["online"] else "offline")):
-            counts[key][value] = counts[key].get(value, 0) + 1
+
+    def tally(variant: str | None, state: str | None, cls: str | None, online: bool,
+              n: int = 1) -> None:
+        for key, value in (("variant", variant or "(none)"),
+                           ("update_state", state or "(none)"),
+                           ("class", cls or UNKNOWN_CLASS),
+                           ("online", "online" if online else "offline")):
+            counts[key][value] = counts[key].get(value, 0) + n
+
+    d = schema.devices
+    if selector is None:
+        cls = d.c.labels["cpu.class"].as_string()
+        with store.engine.connect() as conn:
+            for variant, state, c, online, n in conn.execute(
+                    select(d.c.variant, d.c.update_state, cls, d.c.online, func.count())
+                    .group_by(d.c.variant, d.c.update_state, cls, d.c.online)):
+                tally(variant, state, c, bool(online), int(n))
+            result = conn.execute(select(*(d.c[c] for c in FLEET_COLUMNS))
+                                  .order_by(d.c.device_id).limit(limit).offset(offset))
+            page = [dict(zip(FLEET_COLUMNS, r, strict=True)) for r in result.all()]
+        total = sum(counts["online"].values())
+    else:
+        rows = [r for r in store.devices(list(FLEET_COLUMNS))
+                if selector.matches(r["labels"] or {})]
+        for r in rows:
+            tally(r["variant"], r["update_state"], (r["labels"] or {}).get("cpu.class"),
+                  bool(r["online"]))
+        page, total = rows[offset:offset + limit], len(rows)
     page = [{**r, "cpu_class": (r["labels"] or {}).get("cpu.class", UNKNOWN_CLASS)}
-            for r in rows[offset:offset + limit]]
-    return {"total": len(rows), "counts": {k: dict(sorted(v.items()))
-                                           for k, v in counts.items()},
+            for r in page]
+    return {"total": total, "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
             "devices": page, "offset": offset, "limit": limit, "now": time.time()}
 
 

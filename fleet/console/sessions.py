@@ -1,4 +1,5 @@
-"""Browser sessions of the console: an operator logs in once with a token, the browser
+"""Browser sessions of the console: an operator logs in once with a token (or a name and
+password of ``[console] users``, kept as scrypt hashes), the browser
 keeps a session cookie, and every write carries the session's CSRF token.
 
 The cookie holds a random session id (``HttpOnly``, ``SameSite=Strict``, ``Secure``
@@ -12,6 +13,7 @@ and need no CSRF token (a browser never adds that header by itself).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets
@@ -72,3 +74,33 @@ class Sessions:
 def csrf_ok(session: Session, presented: str | None) -> bool:
     return presented is not None and hmac.compare_digest(session.csrf.encode(),
                                                          presented.encode())
+
+
+# scrypt's cost: 16 MiB and about 50 ms per check on a 2-core host — slow for a guesser,
+# once per login for an operator (sessions carry it afterwards).
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """``scrypt$N$r$p$salt$hash`` (urlsafe base64), what ``[console] users`` holds."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R,
+                            p=SCRYPT_P, dklen=32)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+_DUMMY = hash_password("not a password", b"0" * 16)
+
+
+def verify_password(password: str, encoded: str | None) -> bool:
+    """Whether ``password`` matches ``encoded``; with None (no such user) a hash is
+    still computed, so that the answer takes as long for a name that does not exist."""
+    _, n, r, p, salt, digest = (encoded or _DUMMY).split("$")
+    got = hashlib.scrypt(password.encode(), salt=base64.urlsafe_b64decode(salt), n=int(n),
+                         r=int(r), p=int(p), dklen=len(base64.urlsafe_b64decode(digest)),
+                         maxmem=256 * 1024 * 1024)
+    return encoded is not None and hmac.compare_digest(got, base64.urlsafe_b64decode(digest))

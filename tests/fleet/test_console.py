@@ -24,12 +24,18 @@ from quantfleet.agent.wire import (
     ValidationOutcome,
 )
 from quantfleet.fleet.auth import Credentials, HttpAuth, issue_operator_token
-from quantfleet.fleet.config import AuthEntries
+from quantfleet.fleet.config import AuthEntries, ConsoleUser
 from quantfleet.fleet.console import queries
 from quantfleet.fleet.console.app import ConsoleContext, console_mount
 from quantfleet.fleet.console.metrics import fleet_metrics
-from quantfleet.fleet.console.sessions import COOKIE, Sessions
+from quantfleet.fleet.console.sessions import (
+    COOKIE,
+    Sessions,
+    hash_password,
+    verify_password,
+)
 from quantfleet.fleet.rollouts.engine import RolloutEngine
+from quantfleet.fleet.rollouts.spec import parse_spec
 from quantfleet.fleet.store import Store
 
 NOW = time.time()
@@ -126,16 +132,20 @@ class _Assign:
 
 @pytest.fixture
 def console(store: Store) -> Iterator[tuple[TestClient, dict[str, str], Store]]:
-    """The console with two operators: alice (read, write) and bob (read)."""
+    """The console with two operators, alice (read, write) and bob (read), and a login by
+    password, carol (write)."""
     alice, a = issue_operator_token("alice", ["read", "write"])
     bob, b = issue_operator_token("bob", ["read"])
     auth = HttpAuth(Credentials(AuthEntries(operators=[a, b])))
     engine = RolloutEngine(store, _Assign(), lambda label: f"tiny-{label}")
+    carol = ConsoleUser(name="carol", password_scrypt=hash_password(CAROL), roles=["write"])
     app = Starlette(routes=[console_mount(ConsoleContext(store, engine, None, auth,
-                                                         Sessions(3600)))])
+                                                         Sessions(3600), users=[carol]))])
     with TestClient(app, base_url="http://127.0.0.1") as client:
         yield client, {"alice": alice, "bob": bob}, store
 
+
+CAROL = "correct horse battery staple"
 
 SPEC = """name: q4
 cohort: "region=eu"
@@ -249,6 +259,12 @@ def test_the_fleet_endpoint_counts_the_selected_devices(
     assert body["total"] == 3
     assert body["counts"]["online"] == {"online": 3}
     assert [d["device_id"] for d in body["devices"]] == ["dev-1", "dev-3", "dev-5"]
+    # The whole fleet is counted by the database, the same way.
+    whole = client.get("/console/api/fleet?limit=2&offset=1",
+                       headers=_bearer(tokens["bob"])).json()
+    assert whole["total"] == 6 and whole["counts"]["class"] == {"(unknown)": 6}
+    assert whole["counts"]["online"] == {"online": 6}
+    assert [d["device_id"] for d in whole["devices"]] == ["dev-1", "dev-2"]
     sig = client.get("/console/api/signals?window=2h&selector=region=eu",
                      headers=_bearer(tokens["bob"])).json()
     assert sig["devices"] == 3
@@ -256,6 +272,11 @@ def test_the_fleet_endpoint_counts_the_selected_devices(
 
 
 def test_metrics_carry_variants_and_rollout_states_but_no_device_ids(store: Store) -> None:
+    engine = RolloutEngine(store, _Assign(), lambda label: f"tiny-{label}")
+    engine.create(parse_spec(SPEC, "spec"), actor="alice")
+    engine.tick()  # step 1: its members join (these devices report no variant: controls)
+    members = {m["device_id"]: m["role"] for m in engine.members("q4")}
+    assert members
     lines = fleet_metrics(store, now=NOW + 1)
     text = "\n".join(lines)
     assert "dev-" not in text
@@ -271,7 +292,18 @@ def test_metrics_carry_variants_and_rollout_states_but_no_device_ids(store: Stor
             select(e.c.variant, func.count()).where(e.c.ts >= NOW + 1 - 300)
             .group_by(e.c.variant))}
     assert requests == {v: float(n) for v, n in want.items()}
-    assert 'quantfleet_rollouts{state="running"} 0' in text
+    state = engine.get("q4")["state"]  # paused: no device reports running the baseline
+    assert f'quantfleet_rollouts{{state="{state}"}} 1' in text
+    assert 'quantfleet_rollouts{state="completed"} 0' in text
+    assert f'quantfleet_rollout_step{{rollout="q4",state="{state}"' in text
+    sides = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r'^quantfleet_rollout_signal_requests\{rollout="q4",side="([a-z]+)"\} (\S+)$', text,
+        re.M)}
+    with store.engine.connect() as conn:
+        per_device = dict(conn.execute(select(e.c.device_id, func.count()).where(
+            e.c.ts >= NOW + 1 - 300).group_by(e.c.device_id)).all())
+    assert sides == {side: float(sum(per_device.get(d, 0) for d, r in members.items()
+                                     if r == side)) for side in set(members.values())}
     assert re.search(r'^quantfleet_devices\{variant="none",update_state="none",online="true"\} 6$',
                      text, re.M)
     for line in lines:  # Prometheus text: comments, or name{labels} value
@@ -352,3 +384,29 @@ def test_the_rollup_answers_as_the_store_does_as_events_arrive(store: Store) -> 
     same(600)
     same(1800)
     assert rollup.high_water > mark
+
+
+def test_a_console_user_logs_in_with_a_password_kept_as_scrypt(
+        console: tuple[TestClient, dict[str, str], Store]) -> None:
+    client, _, store = console
+    encoded = hash_password(CAROL)
+    assert encoded.startswith("scrypt$16384$8$1$") and CAROL not in encoded
+    assert verify_password(CAROL, encoded) and not verify_password(CAROL + "!", encoded)
+    assert not verify_password(CAROL, None)
+    r = client.post("/console/login", data={"user": "carol", "password": "wrong"})
+    assert r.status_code == 401 and "Wrong name or password" in r.text
+    r = client.post("/console/login", data={"user": "mallory", "password": CAROL})
+    assert r.status_code == 401
+    r = client.post("/console/login", data={"user": "carol", "password": CAROL,
+                                            "next": "/console/rollouts"},
+                    follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/console/rollouts"
+    # Write only: the pages need read, the write goes through with the CSRF token.
+    assert client.get("/console/rollouts").status_code == 403
+    page = client.get("/console/login").text
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page)
+    assert csrf and csrf.group(1)
+    r = client.post("/console/api/rollouts", json={"spec": SPEC},
+                    headers={"X-CSRF-Token": csrf.group(1)})
+    assert r.status_code == 201, r.text
+    assert store.audit_log("rollout:q4")[-1]["actor"] == "carol"
