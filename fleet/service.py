@@ -199,7 +199,8 @@ class FleetService:
         console = console_mount(ConsoleContext(
             self.store, self.rollouts, self.desired, self.auth,
             Sessions(self.cfg.console.session_ttl_s), self.cfg.console.reports_dir,
-            secure_cookie=self.cfg.http.tls_cert is not None, users=self.cfg.console.users))
+            secure_cookie=self.cfg.http.tls_cert is not None, users=self.cfg.console.users),
+            warm=True)
         return Starlette(routes=[Route("/healthz", health),
                                  Route("/metrics", self.auth.guard("read", metrics)),
                                  Route("/v1/desired", self.auth.guard("read", desired)),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -439,8 +440,20 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING)
     return value
 
 
-def console_mount(ctx: ConsoleContext) -> Mount:
-    return Mount(PREFIX, routes=Console(ctx).routes())
+def console_mount(ctx: ConsoleContext, *, warm: bool = False) -> Mount:
+    """The console's routes under PREFIX; ``warm`` fills the signal rollup in the
+    background at once (the fleet service does), so that the first week-long chart
+    does not wait for it."""
+    console = Console(ctx)
+    if warm:
+        def fill() -> None:
+            try:
+                console.rollup.refresh()
+            except Exception:  # a store closing under it; the first request fills it then
+                log.warning("console: could not fill the signal rollup", exc_info=True)
+
+        threading.Thread(target=fill, name="console-rollup", daemon=True).start()
+    return Mount(PREFIX, routes=console.routes())
 
 
 __all__ = ["CHARTS", "PREFIX", "Console", "ConsoleContext", "console_mount"]
