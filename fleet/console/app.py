@@ -193,7 +193,8 @@ class Console:
         return self.render(request, "signals.html",
                            window=request.query_params.get("window", "1h"),
                            selector=request.query_params.get("selector", ""),
-                           charts=CHARTS, reports=self._reports())
+                           charts=CHARTS, reports=self._reports(),
+                           figures=self._eval_figures(self._fleet_variants()))
 
     async def rollouts_page(self, request: Request) -> Response:
         return self.render(request, "rollouts.html",
@@ -217,6 +218,9 @@ class Console:
             return self.render(request, "missing.html", 404, what=f"device {device_id!r}")
         return self.render(request, "device.html", d=detail)
 
+    def _fleet_variants(self) -> set[str]:
+        return {str(d["variant"]) for d in self.ctx.store.devices(["variant"]) if d["variant"]}
+
     def _reports(self) -> list[dict[str, Any]]:
         folder = self.ctx.reports_dir
         if folder is None or not folder.is_dir():
@@ -225,6 +229,31 @@ class Console:
                  "json": p.with_suffix(".json").name if p.with_suffix(".json").exists()
                  else None}
                 for p in sorted(folder.glob("*.html"))]
+
+    def _eval_figures(self, variants: set[str]) -> list[dict[str, Any]]:
+        """Per variant of every report JSON (``quantfleet eval --json``) in the reports
+        folder: its golden-set pass rate with the interval and its speed — the offline
+        figures beside the fleet's; ``in_fleet`` says whether a device runs it."""
+        out = []
+        for r in self._reports():
+            if not r["json"]:
+                continue
+            assert self.ctx.reports_dir is not None
+            try:
+                doc = json.loads((self.ctx.reports_dir / r["json"]).read_text())
+                rows = doc["report"]["variants"]
+                for v in rows:
+                    o = v["overall"]
+                    out.append({"report": r["name"], "variant": v["name"],
+                                "precision": v.get("precision"), "role": v.get("role"),
+                                "passed": o["passed"], "n": o["n"], "rate": o["rate"],
+                                "low": o["low"], "high": o["high"],
+                                "tokens_per_second": v.get("tokens_per_second"),
+                                "in_fleet": v["name"] in variants})
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("console: report %s is not an eval report's JSON (%s)",
+                            r["json"], exc)
+        return out
 
     async def reports_page(self, request: Request) -> Response:
         return self.render(request, "reports.html", reports=self._reports(),

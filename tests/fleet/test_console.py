@@ -312,8 +312,14 @@ def test_metrics_carry_variants_and_rollout_states_but_no_device_ids(store: Stor
 
 def test_reports_are_listed_and_served_from_their_folder_only(
         store: Store, tmp_path: Path) -> None:
+    import json
+    import shutil
+
     (tmp_path / "ladder.html").write_text("<html>report</html>")
-    (tmp_path / "ladder.json").write_text("{}")
+    real = Path(__file__).resolve().parents[2] / "docs" / "reports" / "starter-ladder.json"
+    shutil.copy(real, tmp_path / "ladder.json")
+    (tmp_path / "broken.html").write_text("<html></html>")
+    (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "secret.txt").write_text("no")
     engine = RolloutEngine(store, _Assign(), lambda label: label)
     app = Starlette(routes=[console_mount(ConsoleContext(
@@ -324,6 +330,11 @@ def test_reports_are_listed_and_served_from_their_folder_only(
         assert client.get("/console/reports/ladder.html").text == "<html>report</html>"
         assert client.get("/console/reports/secret.txt").status_code == 404
         assert client.get("/console/reports/..%2Fsecret.txt").status_code == 404
+        # The Signals page shows each report variant's golden-set figures.
+        page = client.get("/console/signals").text
+        for v in json.loads(real.read_text())["report"]["variants"]:
+            o = v["overall"]
+            assert f"{v['name']}</td>" in page and f"{o['passed']}/{o['n']}" in page
         # No [http.auth]: anyone reads, no one writes.
         assert client.get("/console/api/fleet").status_code == 200
         r = client.post("/console/api/rollouts", json={"spec": SPEC})

@@ -131,8 +131,12 @@ def no_console_errors(driver: Any, page: str) -> None:
 
 
 def screenshot(driver: Any, name: str) -> None:
+    """The whole page (up to 2,400 px high), then the window as it was."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(2400, max(600, int(height))))
     driver.save_screenshot(str(ARTIFACTS / f"{name}.png"))
+    driver.set_window_size(1400, 1100)
     also = os.environ.get("QUANTFLEET_CONSOLE_SCREENSHOTS")
     if also:
         Path(also).mkdir(parents=True, exist_ok=True)
@@ -269,6 +273,10 @@ def test_an_operator_follows_and_steers_the_fleet_in_chromium(world: World,
             "u.series.slice(1).map((s, i) => [s.label, u.data[i + 1]"
             ".reduce((a, b) => a + (b || 0), 0)]))")
         assert drawn == per_variant
+        # The offline eval's figures of the reports folder, beside the fleet's.
+        figures = d.find_elements(By.CSS_SELECTOR, "#eval-figures tbody tr")
+        assert [f.text.split()[0] for f in figures] == [
+            "smollm2-135m-F16", "smollm2-135m-Q8_0", "smollm2-135m-Q4_K_M", "smollm2-135m-Q2_K"]
         no_console_errors(d, "signals")
         screenshot(d, "signals")
 
