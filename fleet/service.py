@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
 from quantfleet.agent.mqtt import connect_options, make_client
@@ -204,7 +204,9 @@ class FleetService:
         return Starlette(routes=[Route("/healthz", health),
                                  Route("/metrics", self.auth.guard("read", metrics)),
                                  Route("/v1/desired", self.auth.guard("read", desired)),
-                                 *read_api(self.store, self.auth), console,
+                                 *read_api(self.store, self.auth),
+                                 Route("/console", lambda _: RedirectResponse("/console/")),
+                                 console,
                                  Mount("/", app=artifacts)])
 
     def auth_summary(self) -> str:

@@ -326,8 +326,9 @@ def device_ids(store: Store, selector: Selector | None) -> list[str] | None:
 def device_detail(store: Store, device_id: str, *, window_s: float = 3600,
                   now: float | None = None) -> dict[str, Any] | None:
     """A device's registry row, its update walk (the state events it recorded and the
-    fleet's desired-state and rollout decisions about it), its telemetry gaps and its
-    recent request signals."""
+    fleet's desired-state and rollout decisions about it), its telemetry gaps (those its
+    outbox reported, and holes in its sequence nothing accounts for) and its recent
+    request signals."""
     d = schema.devices
     with store.engine.connect() as conn:
         row = conn.execute(select(d).where(d.c.device_id == device_id)).first()
@@ -337,6 +338,10 @@ def device_detail(store: Store, device_id: str, *, window_s: float = 3600,
         states = conn.execute(
             select(e.c.ts, e.c.body).where(and_(e.c.device_id == device_id,
                                                 e.c.kind == "state"))
+            .order_by(e.c.ts.desc()).limit(50)).all()
+        reported = conn.execute(
+            select(e.c.ts, e.c.body).where(and_(e.c.device_id == device_id,
+                                                e.c.kind == "gap"))
             .order_by(e.c.ts.desc()).limit(50)).all()
         rd = schema.rollout_devices
         rollouts = [dict(r._mapping) for r in conn.execute(
@@ -352,6 +357,7 @@ def device_detail(store: Store, device_id: str, *, window_s: float = 3600,
     return {"device": current, "walk": walk,
             "audit": store.audit_log(f"device:{device_id}", 50), "rollouts": rollouts,
             "gaps": [vars(g) | {"events": g.events} for g in store.seq_gaps([device_id])],
+            "reported_gaps": [{"ts": ts, **json.loads(body)} for ts, body in reported],
             "signals": series}
 
 

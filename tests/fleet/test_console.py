@@ -421,3 +421,24 @@ def test_a_console_user_logs_in_with_a_password_kept_as_scrypt(
                     headers={"X-CSRF-Token": csrf.group(1)})
     assert r.status_code == 201, r.text
     assert store.audit_log("rollout:q4")[-1]["actor"] == "carol"
+
+
+def test_the_device_page_shows_the_gaps_its_outbox_reported_and_the_holes_left(
+        console: tuple[TestClient, dict[str, str], Store]) -> None:
+    from quantfleet.agent.wire import GapRecord
+
+    client, tokens, store = console
+    gap = GapRecord(reason="evicted", events=2, counts={"request": 2}, ranges=[(301, 302)])
+    late = _events("dev-0", "tiny-Q8_0", 1, random.Random(1), NOW - 10, 1).events[0]
+    store.ingest_batch(TelemetryBatch(device_id="dev-0", sent_at=NOW, events=[
+        TelemetryEvent(boot_epoch=1, seq=305, kind="request", ts=late.ts, body=late.body),
+        TelemetryEvent(boot_epoch=1, seq=306, kind="gap", ts=NOW, body=gap)]))
+    body = client.get("/console/api/devices/dev-0", headers=_bearer(tokens["bob"])).json()
+    assert [(g["reason"], g["ranges"]) for g in body["reported_gaps"]] == [
+        ("evicted", [[301, 302]])]
+    assert [(g["first"], g["last"]) for g in body["gaps"]] == [(303, 304)]
+    assert [v["variant"] for v in body["signals"]["variants"]] == ["tiny-Q8_0"]
+    page = client.get("/console/devices/dev-0", headers=_bearer(tokens["bob"])).text
+    assert "evicted" in page and "events 303–304 (2) never arrived" in page
+    assert client.get("/console/api/devices/nope",
+                      headers=_bearer(tokens["bob"])).status_code == 404

@@ -191,6 +191,9 @@ def test_an_operator_follows_and_steers_the_fleet_in_chromium(world: World,
     assert len(d.find_elements(By.CSS_SELECTOR, "#devices tbody tr")) == N_DEVICES
     no_console_errors(d, "fleet")
     screenshot(d, "fleet")
+    d.get(f"{url}/console")  # what demo.sh prints, without its slash: the Fleet page
+    assert d.current_url == f"{url}/console/"
+    assert d.find_element(By.ID, "total").text == str(N_DEVICES)
     d.get(f"{url}/console/fleet?selector=region%3Deu")
     assert d.find_element(By.ID, "total").text == str(N_DEVICES // 2)
     no_console_errors(d, "fleet?selector")
@@ -210,13 +213,16 @@ def test_an_operator_follows_and_steers_the_fleet_in_chromium(world: World,
 
         wait("two verdicts", lambda: len(verdicts()) >= 2, 90)
         d.get(f"{url}/console/rollouts/q4-browser")
-        chart = wait("the verdicts chart", lambda: d.execute_script(
-            "return window.qfCharts.verdicts && window.qfCharts.verdicts.draws > 0 "
-            "&& window.qfCharts.verdicts"))
+        charts = wait("the verdict charts", lambda: d.execute_script(
+            "const c = window.qfCharts; return c['verdict:validation_failure_rate'] && "
+            "c['verdict:p95_latency'] && c['verdict:p95_latency'].draws > 0 && c"))
         shown = d.execute_script("return JSON.parse(document.getElementById("
                                  "'rollout-data').textContent).verdicts.length")
-        assert chart["points"] == shown and shown >= 2
-        assert chart["series"] == 4 * 2  # per gate: estimate, interval ends, tolerance
+        assert shown >= 2
+        for gate in ("validation_failure_rate", "p95_latency"):  # the spec's two gates
+            chart = charts[f"verdict:{gate}"]
+            # One point per verdict; estimate, the interval's two ends, the limit.
+            assert chart["points"] == shown and chart["series"] == 4, (gate, chart)
         assert "insufficient" in d.find_element(By.ID, "verdicts").text
         rows = d.find_elements(By.CSS_SELECTOR, "#audit tbody tr")
         assert any("alice" in r.text and "rollout.create" in r.text for r in rows)

@@ -200,7 +200,7 @@
 
   pages.rollout = () => {
     const doc = JSON.parse(document.getElementById("rollout-data").textContent);
-    verdictChart(doc.verdicts);
+    verdictCharts(doc.verdicts);
     every(5000, async () => {
       const d = await api(`/api/rollouts/${encodeURIComponent(doc.id)}`);
       const st = document.getElementById("state");
@@ -222,34 +222,44 @@
     });
   };
 
-  function verdictChart(verdicts) {
-    const fig = document.getElementById("chart-verdicts");
-    if (!fig) return;
+  // One chart per gate (a rate difference and a latency ratio do not share an axis):
+  // its estimate at every verdict, the 95 % interval as a band, the limit dashed.
+  function verdictCharts(verdicts) {
+    const box = document.getElementById("verdict-charts");
+    if (!box) return;
     const metrics = [...new Set(verdicts.flatMap((v) => v.gates.map((g) => g.metric)))];
     const xs = verdicts.map((v) => v.ts);
-    const data = [xs];
-    const series = [{}];
-    const bands = [];
+    const range = xs.length ? [xs[0] - 1, xs[xs.length - 1] + 1] : null;
     metrics.forEach((m, i) => {
+      const key = `verdict:${m}`;
+      let fig = box.querySelector(`figure[data-key="${key}"]`);
+      if (!fig) {
+        fig = document.createElement("figure");
+        fig.className = "chart";
+        fig.dataset.key = key;
+        const cap = document.createElement("figcaption");
+        cap.textContent = m;
+        fig.appendChild(cap);
+        box.appendChild(fig);
+      }
       const color = COLORS[i % COLORS.length];
+      const gate = (v) => v.gates.find((x) => x.metric === m);
       const get = (f) => verdicts.map((v) => {
-        const g = v.gates.find((x) => x.metric === m);
+        const g = gate(v);
         return g && g[f] !== null && g[f] !== undefined ? g[f] : null;
       });
       const limit = verdicts.map((v) => {
-        const g = v.gates.find((x) => x.metric === m);
+        const g = gate(v);
         return g ? g.limits[g.limits.length - 1] : null;
       });
-      data.push(get("estimate"), get("high"), get("low"), limit);
-      const base = series.length;
-      series.push({ label: m, stroke: color, width: 2 },
-                  { label: `${m} 95% high`, stroke: color + "55", points: { show: false }, band: true },
-                  { label: `${m} 95% low`, stroke: color + "55", points: { show: false }, band: true },
-                  { label: `${m} tolerated limit`, stroke: color, dash: [6, 4], points: { show: false } });
-      bands.push({ series: [base + 1, base + 2], fill: color + "22" });
+      const series = [{},
+        { label: `${m} estimate`, stroke: color, width: 2 },
+        { label: "95% high", stroke: color + "55", points: { show: false }, band: true },
+        { label: "95% low", stroke: color + "55", points: { show: false }, band: true },
+        { label: "tolerated limit", stroke: "#c62828", dash: [6, 4], points: { show: false } }];
+      draw(fig, key, [xs, get("estimate"), get("high"), get("low"), limit],
+           { series, bands: [{ series: [2, 3], fill: color + "22" }] }, 1, range);
     });
-    draw(fig, "verdicts", data, { series, bands }, metrics.length,
-         xs.length ? [xs[0] - 1, xs[xs.length - 1] + 1] : null);
   }
 
   pages.rollouts = () => {
