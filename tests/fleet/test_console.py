@@ -442,3 +442,28 @@ def test_the_device_page_shows_the_gaps_its_outbox_reported_and_the_holes_left(
     assert "evicted" in page and "events 303–304 (2) never arrived" in page
     assert client.get("/console/api/devices/nope",
                       headers=_bearer(tokens["bob"])).status_code == 404
+
+
+def test_unpinning_removes_the_pin_and_audits_it_on_the_rollout_that_pinned_it(
+        console: tuple[TestClient, dict[str, str], Store]) -> None:
+    from quantfleet.fleet.store import schema
+
+    client, tokens, store = console
+    with store.engine.begin() as conn:  # what a rollback leaves (repository._pin)
+        conn.execute(schema.pins.insert().values(cohort="region=eu", variant="tiny-Q2_K",
+                                                 rollout_id="q2k", pinned_at=NOW,
+                                                 reason="validation_failure_rate failed"))
+    body = {"cohort": "region=eu", "variant": "tiny-Q2_K"}
+    assert client.post("/console/api/pins/unpin", json=body,
+                       headers=_bearer(tokens["bob"])).status_code == 403
+    r = client.post("/console/api/pins/unpin", json=body, headers=_bearer(tokens["alice"]))
+    assert r.status_code == 200 and r.json()["rollout_id"] == "q2k"
+    with store.engine.connect() as conn:
+        assert conn.execute(schema.pins.select()).all() == []
+    [audit] = store.audit_log("rollout:q2k")
+    assert (audit["actor"], audit["action"], audit["evidence"]["variant"]) == (
+        "alice", "rollout.unpin", "tiny-Q2_K")
+    # No desired-state publisher here: setting desired says so.
+    r = client.post("/console/api/desired", json={"selector": "*", "variant": "Q4_K_M"},
+                    headers=_bearer(tokens["alice"]))
+    assert r.status_code == 409

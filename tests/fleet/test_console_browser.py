@@ -250,6 +250,24 @@ def test_an_operator_follows_and_steers_the_fleet_in_chromium(world: World,
         no_console_errors(d, "rollouts")
         screenshot(d, "rollouts")
 
+        # Set desired for a cohort from the Fleet page's form.
+        d.get(f"{url}/console/fleet")
+        form = d.find_element(By.ID, "desired-form")
+        sel = form.find_element(By.NAME, "selector")
+        sel.clear()
+        sel.send_keys("region=us")
+        form.find_element(By.NAME, "variant").send_keys("Q4_K_M")
+        form.find_element(By.TAG_NAME, "button").click()
+        wait("the form's answer", lambda: "desired state set for 20 devices"
+             in d.find_element(By.ID, "flash").text, 20)
+        us = [p for p in store.desired() if p.variant == "tiny-Q4_K_M"
+              and p.rollout_id is None]
+        assert len(us) == N_DEVICES // 2
+        sets = [a for a in store.audit_log(None, 5000) if a["action"] == "desired.set"
+                and a["evidence"]["rollout_id"] is None]
+        assert len(sets) == N_DEVICES // 2 and {a["actor"] for a in sets} == {"alice"}
+        no_console_errors(d, "fleet after desired")
+
         # Signals: stop the traffic so the store holds still, then compare the charts
         # with what the store has.
         world.sim.stop()

@@ -263,6 +263,20 @@
   }
 
   pages.rollouts = () => {
+    every(5000, async () => {
+      const doc = await api("/api/rollouts");
+      const rows = document.querySelectorAll("#rollouts tr[data-rollout]");
+      if (rows.length !== doc.rollouts.length) { location.reload(); return; }
+      for (const r of doc.rollouts) {
+        const row = document.querySelector(`#rollouts tr[data-rollout="${CSS.escape(r.id)}"]`);
+        if (!row) continue;
+        const cells = row.cells;
+        cells[1].textContent = r.state;
+        cells[1].className = `state state-${r.state}`;
+        cells[2].textContent = `${r.step}/${r.steps} (${r.phase})`;
+        cells[5].textContent = r.reason;
+      }
+    });
     const form = document.getElementById("create-form");
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
