@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, or_, select, true
 
 from quantfleet.agent.quality.stats import wilson_interval
 
@@ -272,45 +272,51 @@ FLEET_COLUMNS = ("device_id", "labels", "online", "variant", "update_state", "la
 UNKNOWN_CLASS = "(unknown)"
 
 
+def selector_clause(selector: Selector) -> Any:
+    """``selector`` as a WHERE clause on the devices' JSON labels, meaning what
+    ``Selector.matches`` means (a test holds the two equal on both engines): the
+    database picks the devices, not Python over every device's labels."""
+    d = schema.devices
+    clauses: list[Any] = []
+    for t in selector.terms:
+        value = d.c.labels[t.key].as_string()
+        if t.op == "exists":
+            clauses.append(value.is_not(None))
+        elif t.op == "absent":
+            clauses.append(value.is_(None))
+        elif t.op == "=":
+            clauses.append(value.in_(list(t.values)))
+        else:  # "!=": absent, or none of the values
+            clauses.append(or_(value.is_(None), value.not_in(list(t.values))))
+    return and_(true(), *clauses)
+
+
 def fleet_summary(store: Store, selector: Selector | None, *, limit: int = 100,
                   offset: int = 0) -> dict[str, Any]:
     """Counts by variant, update state, hardware class (``cpu.class``) and liveness,
-    of the devices ``selector`` picks, and one page of them (by id). The whole fleet
-    is counted by the database; a selector is matched here, on every device's labels
-    (the selector language is ``cohorts.Selector``'s, not SQL)."""
+    of the devices ``selector`` picks, and one page of them (by id): counted and
+    selected by the database."""
     counts: dict[str, dict[str, int]] = {"variant": {}, "update_state": {}, "class": {},
                                          "online": {}}
-
-    def tally(variant: str | None, state: str | None, cls: str | None, online: bool,
-              n: int = 1) -> None:
-        for key, value in (("variant", variant or "(none)"),
-                           ("update_state", state or "(none)"),
-                           ("class", cls or UNKNOWN_CLASS),
-                           ("online", "online" if online else "offline")):
-            counts[key][value] = counts[key].get(value, 0) + n
-
     d = schema.devices
-    if selector is None:
-        cls = d.c.labels["cpu.class"].as_string()
-        with store.engine.connect() as conn:
-            for variant, state, c, online, n in conn.execute(
-                    select(d.c.variant, d.c.update_state, cls, d.c.online, func.count())
-                    .group_by(d.c.variant, d.c.update_state, cls, d.c.online)):
-                tally(variant, state, c, bool(online), int(n))
-            result = conn.execute(select(*(d.c[c] for c in FLEET_COLUMNS))
-                                  .order_by(d.c.device_id).limit(limit).offset(offset))
-            page = [dict(zip(FLEET_COLUMNS, r, strict=True)) for r in result.all()]
-        total = sum(counts["online"].values())
-    else:
-        rows = [r for r in store.devices(list(FLEET_COLUMNS))
-                if selector.matches(r["labels"] or {})]
-        for r in rows:
-            tally(r["variant"], r["update_state"], (r["labels"] or {}).get("cpu.class"),
-                  bool(r["online"]))
-        page, total = rows[offset:offset + limit], len(rows)
+    where = selector_clause(selector) if selector is not None else true()
+    cls = d.c.labels["cpu.class"].as_string()
+    with store.engine.connect() as conn:
+        for variant, state, c, online, n in conn.execute(
+                select(d.c.variant, d.c.update_state, cls, d.c.online, func.count())
+                .where(where).group_by(d.c.variant, d.c.update_state, cls, d.c.online)):
+            for key, value in (("variant", variant or "(none)"),
+                               ("update_state", state or "(none)"),
+                               ("class", c or UNKNOWN_CLASS),
+                               ("online", "online" if online else "offline")):
+                counts[key][value] = counts[key].get(value, 0) + int(n)
+        result = conn.execute(select(*(d.c[c] for c in FLEET_COLUMNS)).where(where)
+                              .order_by(d.c.device_id).limit(limit).offset(offset))
+        page = [dict(zip(FLEET_COLUMNS, r, strict=True)) for r in result.all()]
     page = [{**r, "cpu_class": (r["labels"] or {}).get("cpu.class", UNKNOWN_CLASS)}
             for r in page]
-    return {"total": total, "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+    return {"total": sum(counts["online"].values()),
+            "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
             "devices": page, "offset": offset, "limit": limit, "now": time.time()}
 
 
@@ -318,7 +324,11 @@ def device_ids(store: Store, selector: Selector | None) -> list[str] | None:
     """The ids ``selector`` picks (None: no selector, every device)."""
     if selector is None:
         return None
-    return selector.select(store.devices(["device_id", "labels"]))
+    d = schema.devices
+    with store.engine.connect() as conn:
+        return [str(i) for i in conn.execute(select(d.c.device_id)
+                                             .where(selector_clause(selector))
+                                             .order_by(d.c.device_id)).scalars()]
 
 
 # -- one device ----------------------------------------------------------------
@@ -410,8 +420,9 @@ def rollout_detail(engine: Any, rollout_id: str) -> dict[str, Any] | None:
         return None
     spec = engine.spec(rollout_id)
     members = engine.members(rollout_id)
-    cohort_size = len(engine.store.devices(["device_id"])) if spec.cohort == "*" else len(
-        Selector.parse(spec.cohort).select(engine.store.devices(["device_id", "labels"])))
+    with engine.store.engine.connect() as conn:
+        cohort_size = int(conn.execute(select(func.count()).select_from(schema.devices).where(
+            selector_clause(Selector.parse(spec.cohort)))).scalar_one())
     steps = []
     for i, target in enumerate(spec.steps):
         at = [m for m in members if m["step"] == i]

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
@@ -467,3 +469,44 @@ def test_unpinning_removes_the_pin_and_audits_it_on_the_rollout_that_pinned_it(
     r = client.post("/console/api/desired", json={"selector": "*", "variant": "Q4_K_M"},
                     headers=_bearer(tokens["alice"]))
     assert r.status_code == 409
+
+
+KEYS = ("a", "b", "cpu.class", "x/y")
+VALUES = ("1", "2", "v-3")
+
+
+@pytest.fixture
+def labelled(store_url: str) -> Iterator[Store]:
+    """60 devices with random labels over a few keys and values."""
+    s = Store(store_url)
+    rng = random.Random(11)
+    for i in range(60):
+        labels = {k: rng.choice(VALUES) for k in KEYS if rng.random() < 0.6}
+        s.apply_status(StatusPayload(device_id=f"l-{i:02d}", state="online", boot_epoch=1,
+                                     reason="birth", ts=NOW, labels=labels))
+    yield s
+    s.close()
+
+
+_term = st.one_of(
+    st.sampled_from(KEYS),
+    st.sampled_from(KEYS).map(lambda k: f"!{k}"),
+    st.tuples(st.sampled_from(KEYS), st.sampled_from(["=", "!="]),
+              st.lists(st.sampled_from(VALUES), min_size=1, max_size=3)).map(
+        lambda t: f"{t[0]}{t[1]}{'|'.join(t[2])}"))
+
+
+# The fixture's devices are read, never changed, by every example.
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(terms=st.lists(_term, min_size=0, max_size=3))
+def test_a_selector_in_sql_picks_what_the_selector_picks(labelled: Store,
+                                                         terms: list[str]) -> None:
+    from quantfleet.fleet.cohorts import Selector
+
+    selector = Selector.parse(",".join(terms) or "*")
+    want = sorted(selector.select(labelled.devices(["device_id", "labels"])))
+    assert queries.device_ids(labelled, selector) == want
+    summary = queries.fleet_summary(labelled, selector, limit=1000)
+    assert sorted(d["device_id"] for d in summary["devices"]) == want
+    assert summary["total"] == len(want)
