@@ -11,6 +11,7 @@ can be read by anyone who reaches it and written by no one.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
@@ -18,10 +19,11 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import parse_qs
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
@@ -94,7 +96,7 @@ def _templates() -> Environment:
     return env
 
 
-Endpoint = Callable[[Request], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]] | Callable[[Request], Response]
 
 
 class Console:
@@ -156,7 +158,13 @@ class Console:
             if refused is not None:
                 return refused
             try:
-                return await endpoint(request)
+                if inspect.iscoroutinefunction(endpoint):
+                    answer: Response = await endpoint(request)
+                    return answer
+                # The reads query the store: in a worker thread, never on the event loop
+                # that serves every other request (artifacts included).
+                sync = cast(Callable[[Request], Response], endpoint)
+                return await run_in_threadpool(sync, request)
             except params.ParamError as exc:
                 return _error(str(exc), 400)
             except actions.ActionError as exc:
@@ -181,13 +189,13 @@ class Console:
             windows=params.WINDOWS, **context)
         return HTMLResponse(html, status_code=status)
 
-    async def fleet_page(self, request: Request) -> Response:
+    def fleet_page(self, request: Request) -> Response:
         selector = params.selector(request.query_params)
         summary = queries.fleet_summary(self.ctx.store, selector, limit=100)
         return self.render(request, "fleet.html", summary=summary,
                            selector=str(selector) if selector else "")
 
-    async def signals_page(self, request: Request) -> Response:
+    def signals_page(self, request: Request) -> Response:
         params.duration(request.query_params, "window", "1h")
         params.selector(request.query_params)
         return self.render(request, "signals.html",
@@ -196,12 +204,12 @@ class Console:
                            charts=CHARTS, reports=self._reports(),
                            figures=self._eval_figures(self._fleet_variants()))
 
-    async def rollouts_page(self, request: Request) -> Response:
+    def rollouts_page(self, request: Request) -> Response:
         return self.render(request, "rollouts.html",
                            rollouts=queries.rollouts_summary(self.ctx.engine),
                            pins=self.ctx.engine.pins())
 
-    async def rollout_page(self, request: Request) -> Response:
+    def rollout_page(self, request: Request) -> Response:
         rid = request.path_params["rollout_id"]
         detail = queries.rollout_detail(self.ctx.engine, rid)
         if detail is None:
@@ -211,7 +219,7 @@ class Console:
         return self.render(request, "rollout.html", d=detail, history=history,
                            last=detail["verdicts"][-1] if detail["verdicts"] else None)
 
-    async def device_page(self, request: Request) -> Response:
+    def device_page(self, request: Request) -> Response:
         device_id = request.path_params["device_id"]
         detail = queries.device_detail(self.ctx.store, device_id)
         if detail is None:
@@ -255,11 +263,11 @@ class Console:
                             r["json"], exc)
         return out
 
-    async def reports_page(self, request: Request) -> Response:
+    def reports_page(self, request: Request) -> Response:
         return self.render(request, "reports.html", reports=self._reports(),
                            folder=self.ctx.reports_dir)
 
-    async def report_file(self, request: Request) -> Response:
+    def report_file(self, request: Request) -> Response:
         name = request.path_params["name"]
         listed = {r["name"] for r in self._reports()} | {
             r["json"] for r in self._reports() if r["json"]}
@@ -268,7 +276,7 @@ class Console:
         assert self.ctx.reports_dir is not None
         return FileResponse(self.ctx.reports_dir / name)
 
-    async def login_page(self, request: Request) -> Response:
+    def login_page(self, request: Request) -> Response:
         return self.render(request, "login.html", next=_safe_next(request), message="",
                            users=bool(self.ctx.users))
 
@@ -287,8 +295,9 @@ class Console:
         if "user" in form:
             user = next((u for u in self.ctx.users if u.name == form["user"]), None)
             # A hash is computed for an unknown name too: no answer says which names exist.
-            if verify_password(form.get("password", ""),
-                               user.password_scrypt if user else None) and user:
+            # scrypt takes tens of ms on purpose: off the event loop.
+            if await run_in_threadpool(verify_password, form.get("password", ""),
+                                       user.password_scrypt if user else None) and user:
                 who = Principal("operator", user.name, frozenset(user.roles))
             if who is None:
                 log.warning("console login refused: wrong name or password")
@@ -315,7 +324,7 @@ class Console:
         return resp
 
     # -- data -------------------------------------------------------------------
-    async def api_fleet(self, request: Request) -> Response:
+    def api_fleet(self, request: Request) -> Response:
         q = request.query_params
         selector = params.selector(q)
         limit = params.integer(q, "limit", 100, 1, 1000)
@@ -323,7 +332,7 @@ class Console:
         return _json(queries.fleet_summary(self.ctx.store, selector, limit=limit,
                                            offset=offset))
 
-    async def api_signals(self, request: Request) -> Response:
+    def api_signals(self, request: Request) -> Response:
         q = request.query_params
         window = params.duration(q, "window", "1h")
         step = params.step(q, window)
@@ -340,18 +349,18 @@ class Console:
                    devices=None if ids is None else len(ids))
         return _json(out)
 
-    async def api_rollouts(self, request: Request) -> Response:
+    def api_rollouts(self, request: Request) -> Response:
         return _json({"rollouts": queries.rollouts_summary(self.ctx.engine),
                       "pins": self.ctx.engine.pins()})
 
-    async def api_rollout(self, request: Request) -> Response:
+    def api_rollout(self, request: Request) -> Response:
         rid = request.path_params["rollout_id"]
         detail = queries.rollout_detail(self.ctx.engine, rid)
         if detail is None:
             return _error(f"no rollout named {rid!r}", 404)
         return _json(detail)
 
-    async def api_device(self, request: Request) -> Response:
+    def api_device(self, request: Request) -> Response:
         device_id = request.path_params["device_id"]
         window = params.duration(request.query_params, "window", "1h")
         detail = queries.device_detail(self.ctx.store, device_id, window_s=window)
@@ -360,33 +369,45 @@ class Console:
         return _json(detail)
 
     # -- writes -----------------------------------------------------------------
+    # The writes read their body here, and do the work (the store, the engine) in a
+    # worker thread.
     async def create(self, request: Request) -> Response:
         body = await _body(request)
         spec_text = _field(body, "spec", str)
         unpin = _field(body, "unpin", bool, False)
-        spec = actions.create_rollout(self.ctx.engine, spec_text, self.actor(request), unpin)
-        return _json({"id": spec.name, "state": self.ctx.engine.get(spec.name)["state"]},
-                     201)
+        actor = self.actor(request)
+
+        def work() -> dict[str, Any]:
+            spec = actions.create_rollout(self.ctx.engine, spec_text, actor, unpin)
+            return {"id": spec.name, "state": self.ctx.engine.get(spec.name)["state"]}
+
+        return _json(await run_in_threadpool(work), 201)
 
     async def control(self, request: Request) -> Response:
         body = await _body(request, optional=True)
         reason = _field(body, "reason", str, "")
         rid = request.path_params["rollout_id"]
-        state = actions.control(self.ctx.engine, rid, request.path_params["action"],
-                                self.actor(request), reason)
+        state = await run_in_threadpool(actions.control, self.ctx.engine, rid,
+                                        request.path_params["action"], self.actor(request),
+                                        reason)
         return _json({"id": rid, "state": state})
 
     async def unpin(self, request: Request) -> Response:
         body = await _body(request)
-        return _json(actions.unpin(self.ctx.engine, _field(body, "cohort", str),
-                                   _field(body, "variant", str), self.actor(request)))
+        return _json(await run_in_threadpool(
+            actions.unpin, self.ctx.engine, _field(body, "cohort", str),
+            _field(body, "variant", str), self.actor(request)))
 
     async def set_desired(self, request: Request) -> Response:
         body = await _body(request)
-        ids = actions.set_desired(self.ctx.store.devices(["device_id", "labels"]),
-                                  self.ctx.desired, _field(body, "selector", str),
-                                  _field(body, "variant", str), self.actor(request))
-        return _json({"devices": len(ids)})
+        selector, variant = _field(body, "selector", str), _field(body, "variant", str)
+        actor = self.actor(request)
+
+        def work() -> list[str]:
+            return actions.set_desired(self.ctx.store.devices(["device_id", "labels"]),
+                                       self.ctx.desired, selector, variant, actor)
+
+        return _json({"devices": len(await run_in_threadpool(work))})
 
     def routes(self) -> list[BaseRoute]:
         g = self.guard
@@ -403,7 +424,7 @@ class Console:
                   ("/api/rollouts/{rollout_id}/{action}", self.control),
                   ("/api/pins/unpin", self.unpin), ("/api/desired", self.set_desired)]
         return [
-            Route("/login", self.login_page, methods=["GET"]),
+            Route("/login", self.login_page, methods=["GET"]),  # sync: starlette threads it
             Route("/login", self.login, methods=["POST"]),
             Route("/logout", self.logout, methods=["POST"]),
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
