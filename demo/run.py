@@ -319,6 +319,10 @@ def run_demo(opts: DemoOptions, console: Console) -> DemoOutcome:
             fleet = procs.start("fleet", [sys.executable, "-m", "quantfleet.fleet.cli",
                                           "serve", "--config", str(cfg)])
             procs.wait_http(fleet, f"{site.url}/healthz")
+            # Read-only (the demo's fleet has no [http.auth]): follow the rollouts live.
+            console.print(f"[bold]console:[/bold] {site.url}/console/ (fleet, signals, "
+                          "rollouts with their gates and audit trail; docs/console.md)",
+                          highlight=False)
 
             console.rule("4. devices: real agents and simulated ones")
             agents = start_agents(opts, procs, run_dir, catalog, baseline, broker,

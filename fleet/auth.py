@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -80,8 +80,9 @@ def issue_device_credential(device_id: str) -> tuple[str, DeviceToken]:
     return token, DeviceToken(device_id=device_id, token_sha256=token_sha256(token))
 
 
-def toml_entry(entry: OperatorToken | DeviceToken) -> str:
-    """One inline table, as it goes in ``operators = [...]`` or ``devices = [...]``."""
+def toml_entry(entry: BaseModel) -> str:
+    """One inline table, as it goes in ``operators = [...]``, ``devices = [...]`` or
+    ``[console] users = [...]``."""
     def value(v: Any) -> str:
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"

@@ -1,4 +1,5 @@
-"""``quantfleet auth``: make operator tokens and device artifact credentials.
+"""``quantfleet auth``: make operator tokens, device artifact credentials and console
+passwords.
 
 A token is printed once, beside the config line that holds its hash; the fleet
 never stores or logs the token itself (``fleet/auth.py``).
@@ -67,3 +68,29 @@ def auth_device_token(device_id: str, as_json: bool) -> None:
     except ValidationError as exc:
         raise click.BadParameter(exc.errors()[0]["msg"], param_hint="DEVICE_ID") from None
     _show(token, entry, "devices", f"device {device_id}", as_json)
+
+
+@auth_group.command(name="password")
+@click.argument("name")
+@click.option("--role", "roles", type=click.Choice(["read", "write"]), multiple=True,
+              default=("read",), show_default=True, help="A role to grant (repeatable).")
+@click.password_option("--password", help="The password (prompted for, twice, if not given).")
+def auth_password(name: str, roles: tuple[str, ...], password: str) -> None:
+    """Make a web-console login: print the [console] users line with the password's
+    scrypt hash (the fleet never stores the password).
+
+    \b
+    Example:
+      quantfleet auth password alice --role read --role write
+    """
+    from .config import ConsoleUser
+    from .console.sessions import hash_password
+
+    if len(password) < 12:
+        raise click.BadParameter("use at least 12 characters", param_hint="--password")
+    try:
+        user = ConsoleUser(name=name, password_scrypt=hash_password(password),
+                           roles=list(dict.fromkeys(roles)))
+    except ValidationError as exc:
+        raise click.BadParameter(exc.errors()[0]["msg"], param_hint="NAME") from None
+    click.echo("add to [console] users (fleet.toml):\n  " + toml_entry(user))

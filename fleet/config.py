@@ -143,6 +143,39 @@ class RolloutsConfig(Strict):
         return self
 
 
+class ConsoleUser(Strict):
+    """A console login by name and password (``quantfleet auth password NAME``)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$",
+                      description="Who logs in; the name the audit trail records.")
+    password_scrypt: str = Field(
+        pattern=r"^scrypt\$[0-9]+\$[0-9]+\$[0-9]+\$[A-Za-z0-9_-]+=*\$[A-Za-z0-9_-]+=*$",
+        description="The password's scrypt hash as `quantfleet auth password` prints it "
+        "(scrypt$N$r$p$salt$hash); never the password.")
+    roles: list[OperatorRole] = Field(
+        default_factory=lambda: list[OperatorRole](["read"]),
+        description="read: the console's pages; write: its changes.")
+
+
+class ConsoleConfig(Strict):
+    reports_dir: Path | None = Field(None, description="A folder of eval reports "
+                                     "(`quantfleet eval --html`) the console lists and serves "
+                                     "under /console/reports/. Absent: no reports page entries.")
+    session_ttl_s: float = Field(8 * 3600, gt=0, le=30 * 86400, description="How long a "
+                                 "console login lasts (the session cookie's lifetime).")
+    users: list[ConsoleUser] = Field(default_factory=list, description="Logins by name and "
+                                     "password, besides operator tokens; they need "
+                                     "[http.auth] (present, even empty) to be used.")
+
+    @model_validator(mode="after")
+    def _unique_users(self) -> ConsoleConfig:
+        names = [u.name for u in self.users]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"console users given twice: {', '.join(twice)}")
+        return self
+
+
 class FleetConfig(Strict):
     store: StoreConfig = Field(default_factory=lambda: StoreConfig.model_validate({}),
                                description="Where the fleet keeps its state.")
@@ -157,6 +190,8 @@ class FleetConfig(Strict):
                              description="The artifact and read API server.")
     rollouts: RolloutsConfig = Field(default_factory=lambda: RolloutsConfig.model_validate({}),
                                      description="The rollout engine.")
+    console: ConsoleConfig = Field(default_factory=lambda: ConsoleConfig.model_validate({}),
+                                   description="The web console at /console/ (docs/console.md).")
 
     def resolve_paths(self, base: Path) -> FleetConfig:
         a = self.artifacts
@@ -172,6 +207,9 @@ class FleetConfig(Strict):
         if auth is not None and auth.credentials_file is not None \
                 and not auth.credentials_file.is_absolute():
             auth.credentials_file = base / auth.credentials_file
+        reports = self.console.reports_dir
+        if reports is not None and not reports.is_absolute():
+            self.console.reports_dir = base / reports
         prefix = "sqlite:///"
         if self.store.url.startswith(prefix):
             path = Path(self.store.url[len(prefix):])

@@ -25,7 +25,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 
 from quantfleet.agent.mqtt import connect_options, make_client
@@ -37,6 +37,9 @@ from .artifacts import create_artifact_app
 from .auth import HttpAuth, is_loopback, load_credentials, public_health
 from .cohorts import LABEL_TOKEN, Selector, SelectorError
 from .config import FleetConfig
+from .console.app import ConsoleContext, console_mount
+from .console.metrics import fleet_metrics
+from .console.sessions import Sessions
 from .desired import DesiredState
 from .ingest import FleetIngest
 from .rollouts.engine import RolloutEngine
@@ -122,6 +125,15 @@ class FleetService:
 
         self.rollouts = RolloutEngine(self.store, assign, resolve, leases=self.leases,
                                       resend=self.desired.republish)
+
+        def assign_now(ids: Any, variant: str, rollout_id: str) -> None:
+            self.desired.set_variant(ids, variant, rollout_id=rollout_id, actor="rollout")
+
+        # What an operator does from the console (create, pause, resume, abort) is not
+        # the leader's tick: like the CLI's, it is unfenced, so it works on any replica
+        # and does not depend on which one leads the rollout (the state changes are
+        # compare-and-set in the repository).
+        self.operator_rollouts = RolloutEngine(self.store, assign_now, resolve)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="rollouts", daemon=True)
 
@@ -173,8 +185,9 @@ class FleetService:
             return JSONResponse(body, status_code=200 if ok else 503)
 
         async def metrics(request: Request) -> Response:
-            """Prometheus text: what ingest took, rejected and dead-lettered, and the
-            desired-state publisher's deliveries (this process's counters)."""
+            """Prometheus text: what ingest took, rejected and dead-lettered (this process's
+            counters), and the store's signals per variant and rollout states
+            (console/metrics.py)."""
             st = self.ingest.stats
             lines = []
             for name, help_, value in (
@@ -197,6 +210,7 @@ class FleetService:
             lines += ["# HELP quantfleet_ingest_connected 1 while ingest is subscribed.",
                       "# TYPE quantfleet_ingest_connected gauge",
                       f"quantfleet_ingest_connected {int(self.ingest.connected.is_set())}"]
+            lines += fleet_metrics(self.store)  # signals and rollouts, from the store
             return PlainTextResponse("\n".join(lines) + "\n",
                                      media_type="text/plain; version=0.0.4")
 
@@ -214,10 +228,18 @@ class FleetService:
                              "delivery": mine.to_json() if mine else None})
             return JSONResponse({"desired": rows})
 
+        console = console_mount(ConsoleContext(
+            self.store, self.operator_rollouts, self.desired, self.auth,
+            Sessions(self.cfg.console.session_ttl_s), self.cfg.console.reports_dir,
+            secure_cookie=self.cfg.http.tls_cert is not None, users=self.cfg.console.users),
+            warm=True)
         return Starlette(routes=[Route("/healthz", health),
                                  Route("/metrics", self.auth.guard("read", metrics)),
                                  Route("/v1/desired", self.auth.guard("read", desired)),
-                                 *read_api(self.store, self.auth), Mount("/", app=artifacts)])
+                                 *read_api(self.store, self.auth),
+                                 Route("/console", lambda _: RedirectResponse("/console/")),
+                                 console,
+                                 Mount("/", app=artifacts)])
 
     def replica_status(self) -> dict[str, Any]:
         """Which rollouts this replica leads (their lease tokens), and the lease terms."""

@@ -232,18 +232,25 @@ class RolloutSpec(Strict):
 
 
 def load_spec(path: Path) -> RolloutSpec:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+    return parse_spec(text, str(path))
+
+
+def parse_spec(text: str, where: str) -> RolloutSpec:
+    """A spec from YAML (or JSON, which is YAML) text; errors name ``where`` and the field."""
     import yaml
 
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
+        raise SpecError(f"{where}: not YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: the spec must be a mapping of fields")
+        raise SpecError(f"{where}: the spec must be a mapping of fields")
     try:
         return RolloutSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError(explain(exc, where=str(path), whole="spec", pydantic_words=True,
+        raise SpecError(explain(exc, where=where, whole="spec", pydantic_words=True,
                                 rest="list")) from None
