@@ -6,6 +6,10 @@ in a container, or in a terminal. ``READY=1`` is sent once the model is
 loaded (not when the socket opens), ``WATCHDOG=1`` every half of
 ``$WATCHDOG_USEC`` from the event loop itself — a wedged loop stops petting
 and systemd restarts the service — and ``STOPPING=1`` when SIGTERM arrives.
+Every message is sent without blocking: a notification socket whose reader
+has fallen behind (a datagram queue holds ten messages by default) drops the
+message, logged, instead of stopping the event loop that serves every request
+(it did, mid-stream during a drain, with a reader that had stopped reading).
 
 ``CleanStopServer`` is a uvicorn server that exits normally on SIGTERM once
 its shutdown has run. uvicorn re-raises a captured SIGTERM after its own
@@ -21,6 +25,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -31,16 +36,32 @@ log = logging.getLogger(__name__)
 class Notifier:
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
-        self._sd = None
+        self._socket: socket.socket | None = None
+        self.dropped = 0
         if self.enabled:
             import sdnotify
 
-            self._sd = sdnotify.SystemdNotifier()
+            try:
+                self._socket = sdnotify.SystemdNotifier(debug=True).socket
+            except OSError as exc:
+                log.warning("cannot reach $NOTIFY_SOCKET %s (%s): systemd will not hear "
+                            "readiness or the watchdog", os.environ.get("NOTIFY_SOCKET"), exc)
+            else:
+                self._socket.setblocking(False)
         self._task: asyncio.Task[None] | None = None
 
     def notify(self, state: str) -> None:
-        if self._sd is not None:
-            self._sd.notify(state)
+        if self._socket is None:
+            return
+        try:
+            self._socket.send(state.encode("utf-8"))
+        except BlockingIOError:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning("systemd's notification socket is full: %r dropped (%d so far)",
+                            state.split("\n")[0], self.dropped)
+        except OSError as exc:
+            log.warning("sd_notify %r failed: %s", state.split("\n")[0], exc)
 
     def ready(self, status: str = "serving") -> None:
         self.notify(f"READY=1\nSTATUS={status}")

@@ -147,6 +147,36 @@ class NotifySocket:
         return sum(needle in m for m in self.messages)
 
 
+def test_a_notification_socket_nobody_reads_never_blocks_the_agent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that stopped reading (systemd busy, a test done with its socket) fills
+    the datagram queue; the notifier then drops and counts instead of blocking the event
+    loop it runs on (which stalled a stream mid-drain before)."""
+    from quantfleet.agent.serving.systemd import Notifier
+
+    notify = NotifySocket(tmp_path / "full.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    notifier = Notifier()
+    sent = 200
+    worker = threading.Thread(target=lambda: [notifier.notify(f"WATCHDOG=1\nSTATUS={i}")
+                                              for i in range(sent)], daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "notify blocked on a full socket"
+    assert notifier.dropped > 0
+    received = 0
+    notify.sock.setblocking(False)
+    while True:
+        try:
+            notify.sock.recv(4096)
+        except BlockingIOError:
+            break
+        received += 1
+    assert received + notifier.dropped == sent and received > 0
+    notifier.notify("STOPPING=1")  # the queue has room again: sent, not dropped
+    assert notify.sock.recv(4096) == b"STOPPING=1"
+
+
 def test_ready_after_load_watchdog_and_graceful_sigterm(tmp_path: Path, ladder_dir: Path,
                                                         spawn: Any) -> None:
     notify = NotifySocket(tmp_path / "notify.sock")
