@@ -41,7 +41,9 @@ def answer(backend: Backend, item: GoldenItem, seed: int = 0,
     prepared = pipeline.prepare(body, backend, config)
     # Generate from the token ids themselves, so teacher forcing replays exactly
     # the sequence that was served (tokenized as a text prompt is: specials parsed).
-    prompt_ids = backend.tokenize(prepared.prompt, add_bos=False, special=True)
+    prompt = prepared.generation.prompt
+    prompt_ids = (backend.tokenize(prompt, add_bos=False, special=True)
+                  if isinstance(prompt, str) else list(prompt))
     prepared.generation = replace(prepared.generation, prompt=prompt_ids)
     completion = pipeline.run(prepared, backend)
     return Answer(prompt_ids=prompt_ids, result=completion.result,

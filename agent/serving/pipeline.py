@@ -14,8 +14,9 @@ variant is judged on exactly the prompt, budgets and constraints it serves.
     a GBNF grammar for ``tool_choice="auto"``, and for ``"auto"`` with a JSON
     ``response_format`` the schema of "a call or a value in the format"
     (:func:`.tools.call_or_value_schema`; a required call ignores the format).
-    ``Prepared.generation`` is the backend's :class:`GenerationRequest`;
-    ``Prepared.spec`` the validation spec.
+    ``Prepared.generation`` is the backend's :class:`GenerationRequest` (its
+    prompt the token ids the budget counted, so nothing is rendered or
+    tokenized twice); ``Prepared.spec`` the validation spec.
 ``run(prepared, backend, cancel=None, deadline=None, on_text=None) -> Completion``
     Generates (calling ``on_text`` with each piece of text as it streams),
     stops early when ``cancel`` is set or the monotonic ``deadline`` passes,
@@ -143,15 +144,27 @@ def prepare(request: ChatRequest | Mapping[str, Any], backend: Backend,
     def render(msgs: list[dict[str, Any]]) -> str:
         return str(template.render(messages_for_template(msgs, tools, tool_choice)))
 
+    # The prompt the budget counted last is, when it fits, the one generated from: its
+    # text and tokens are kept, so the template is not rendered and the prompt not
+    # tokenized again before the first token.
+    counted: list[tuple[list[dict[str, Any]], str, list[int]]] = []
+
     def count(msgs: list[dict[str, Any]]) -> int:
-        return len(backend.tokenize(render(msgs), add_bos=False, special=True))
+        text = render(msgs)
+        tokens = backend.tokenize(text, add_bos=False, special=True)
+        counted[:] = [(msgs, text, tokens)]
+        return len(tokens)
 
     budget = min(budgets.max_prompt_tokens, backend.n_ctx - max_tokens)
     if budget <= 0:
         raise BudgetExceeded(max_tokens, backend.n_ctx)
     fit = fit_messages(messages, count, budget, lambda m: str(m["role"]),
                        lambda m: len(json.dumps(m, ensure_ascii=False)))
-    prompt = render(fit.messages)
+    prompt_ids: str | list[int]
+    if counted and counted[0][0] == fit.messages:
+        _, prompt, prompt_ids = counted[0]
+    else:
+        prompt = prompt_ids = render(fit.messages)
 
     policy = cfg.validation
     prose_citation = policy.require_citation and not tools and not json_expected
@@ -169,7 +182,7 @@ def prepare(request: ChatRequest | Mapping[str, Any], backend: Backend,
         max_chars=policy.max_completion_chars,
     )
     generation = GenerationRequest(
-        prompt=prompt,
+        prompt=prompt_ids,
         max_tokens=max_tokens,
         temperature=req.temperature if req.temperature is not None else 0.0,
         top_p=req.top_p if req.top_p is not None else 1.0,

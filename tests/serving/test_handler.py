@@ -7,6 +7,8 @@ import json
 from typing import Any
 
 import httpx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quantfleet.agent.backends import Backend
 from quantfleet.agent.backends.base import Capabilities
@@ -221,3 +223,21 @@ def test_an_instance_is_loaded_warmed_up_and_run_on_one_thread(
         agent.stop()
     assert len(set(seen["load"])) == 2 and threading.get_ident() not in seen["load"]
     assert set(seen["run"]) <= set(seen["load"]), "work ran off the instances' own threads"
+
+
+@settings(max_examples=300)
+@given(piece=st.text(), variant=st.text(min_size=1, max_size=40))
+def test_a_streamed_token_chunk_is_the_full_chunk_rendered_faster(piece: str,
+                                                                  variant: str) -> None:
+    """The stream path writes each token into an envelope rendered once; the event it
+    sends is byte for byte the one the general chunk builder makes, whatever the text
+    (quotes, backslashes, control characters, non-BMP characters, the marker's NULs)."""
+    from quantfleet.agent.serving.handler import Exchange, _chunk, _content_chunks
+
+    ex = Exchange.new()
+    ex.variant = variant
+    assert _content_chunks(ex)(piece) == _chunk(ex, {"content": piece})
+    assert json.loads(_content_chunks(ex)(piece)[len("data: "):])["choices"][0]["delta"] == {
+        "content": piece}
+    ex.variant = "\u0000quantfleet-piece\u0000"  # the marker itself, in the envelope
+    assert _content_chunks(ex)(piece) == _chunk(ex, {"content": piece})
