@@ -352,7 +352,7 @@ def test_the_grafana_dashboard_queries_only_series_the_fleet_exports(store: Stor
     dash = json.loads((root / "packaging" / "grafana" / "quantfleet.json").read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     assert len(exprs) >= 15
-    lines = fleet_metrics(store)
+    lines = fleet_metrics(store, now=NOW)  # the window of the seeded events
     exported = {line.split()[2] for line in lines if line.startswith("# TYPE")}
     service = (root / "fleet" / "service.py").read_text()
     for expr in exprs:
@@ -372,11 +372,15 @@ def test_the_rollup_answers_as_the_store_does_as_events_arrive(store: Store) -> 
     """The in-memory rollup (week-long charts) gives what one query over the store gives:
     after its first fill, after more events (folded incrementally, a late one into an
     old bucket), and for the events not yet settled (aggregated afresh, not kept)."""
-    clock = [NOW + 120]
+    # The rollup settles by the time events were received, which is when the fixture
+    # stored them (the suite may have run for an hour since NOW was read); the charts'
+    # window is the seeded events' time, NOW.
+    clock = [time.time() + 120]
+    start = clock[0]
     rollup = queries.SignalRollup(store, settle_s=60, clock=lambda: clock[0])
 
     def same(step: float, variant: str | None = None) -> None:
-        end = clock[0]
+        end = NOW + 120 + (clock[0] - start)
         want = queries.signal_series(store, end - 7200, end, step, variant=variant)
         got = rollup.series(end - 7200, end, step, variant=variant)
         assert got == want
