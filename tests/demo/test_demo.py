@@ -5,13 +5,16 @@ nothing left running afterwards, also when it is interrupted."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -72,11 +75,50 @@ def test_demo_promotes_q8_catches_q2k_and_stops_everything(ladder_dir: Path,
                                                             tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     # The first run on a machine measures the variants on the golden set (minutes);
-    # the interrupt test below reuses that measurement.
-    result = subprocess.run(demo_argv(ladder_dir, runs), capture_output=True, text=True,
-                            timeout=1400, env={**os.environ, "COLUMNS": "160"})
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out  # the machinery worked: every rollout decided itself
+    # the interrupt test below reuses that measurement. Meanwhile the rollouts are
+    # followed live on the web console whose URL the demo prints.
+    demo = subprocess.Popen(demo_argv(ladder_dir, runs), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "160"})
+    seen: dict[str, set[str]] = {}  # rollout id -> the states the console showed
+    pages: list[int] = []
+    lines: list[str] = []
+
+    def follow(url: str) -> None:
+        while demo.poll() is None:
+            try:
+                r = httpx.get(url + "api/rollouts", timeout=10)
+                for rollout in r.json()["rollouts"]:
+                    seen.setdefault(rollout["id"], set()).add(rollout["state"])
+                if seen and not pages:
+                    pages.append(httpx.get(url + "rollouts", timeout=10).status_code)
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass  # the fleet is not up yet, or already stopped
+            time.sleep(1.0)
+
+    followers: list[threading.Thread] = []
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.append(line)
+            found = re.search(r"console: (http://\S+/console/)", line)
+            if found and not followers:
+                followers.append(threading.Thread(target=follow, args=(found.group(1),),
+                                                  daemon=True))
+                followers[0].start()
+        demo.wait(timeout=1400)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    for thread in followers:
+        thread.join(30)
+    out = "".join(lines)
+    assert demo.returncode == 0, out  # the machinery worked: every rollout decided itself
+    assert followers, "the demo printed no console URL"
+    # Both rollouts were visible on the console while they ran, and the page answered.
+    assert len(seen) == len(STORY) and all("running" in st for st in seen.values()), seen
+    assert pages == [200], pages
     (run_dir,) = list(runs.iterdir())
     assert processes_naming(str(run_dir)) == [], "the demo left processes running"
     if "the rollouts ended as expected" not in out:
