@@ -24,19 +24,7 @@ fi
 if ! answering 5432; then
     if [ -d /etc/postgresql ] && command -v pg_ctlcluster >/dev/null; then
         echo "==> starting PostgreSQL on 5432"
-        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "==> installing chromium and chromium-driver (the console's browser tests)"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
-            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
-            || echo "==> could not install chromium: the console's browser tests will be skipped" >&2
-    else
-        echo "==> chromium/chromedriver are not installed (as root: apt-get install chromium" \
-             "chromium-driver): the console's browser tests will be skipped" >&2
-    fi
-fi
-true
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
         for _ in $(seq 100); do answering 5432 && break; sleep 0.1; done
     else
         echo "==> PostgreSQL is not installed: PostgreSQL tests will be skipped" >&2
