@@ -116,13 +116,15 @@ class MqttConfig(Strict):
         return host, port
 
 
-def make_client(cfg: MqttConfig, client_id: str) -> mqtt.Client:
-    """A paho client configured for protocol, TLS and credentials (not connected)."""
+def make_client(cfg: MqttConfig, client_id: str,
+                client_class: type[mqtt.Client] | None = None) -> mqtt.Client:
+    """A paho client configured for protocol, TLS and credentials (not connected);
+    ``client_class``: a subclass of paho's client to make instead."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     v5 = cfg.protocol == "5"
-    client = mqtt.Client(
+    client = (client_class or mqtt.Client)(
         CallbackAPIVersion.VERSION2, client_id=client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         clean_session=None if v5 else True,

@@ -73,6 +73,9 @@ def serve_cmd(config_path: Path) -> None:
         service = FleetService(cfg).start()
     except Exception as exc:
         raise click.ClickException(f"the fleet could not start: {exc}") from None
+    from .ingest import tune_gc
+
+    tune_gc()
     click.echo(f"quantfleet serve: {service.auth_summary()}", err=True)
     click.echo(f"quantfleet serve: {service.replica_summary()}", err=True)
     service.warn_if_open()

@@ -27,6 +27,7 @@ devices.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -279,6 +280,9 @@ def load_profile(path: Path | None) -> dict[str, dict[str, float]]:
     return profile
 
 
+#: The simulator's clock: traffic and scheduled state changes advance this often.
+TICK_S = 0.1
+
 #: Messages published but not yet acknowledged by the broker, at most (see
 #: ``FleetSimulator._wait_for_room``).
 MAX_UNACKED = 10_000
@@ -290,7 +294,15 @@ class FleetSimulator:
                  requests_per_s: float = 2.0, step_s: float = 0.2, seed: int = 0,
                  profile: dict[str, dict[str, float]] | None = None,
                  faults: Faults | None = None, prefix: str = "sim",
-                 classes: Mapping[str, float] | None = None) -> None:
+                 classes: Mapping[str, float] | None = None,
+                 flush_s: float = TICK_S) -> None:
+        """``flush_s``: how often each device publishes what it served since its last
+        batch. The agent sends a batch per outbox commit (``[telemetry.outbox]
+        commit_interval_s``, 1 s by default); the default here, one tick, gives the
+        rollout tests the smoothest traffic. Devices are spread evenly over the
+        interval, so the broker sees a steady stream, as from a real fleet."""
+        if not TICK_S <= flush_s <= 60:
+            raise SimulateOptionError(f"flush interval {flush_s} s: it is from {TICK_S} to 60 s")
         self.cfg = mqtt_cfg
         self.root = mqtt_cfg.topic_root
         self.rng = random.Random(seed)
@@ -330,6 +342,10 @@ class FleetSimulator:
         self._counting = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)
         self._work: list[tuple[float, Callable[[], None]]] = []
+        # Device i publishes on tick i % buckets (when its bucket last published: its dt).
+        self._buckets = max(1, round(flush_s / TICK_S))
+        self._flushed = [time.monotonic()] * self._buckets
+        self._tick = 0
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> FleetSimulator:
@@ -461,8 +477,12 @@ class FleetSimulator:
     def _label(self, variant: str) -> str:
         return variant.rsplit("-", 1)[-1]
 
-    def _traffic(self, dt: float) -> None:
-        for d in self.devices.values():
+    def _traffic(self, now_mono: float) -> None:
+        k = self._tick % self._buckets
+        self._tick += 1
+        dt = now_mono - self._flushed[k]
+        self._flushed[k] = now_mono
+        for d in itertools.islice(self.devices.values(), k, None, self._buckets):
             if not d.online:
                 continue
             n = self._poisson(self.rate * dt)
@@ -503,16 +523,15 @@ class FleetSimulator:
             k += 1
 
     def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(0.1):
+        self._flushed = [time.monotonic()] * self._buckets  # the births are not traffic
+        while not self._stop.wait(TICK_S):
             now = time.monotonic()
             with self._lock:
                 due = [w for w in self._work if w[0] <= now]
                 self._work = [w for w in self._work if w[0] > now]
                 for _, fn in sorted(due, key=lambda w: w[0]):
                     fn()
-                self._traffic(now - last)
-            last = now
+                self._traffic(now)
 
     def variants(self, cpu_class: str | None = None) -> dict[str, int]:
         """Devices per variant (of one class only, if given)."""

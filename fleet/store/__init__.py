@@ -27,10 +27,10 @@ from sqlalchemy import (
     event,
     func,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from quantfleet.agent.wire import (
     DesiredPayload,
@@ -80,6 +80,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_MS}")
     _sqlite_wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")
+    # Ingest writes index pages all over the file (the event triple's unique index is
+    # keyed by device): with SQLite's default 2 MB page cache every commit read them
+    # back with a system call each. A bigger cache, and the file mapped into memory.
+    cur.execute(f"PRAGMA cache_size=-{_SQLITE_CACHE_KIB}")
+    cur.execute(f"PRAGMA mmap_size={_SQLITE_MMAP_BYTES}")
     try:
         cur.execute("SELECT ln(1.0), floor(1.5)")
     except sqlite3.OperationalError:
@@ -89,6 +94,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 #: How long a connection waits for another one's lock before it gives up.
 _SQLITE_BUSY_MS = 5000
+_SQLITE_CACHE_KIB = 64 * 1024  # per connection, at most
+_SQLITE_MMAP_BYTES = 1 << 30  # address space, not memory: the OS pages it in and out
 
 
 def _sqlite_wal(cur: Any) -> None:
@@ -127,56 +134,69 @@ def _sqlite_math(dbapi_conn: Any) -> None:
     dbapi_conn.create_function("floor", 1, _floor, deterministic=True)
 
 
-def _request_columns(body: RequestEvent) -> dict[str, Any]:
-    tool = [v.passed for v in body.validations if v.kind == "tool_call"]
-    refused = any(v.kind == "refusal" and v.detail == "refused" for v in body.validations)
-    return {
-        "variant": body.variant,
-        "status": body.status,
-        "latency_s": body.latency_s,
-        "ttft_s": body.time_to_first_token_s,
-        "prompt_tokens": body.prompt_tokens,
-        "completion_tokens": body.completion_tokens,
-        "attempt_tokens": body.attempt_tokens or body.prompt_tokens + body.completion_tokens,
-        "validation_failed": any(not v.passed for v in body.validations),
-        "tool_call_ok": all(tool) if tool else None,
-        "refused": refused,
-        "fallback": body.fallback_from is not None,
-        "truncated": body.truncated_messages,
-    }
+#: The columns ingest writes, in the order of ``event_tuple``. Named here, not read off
+#: the table: a column the database fills itself (a default) is not ingest's to write.
+EVENT_COLUMNS = (
+    "device_id", "boot_epoch", "seq", "kind", "ts", "received_at", "historical",
+    "variant", "status", "latency_s", "ttft_s", "prompt_tokens", "completion_tokens",
+    "attempt_tokens", "validation_failed", "tool_call_ok", "refused", "fallback",
+    "truncated", "body",
+)
+_NO_SIGNALS = (None,) * 11  # status .. truncated of an event that is not a request
 
 
-_EMPTY_SIGNALS = dict.fromkeys(
-    ("variant", "status", "latency_s", "ttft_s", "prompt_tokens", "completion_tokens",
-     "attempt_tokens", "validation_failed", "tool_call_ok", "refused", "fallback",
-     "truncated"))
+def event_tuple(device_id: str, ev: TelemetryEvent, received_at: float,
+                historical: bool) -> tuple[Any, ...]:
+    """One event as the row ingest writes (``EVENT_COLUMNS``): the request signals the
+    gates count as typed columns, the whole body as the JSON text pydantic writes."""
+    body = ev.body
+    if isinstance(body, RequestEvent):
+        tool = None
+        failed = refused = False
+        for v in body.validations:
+            if not v.passed:
+                failed = True
+            if v.kind == "tool_call":
+                tool = v.passed if tool is None else (tool and v.passed)
+            elif v.kind == "refusal" and v.detail == "refused":
+                refused = True
+        return (device_id, ev.boot_epoch, ev.seq, ev.kind, ev.ts, received_at, historical,
+                body.variant, body.status, body.latency_s, body.time_to_first_token_s,
+                body.prompt_tokens, body.completion_tokens,
+                body.attempt_tokens or body.prompt_tokens + body.completion_tokens,
+                failed, tool, refused, body.fallback_from is not None,
+                body.truncated_messages, body.model_dump_json())
+    variant = getattr(body, "variant", None)
+    return (device_id, ev.boot_epoch, ev.seq, ev.kind, ev.ts, received_at, historical,
+            variant if isinstance(variant, str) else None, *_NO_SIGNALS,
+            body.model_dump_json())
 
 
 def event_row(device_id: str, ev: TelemetryEvent, received_at: float,
               historical: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "device_id": device_id, "boot_epoch": ev.boot_epoch, "seq": ev.seq, "kind": ev.kind,
-        "ts": ev.ts, "received_at": received_at, "historical": historical,
-        "body": ev.body.model_dump_json(),
-    }
-    if isinstance(ev.body, RequestEvent):
-        row.update(_request_columns(ev.body))
-    else:
-        row.update(_EMPTY_SIGNALS)
-        variant = getattr(ev.body, "variant", None)
-        row["variant"] = variant if isinstance(variant, str) else None
-    return row
+    """``event_tuple`` by column name."""
+    return dict(zip(EVENT_COLUMNS, event_tuple(device_id, ev, received_at, historical),
+                    strict=True))
 
 
-_EVENT_COLUMNS = [c.name for c in schema.events.columns if c.name != "id"]
-# Plain SQL that SQLite (3.24+) and PostgreSQL both speak. Executed as text so
-# each driver's executemany reports its true rowcount (SQLAlchemy's insert
-# construct reports -1 for executemany on psycopg).
-_EVENT_INSERT = text(
-    f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in _EVENT_COLUMNS)}) "
-    "ON CONFLICT (device_id, boot_epoch, seq) DO NOTHING"
-)
+_EVENT_COLUMN_LIST = ", ".join(EVENT_COLUMNS)
+_CONFLICT = "ON CONFLICT (device_id, boot_epoch, seq) DO NOTHING"
+# SQLite: the driver's own executemany of plain tuples (its rowcount counts what the
+# conflict clause let through). PostgreSQL: COPY into a per-session staging table,
+# then one INSERT … SELECT with the same conflict clause — COPY cannot skip duplicates.
+_SQLITE_EVENT_INSERT = (f"INSERT INTO events ({_EVENT_COLUMN_LIST}) VALUES "
+                        f"({', '.join('?' * len(EVENT_COLUMNS))}) {_CONFLICT}")
+_PG_STAGE = "qf_event_stage"
+_PG_STAGE_CREATE = (f"CREATE TEMPORARY TABLE IF NOT EXISTS {_PG_STAGE} ON COMMIT DELETE ROWS "
+                    f"AS SELECT {_EVENT_COLUMN_LIST} FROM events WITH NO DATA")
+_PG_STAGE_COPY = f"COPY {_PG_STAGE} ({_EVENT_COLUMN_LIST}) FROM STDIN"
+_PG_STAGE_INSERT = (f"INSERT INTO events ({_EVENT_COLUMN_LIST}) SELECT {_EVENT_COLUMN_LIST} "
+                    f"FROM {_PG_STAGE} {_CONFLICT}")
+
+#: How stale ``devices.last_seen`` may get while a device only sends telemetry: ingest
+#: marks a device seen at most this often (per process), not at every message — at
+#: one message per device per second, that update cost as much as the events.
+LAST_SEEN_EVERY_S = 5.0
 
 
 @dataclass
@@ -213,6 +233,7 @@ class Store:
         elif self.engine.dialect.name != "postgresql":
             raise ValueError(f"store {url!r}: only sqlite and postgresql are supported")
         self.applied = migrate(self.engine)
+        self._seen: dict[str, float] = {}  # device -> when this process last marked it seen
 
     @property
     def dialect(self) -> str:
@@ -234,16 +255,43 @@ class Store:
                        received_at: float | None = None) -> IngestResult:
         """Insert the events of several batches in one transaction; duplicates are dropped."""
         now = received_at if received_at is not None else time.time()
-        rows = [event_row(b.device_id, ev, now, b.historical) for b in batches for ev in b.events]
+        rows = [event_tuple(b.device_id, ev, now, b.historical)
+                for b in batches for ev in b.events]
+        return self.ingest_rows(rows, {b.device_id for b in batches}, now)
+
+    def ingest_rows(self, rows: Sequence[tuple[Any, ...]], device_ids: Iterable[str],
+                    now: float) -> IngestResult:
+        """Insert event rows (``event_tuple``) in one transaction, and mark their devices
+        seen (``LAST_SEEN_EVERY_S``); the count of rows the uniqueness let through is
+        the statement's own (a count before and after is wrong with concurrent writers)."""
         if not rows:
             return IngestResult()
-        stmt = _EVENT_INSERT
+        stale = sorted(d for d in set(device_ids)
+                       if now - self._seen.get(d, -math.inf) >= LAST_SEEN_EVERY_S)
         with self.engine.begin() as conn:
-            # The statement's own rowcount counts what the conflict clause let
-            # through (a count(*) before and after is wrong with concurrent writers).
-            inserted = int(conn.execute(stmt, rows).rowcount)
-            self._touch(conn, sorted({b.device_id for b in batches}), now)
+            if self.dialect == "postgresql":
+                inserted = self._copy_events(conn, rows)
+            else:
+                inserted = int(conn.exec_driver_sql(_SQLITE_EVENT_INSERT, list(rows)).rowcount)
+            if stale:
+                self._touch(conn, stale, now)
+        for d in stale:  # only once committed: a rolled-back touch is done again
+            self._seen[d] = now
         return IngestResult(inserted=inserted, duplicates=len(rows) - inserted)
+
+    @staticmethod
+    def _copy_events(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+        conn.exec_driver_sql(_PG_STAGE_CREATE)
+        raw: Any = conn.connection.dbapi_connection
+        error: Any = conn.dialect.loaded_dbapi.Error
+        try:
+            with raw.cursor() as cur, cur.copy(_PG_STAGE_COPY) as copy:
+                for row in rows:
+                    copy.write_row(row)
+        except error as exc:  # as SQLAlchemy raises it: IntegrityError, DataError…
+            raise DBAPIError.instance(_PG_STAGE_COPY, None, exc, error) from exc
+        # Through SQLAlchemy: what the table refuses is raised as the others' errors are.
+        return int(conn.exec_driver_sql(_PG_STAGE_INSERT).rowcount)
 
     def _touch(self, conn: Any, device_ids: str | Sequence[str], now: float) -> None:
         """Create the devices not seen before; mark every one seen now."""
@@ -579,4 +627,4 @@ class Store:
                     start = None
         return out
 
-__all__ = ["IngestResult", "SeqGap", "Store", "event_row"]
+__all__ = ["EVENT_COLUMNS", "IngestResult", "SeqGap", "Store", "event_row", "event_tuple"]
