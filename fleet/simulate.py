@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
@@ -54,7 +55,6 @@ from quantfleet.agent.wire import (
     TelemetryBatch,
     TelemetryEvent,
     UpdateState,
-    ValidationOutcome,
     device_topic,
 )
 
@@ -288,6 +288,44 @@ TICK_S = 0.1
 MAX_UNACKED = 10_000
 
 
+@dataclass(frozen=True)
+class SimRequest:
+    """One simulated request: what varies between a device's request events."""
+
+    seq: int
+    latency_s: float
+    prompt_tokens: int
+    ok: bool  # its JSON validated
+
+
+#: What pydantic writes for a request event and a batch, as dicts: a simulated batch
+#: is these with its values put in, written by orjson — the JSON the agent sends, at a
+#: fifth of the cost of building and dumping the models (tests/fleet/test_simulate.py
+#: holds the two equal).
+_REQUEST = RequestEvent(request_id="", ts=0.0, variant="").model_dump(mode="json")
+_BATCH = TelemetryBatch(device_id="x", sent_at=0.0, events=[TelemetryEvent(
+    boot_epoch=0, seq=1, kind="request", ts=0.0, body=RequestEvent(
+        request_id="", ts=0.0, variant=""))]).model_dump(mode="json")
+
+
+def render_batch(device_id: str, variant: str, boot_epoch: int, now: float,
+                 requests: list[SimRequest]) -> bytes:
+    """The telemetry batch a device sends for ``requests``, as JSON."""
+    events = []
+    for r in requests:
+        body = dict(_REQUEST)
+        body.update(request_id=f"{device_id}-{r.seq}", ts=now, variant=variant,
+                    latency_s=r.latency_s, prompt_tokens=r.prompt_tokens,
+                    completion_tokens=40, validations=[
+                        {"kind": "json_schema", "passed": r.ok,
+                         "detail": "" if r.ok else "schema"}])
+        events.append({"boot_epoch": boot_epoch, "seq": r.seq, "kind": "request", "ts": now,
+                       "body": body})
+    batch = dict(_BATCH)
+    batch.update(device_id=device_id, sent_at=now, events=events)
+    return orjson.dumps(batch)
+
+
 class FleetSimulator:
     def __init__(self, mqtt_cfg: MqttConfig, n_devices: int, *, baseline: str,
                  labels: Callable[[int], dict[str, str]] | None = None,
@@ -344,7 +382,8 @@ class FleetSimulator:
         self._work: list[tuple[float, Callable[[], None]]] = []
         # Device i publishes on tick i % buckets (when its bucket last published: its dt).
         self._buckets = max(1, round(flush_s / TICK_S))
-        self._flushed = [time.monotonic()] * self._buckets
+        self._t0 = time.monotonic()
+        self._flushed = [self._t0] * self._buckets
         self._tick = 0
 
     # -- lifecycle --------------------------------------------------------
@@ -423,7 +462,7 @@ class FleetSimulator:
                     return
                 self._counting.wait(0.1)
 
-    def _publish(self, topic: str, payload: str, retain: bool = False) -> None:
+    def _publish(self, topic: str, payload: str | bytes, retain: bool = False) -> None:
         # Counted before publishing: the PUBACK can come back before publish() returns.
         with self._counting:  # paho's thread publishes too (answers to desired state)
             self.published += 1
@@ -478,40 +517,40 @@ class FleetSimulator:
         return variant.rsplit("-", 1)[-1]
 
     def _traffic(self, now_mono: float) -> None:
-        k = self._tick % self._buckets
-        self._tick += 1
-        dt = now_mono - self._flushed[k]
-        self._flushed[k] = now_mono
-        for d in itertools.islice(self.devices.values(), k, None, self._buckets):
-            if not d.online:
-                continue
-            n = self._poisson(self.rate * dt)
-            if not n:
-                continue
-            label = self._label(d.variant)
-            prof = self.profile.get(label, {"json_failure": 0.05, "latency": 1.0})
-            fail_p = prof.get("json_failure", 0.05) + self.faults.extra_json_failure.get(label, 0)
-            slower = prof.get("latency", 1.0)
-            for r in self._regressions.get(d.cpu_class, ()):
-                if r.matches(d.variant):
-                    fail_p, slower = fail_p + r.json_failure, slower * r.latency
-            events = []
-            now = time.time()
-            for _ in range(n):
-                d.seq += 1
-                ok = self.rng.random() >= fail_p
-                body = RequestEvent(
-                    request_id=f"{d.device_id}-{d.seq}", ts=now, variant=d.variant,
-                    latency_s=self.rng.lognormvariate(-0.7, 0.3) * slower,
-                    prompt_tokens=self.rng.randint(20, 200), completion_tokens=40,
-                    validations=[ValidationOutcome(kind="json_schema", passed=ok,
-                                                   detail="" if ok else "schema")],
-                )
-                events.append(TelemetryEvent(boot_epoch=self.boot_epoch, seq=d.seq,
-                                             kind="request", ts=now, body=body))
-            self._wait_for_room()
-            self._publish(device_topic(d.device_id, "telemetry", self.root), TelemetryBatch(
-                device_id=d.device_id, sent_at=now, events=events).model_dump_json())
+        """Every bucket whose turn has come by the clock (several, when a tick ran
+        late): each device publishes once per ``flush_s``, however slow a tick."""
+        due = int((now_mono - self._t0) / TICK_S)
+        while self._tick < due:
+            k = self._tick % self._buckets
+            self._tick += 1
+            dt = now_mono - self._flushed[k]
+            self._flushed[k] = now_mono
+            for d in itertools.islice(self.devices.values(), k, None, self._buckets):
+                if d.online:
+                    self._serve(d, dt)
+
+    def _serve(self, d: SimDevice, dt: float) -> None:
+        """What device ``d`` served over ``dt`` seconds, published as one batch."""
+        n = self._poisson(self.rate * dt)
+        if not n:
+            return
+        label = self._label(d.variant)
+        prof = self.profile.get(label, {"json_failure": 0.05, "latency": 1.0})
+        fail_p = prof.get("json_failure", 0.05) + self.faults.extra_json_failure.get(label, 0)
+        slower = prof.get("latency", 1.0)
+        for r in self._regressions.get(d.cpu_class, ()):
+            if r.matches(d.variant):
+                fail_p, slower = fail_p + r.json_failure, slower * r.latency
+        requests = []
+        now = time.time()
+        for _ in range(n):
+            d.seq += 1
+            ok = self.rng.random() >= fail_p
+            requests.append(SimRequest(d.seq, self.rng.lognormvariate(-0.7, 0.3) * slower,
+                                       self.rng.randint(20, 200), ok))
+        self._wait_for_room()
+        self._publish(device_topic(d.device_id, "telemetry", self.root),
+                      render_batch(d.device_id, d.variant, self.boot_epoch, now, requests))
 
     def _poisson(self, lam: float) -> int:
         # Knuth's method; lam is small per tick.
@@ -523,7 +562,8 @@ class FleetSimulator:
             k += 1
 
     def _run(self) -> None:
-        self._flushed = [time.monotonic()] * self._buckets  # the births are not traffic
+        self._t0 = time.monotonic()
+        self._flushed = [self._t0] * self._buckets  # the births are not traffic
         while not self._stop.wait(TICK_S):
             now = time.monotonic()
             with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -12,10 +13,17 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quantfleet.agent.mqtt import MqttConfig, make_client
-from quantfleet.agent.wire import TelemetryBatch
-from quantfleet.fleet.simulate import FleetSimulator
+from quantfleet.agent.wire import RequestEvent, TelemetryBatch, TelemetryEvent, ValidationOutcome
+from quantfleet.fleet.simulate import (
+    FleetSimulator,
+    SimRequest,
+    SimulateOptionError,
+    render_batch,
+)
 from tests.support import Mosquitto
 
 pytestmark = pytest.mark.skipif(shutil.which("mosquitto") is None,
@@ -70,3 +78,50 @@ def test_stopping_delivers_every_event_made(broker: str) -> None:
     sub.disconnect()
     assert got == {d: n for d, n in made.items() if n}
     assert all(received[d] == set(range(1, n + 1)) for d, n in made.items() if n)
+
+
+@settings(max_examples=200, deadline=None)
+@given(requests=st.lists(st.builds(
+    SimRequest, seq=st.integers(1, 2**62), latency_s=st.floats(0, 1e4),
+    prompt_tokens=st.integers(0, 2**31 - 1), ok=st.booleans()), min_size=1, max_size=20),
+    device=st.from_regex(r"\A[a-z][a-z0-9-]{0,20}\Z"), variant=st.text(min_size=1, max_size=40),
+    boot_epoch=st.integers(0, 2**62), now=st.floats(0, 4e9))
+def test_a_rendered_batch_is_what_the_models_write(requests: list[SimRequest], device: str,
+                                                   variant: str, boot_epoch: int,
+                                                   now: float) -> None:
+    """The simulator writes batches from templates, not through the models: the JSON
+    must be the agent's, parsed strictly, with every field as the models write it."""
+    fast = render_batch(device, variant, boot_epoch, now, requests)
+    models = TelemetryBatch(device_id=device, sent_at=now, events=[TelemetryEvent(
+        boot_epoch=boot_epoch, seq=r.seq, kind="request", ts=now, body=RequestEvent(
+            request_id=f"{device}-{r.seq}", ts=now, variant=variant, latency_s=r.latency_s,
+            prompt_tokens=r.prompt_tokens, completion_tokens=40,
+            validations=[ValidationOutcome(kind="json_schema", passed=r.ok,
+                                           detail="" if r.ok else "schema")]))
+        for r in requests])
+    assert TelemetryBatch.model_validate_json(fast, strict=True) == models
+    assert json.loads(fast) == json.loads(models.model_dump_json())
+
+
+def test_flush_interval_is_checked() -> None:
+    with pytest.raises(SimulateOptionError, match=r"flush interval 0\.01 s"):
+        FleetSimulator(MqttConfig(broker="mqtt://127.0.0.1:1"), 1, baseline="m-Q8_0",
+                       flush_s=0.01)
+
+
+def test_each_device_publishes_once_per_flush_interval(broker: str) -> None:
+    """flush_s 1: every device sends one batch a second on average (none when it served
+    nothing), as the agent does once per outbox commit — not one per tick."""
+    root = f"qfsim{uuid.uuid4().hex[:8]}"
+    cfg = MqttConfig(broker=broker, topic_root=root)
+    sim = FleetSimulator(cfg, 200, baseline="m-Q8_0", requests_per_s=20, seed=2,
+                         flush_s=1.0).start()
+    try:
+        p0, e0 = sim.published, sum(d.seq for d in sim.devices.values())
+        time.sleep(4.0)
+        p1, e1 = sim.published, sum(d.seq for d in sim.devices.values())
+    finally:
+        sim.stop(clear_retained=False, drain_s=10)
+    msgs, events = (p1 - p0) / 4.0, (e1 - e0) / 4.0
+    assert 200 * 0.7 <= msgs <= 200 * 1.3, msgs  # one a second each, not ten
+    assert 200 * 20 * 0.7 <= events <= 200 * 20 * 1.3, events
