@@ -26,7 +26,13 @@ from quantfleet.agent.wire import (
     TelemetryEvent,
     ValidationOutcome,
 )
-from quantfleet.fleet.store import Store, _sqlite_math
+from quantfleet.fleet.store import (
+    EVENT_COLUMNS,
+    LAST_SEEN_EVERY_S,
+    Store,
+    _sqlite_math,
+    event_row,
+)
 
 
 @pytest.fixture
@@ -283,3 +289,63 @@ def test_sqlite_without_math_functions_gets_them() -> None:
     assert conn.execute("SELECT ln(1.0), floor(2.7), floor(-0.5), ln(0), ln(-1), ln(NULL)"
                         ).fetchone() == (0.0, 2.0, -1.0, None, None, None)
     assert conn.execute("SELECT ln(2.718281828459045)").fetchone()[0] == pytest.approx(1.0)
+
+
+_validations = st.lists(st.builds(
+    ValidationOutcome, kind=st.sampled_from(["json_schema", "tool_call", "refusal", "regex"]),
+    passed=st.booleans(), detail=st.sampled_from(["", "refused", "schema"])), max_size=5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(validations=_validations, prompt=st.integers(0, 10_000), completion=st.integers(0, 10_000),
+       attempt=st.integers(0, 30_000), fallback=st.sampled_from([None, "m-Q8_0"]),
+       status=st.sampled_from([200, 400, 503]))
+def test_an_event_row_carries_the_signals_its_body_says(
+        validations: list[ValidationOutcome], prompt: int, completion: int, attempt: int,
+        fallback: str | None, status: int) -> None:
+    """The typed columns the gates count, from the body by their definitions (the row is
+    built by hand for speed: this holds it to what each column means)."""
+    body = RequestEvent(request_id="r", ts=5.0, variant="m-Q4_K_M", status=status,
+                        prompt_tokens=prompt, completion_tokens=completion,
+                        attempt_tokens=attempt, validations=validations,
+                        fallback_from=fallback, truncated_messages=3)
+    ev = TelemetryEvent(boot_epoch=2, seq=9, kind="request", ts=5.0, body=body)
+    row = event_row("dev-1", ev, 7.0, True)
+    tool = [v.passed for v in validations if v.kind == "tool_call"]
+    assert row == {
+        "device_id": "dev-1", "boot_epoch": 2, "seq": 9, "kind": "request", "ts": 5.0,
+        "received_at": 7.0, "historical": True, "variant": "m-Q4_K_M", "status": status,
+        "latency_s": 0.0, "ttft_s": None, "prompt_tokens": prompt,
+        "completion_tokens": completion, "attempt_tokens": attempt or prompt + completion,
+        "validation_failed": any(not v.passed for v in validations),
+        "tool_call_ok": all(tool) if tool else None,
+        "refused": any(v.kind == "refusal" and v.detail == "refused" for v in validations),
+        "fallback": fallback is not None, "truncated": 3, "body": body.model_dump_json()}
+    assert tuple(row) == EVENT_COLUMNS
+
+
+def test_telemetry_marks_a_device_seen_at_most_every_few_seconds(store: Store) -> None:
+    """A device is created by its first telemetry; after that ``last_seen`` moves only
+    once LAST_SEEN_EVERY_S has passed (per process), not at every message."""
+    def send(seq: int, at: float) -> None:
+        store.ingest_batch(TelemetryBatch(device_id="dev-seen", sent_at=at,
+                                          events=[request_event(seq)]), received_at=at)
+
+    def last_seen() -> float:
+        [row] = [d for d in store.devices(["device_id", "last_seen"])
+                 if d["device_id"] == "dev-seen"]
+        return float(row["last_seen"])
+
+    send(1, 1000.0)
+    assert last_seen() == 1000.0
+    send(2, 1000.0 + LAST_SEEN_EVERY_S / 2)
+    assert last_seen() == 1000.0
+    send(3, 1000.0 + LAST_SEEN_EVERY_S)
+    assert last_seen() == 1000.0 + LAST_SEEN_EVERY_S
+    assert store.event_count() == 3
+    # Another process (a replica, a restart) knows nothing of this one's marks.
+    other = Store(store.url)
+    other.ingest_batch(TelemetryBatch(device_id="dev-seen", sent_at=0, events=[
+        request_event(4)]), received_at=1000.0 + LAST_SEEN_EVERY_S + 1)
+    other.close()
+    assert last_seen() == 1000.0 + LAST_SEEN_EVERY_S + 1
