@@ -10,8 +10,11 @@ committed (paho's manual acks): a fleet killed between receipt and commit
 gets the message again from its persistent session, and the store's
 uniqueness on the event triple drops the copy. One writer thread
 group-commits whatever arrived since its last commit (up to ``max_group``
-messages): the group's statuses in one transaction, its states in one, its
-telemetry in one, its rejections in one, and only then acknowledges them.
+messages, lingering ``linger_s`` for more): the group's statuses in one
+transaction, its states in one, its telemetry in one, its rejections in one, and
+only then acknowledges them. Messages are decoded (parsed, screened, their event
+rows built: ``prepare``) on paho's thread as they arrive, so the writer's thread
+only commits.
 
 Poison never stops the line: what the store cannot hold is rejected, counted
 by reason, before the commit (``messages.screen``); a group whose commit still
@@ -45,7 +48,7 @@ from quantfleet.agent.wire import (
 )
 
 from .messages import Cleared, Payload, Rejected, parse_message, screen
-from .store import Store
+from .store import Store, event_tuple
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +182,8 @@ class FleetIngest:
         self.linger_s = linger_s
         self.stats = IngestStats()
         self.connected = threading.Event()
-        self._queue: queue.Queue[mqtt.MQTTMessage | None] = queue.Queue(maxsize=10_000)
+        # (mid, qos, the message decoded): what the writer commits, then acknowledges.
+        self._queue: queue.Queue[tuple[int, int, Prepared] | None] = queue.Queue(maxsize=10_000)
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="fleet-ingest",
                                         daemon=True)
@@ -251,8 +255,17 @@ class FleetIngest:
             log.warning("fleet ingest: disconnected (%s); paho reconnects", rc)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        # Decoded here, off the commit path: the writer commits a group while paho's
+        # thread decodes the next (a commit waits on the database without the GIL).
+        topic, payload = msg.topic, bytes(msg.payload)
+        try:
+            prepared = prepare(topic, payload, self.root)
+        except Exception as exc:  # a fault of ours, not the device's: keep the line moving
+            log.exception("fleet ingest: decoding a message on %s failed", topic)
+            prepared = Prepared(topic, payload, None, [Rejected(
+                "invalid_payload", f"{topic}: the fleet failed to decode it: {exc!r}")])
         # A full queue blocks paho's thread: backpressure to the broker, not loss.
-        self._queue.put(msg)
+        self._queue.put((msg.mid, msg.qos, prepared))
 
     # -- the writer -----------------------------------------------------
     def _write_loop(self) -> None:
@@ -262,13 +275,14 @@ class FleetIngest:
                 break
             group = [first]
             # Linger a little for more: a commit costs the pages it touches, whatever
-            # the number of events on them, so bigger groups write less per event.
-            until = time.monotonic() + self.linger_s
+            # the number of events on them, so bigger groups write less per event. A
+            # sleep, not a wait on the queue: that woke this thread (and passed the GIL
+            # back and forth with paho's) at every message.
+            if self.linger_s > 0 and self._queue.qsize() < self.max_group:
+                time.sleep(self.linger_s)
             while len(group) < self.max_group:
-                wait = until - time.monotonic()
                 try:
-                    nxt = self._queue.get(timeout=wait) if wait > 0 else \
-                        self._queue.get_nowait()
+                    nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
@@ -282,14 +296,13 @@ class FleetIngest:
                 log.exception("fleet ingest: committing %d messages failed", len(group))
                 time.sleep(1.0)
                 continue
-            for msg in group:
-                if msg.qos > 0:
-                    self.client.ack(msg.mid, msg.qos)
+            for mid, qos, _ in group:
+                if qos > 0:
+                    self.client.ack(mid, qos)
         log.info("fleet ingest: writer stopped")
 
-    def _commit(self, group: list[mqtt.MQTTMessage]) -> None:
-        apply_messages(self.store, [(m.topic, bytes(m.payload)) for m in group], self.root,
-                       self.stats)
+    def _commit(self, group: list[tuple[int, int, Prepared]]) -> None:
+        apply_prepared(self.store, [m[2] for m in group], self.root, self.stats)
 
 
 def tune_gc() -> None:
@@ -318,12 +331,33 @@ _DATA_ERRORS = (IntegrityError, DataError, OverflowError, ValueError, TypeError)
 
 
 @dataclass
-class _Kept:
-    """A message that passed parsing and screening, on its way to the store."""
+class Prepared:
+    """A message decoded for the store, before the commit: what of it is storable (its
+    event rows built), the rejections it earned, and its raw bytes for the dead letters.
+    ``prepare`` runs on paho's thread as messages arrive, so the writer's thread only
+    commits (while a commit waits on the database, the next messages are decoded)."""
 
     topic: str
     payload: bytes
-    parsed: Payload
+    parsed: Payload | None  # the storable part; None: rejected whole, or a cleared topic
+    rejections: list[Rejected]
+    rows: list[tuple[Any, ...]] | None = None  # a batch's events (store.event_tuple)
+
+
+def prepare(topic: str, payload: bytes, root: str, received_at: float | None = None) -> Prepared:
+    """Parse and screen one message (never raises for bad input: it is rejected)."""
+    parsed = parse_message(topic, payload, root)
+    if isinstance(parsed, Cleared):
+        return Prepared(topic, payload, None, [])
+    if isinstance(parsed, Rejected):
+        return Prepared(topic, payload, None, [parsed])
+    storable, dropped = screen(topic, parsed, payload)
+    rows = None
+    if isinstance(storable, TelemetryBatch):
+        now = received_at if received_at is not None else time.time()
+        rows = [event_tuple(storable.device_id, ev, now, storable.historical)
+                for ev in storable.events]
+    return Prepared(topic, payload, storable, dropped, rows)
 
 
 @dataclass
@@ -336,9 +370,15 @@ class _Applied:
 
 def apply_messages(store: Store, messages: Sequence[tuple[str, bytes]], root: str,
                    stats: IngestStats | None = None) -> IngestStats:
-    """Apply a group of (topic, payload) as the ingest's writer does: its statuses,
-    states and telemetry, each kind in one transaction; rejections counted by reason
-    and recorded together in one more.
+    """``apply_prepared`` of the messages as ``prepare`` decodes them."""
+    return apply_prepared(store, [prepare(t, p, root) for t, p in messages], root, stats)
+
+
+def apply_prepared(store: Store, messages: Sequence[Prepared], root: str,
+                   stats: IngestStats | None = None) -> IngestStats:
+    """Apply a group as the ingest's writer does: its statuses, states and telemetry,
+    each kind in one transaction; rejections counted by reason and recorded together
+    in one more.
 
     Within a kind, messages are applied in arrival order (the store folds several
     for one device as one by one would); the kinds touch different columns, so
@@ -351,25 +391,17 @@ def apply_messages(store: Store, messages: Sequence[tuple[str, bytes]], root: st
     """
     stats = stats if stats is not None else IngestStats()
     rejections: list[tuple[str, str]] = []
-    kept: list[_Kept] = []
+    kept: list[Prepared] = []
     first_detail = ""
-    for topic, payload in messages:
+    for m in messages:
         stats.received += 1
-        parsed = parse_message(topic, payload, root)
-        if isinstance(parsed, Cleared):
-            continue
-        if isinstance(parsed, Rejected):
-            storable: Payload | None = None
-            dropped = [parsed]
-        else:
-            storable, dropped = screen(topic, parsed, payload)
-        for r in dropped:
+        for r in m.rejections:
             stats.rejected[r.reason] = stats.rejected.get(r.reason, 0) + 1
-            rejections.append((topic, r.reason))
+            rejections.append((m.topic, r.reason))
             first_detail = first_detail or r.detail
             log.debug("rejected (%s) %s", r.reason, r.detail[:300])
-        if storable is not None:
-            kept.append(_Kept(topic, payload, storable))
+        if m.parsed is not None:
+            kept.append(m)
     if rejections:
         # One line and one transaction for the group, not one per message: a flood of
         # garbage must not cost more than the good messages it is mixed with.
@@ -392,17 +424,19 @@ def apply_messages(store: Store, messages: Sequence[tuple[str, bytes]], root: st
     return stats
 
 
-def _apply(store: Store, kept: Sequence[_Kept]) -> _Applied:
+def _apply(store: Store, kept: Sequence[Prepared]) -> _Applied:
     statuses = [k.parsed for k in kept if isinstance(k.parsed, StatusPayload)]
     states = [k.parsed for k in kept if isinstance(k.parsed, DeviceStatePayload)]
-    batches = [k.parsed for k in kept if isinstance(k.parsed, TelemetryBatch)]
+    batches = [k for k in kept if isinstance(k.parsed, TelemetryBatch)]
     out = _Applied(statuses=len(statuses), states=len(states))
     if statuses:
         store.apply_statuses(statuses)
     if states:
         store.apply_states(states)
     if batches:
-        result = store.ingest_batches(batches)
+        rows = [row for k in batches for row in k.rows or ()]
+        devices = {row[0] for row in rows}
+        result = store.ingest_rows(rows, devices, time.time())
         out.inserted, out.duplicates = result.inserted, result.duplicates
     return out
 
@@ -414,7 +448,7 @@ def _add(total: _Applied, part: _Applied) -> None:
     total.states += part.states
 
 
-def _apply_alone(store: Store, one: _Kept, root: str, stats: IngestStats) -> _Applied:
+def _apply_alone(store: Store, one: Prepared, root: str, stats: IngestStats) -> _Applied:
     """One message on its own; if that fails on the data, a batch event by event, and
     the events (or the status or state) that still fail to the dead letters."""
     try:
@@ -424,6 +458,7 @@ def _apply_alone(store: Store, one: _Kept, root: str, stats: IngestStats) -> _Ap
             _dead_letter(store, one.topic, root, one.payload, exc, stats)
             return _Applied()
     batch = one.parsed
+    assert isinstance(batch, TelemetryBatch)  # the others returned above
     raw = _raw_events(one.payload)
     out = _Applied()
     for ev in batch.events:
