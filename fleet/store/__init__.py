@@ -168,7 +168,8 @@ def event_row(device_id: str, ev: TelemetryEvent, received_at: float,
     return row
 
 
-_EVENT_COLUMNS = [c.name for c in schema.events.columns if c.name != "id"]
+# ``txid`` (m006) is the database's to fill, by its default: never written by ingest.
+_EVENT_COLUMNS = [c.name for c in schema.events.columns if c.name not in ("id", "txid")]
 # Plain SQL that SQLite (3.24+) and PostgreSQL both speak. Executed as text so
 # each driver's executemany reports its true rowcount (SQLAlchemy's insert
 # construct reports -1 for executemany on psycopg).
