@@ -476,7 +476,7 @@ class RolloutEngine:
         judged.update({d["device_id"]: Member("control", spec.from_variant, cell(d["labels"]))
                        for d in cohort if d["device_id"] not in ever_canary
                        and d["variant"] == spec.from_variant})
-        read = self.repo.judged_samples(judged, window)
+        read = self.repo.judged_samples(judged, window, rollout_id)
         sizes = Counter((m.side, m.cell) for m in judged.values())
         cells = {c: GroupSamples(canary_devices=sizes[("canary", c)],
                                  control_devices=sizes[("control", c)])

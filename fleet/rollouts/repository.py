@@ -28,6 +28,7 @@ from ..store import Store, schema
 from .gates import Sample
 from .samples import Member, read_samples
 from .states import ACTIVE, RolloutError
+from .tally import WindowTallies
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class RolloutRepository:
         self.store = store
         self.clock = clock
         self.fence = fence
+        self.tallies = WindowTallies()
 
     def _fenced(self, conn: Connection, rollout_id: str) -> None:
         if self.fence is not None:
@@ -98,10 +100,14 @@ class RolloutRepository:
         publisher retries it, and re-publishes all of it when the fleet starts."""
         return {p.device_id: p.variant for p in self.store.desired(device_ids)}
 
-    def judged_samples(self, judged: Mapping[str, Member], window: tuple[float, float]
+    def judged_samples(self, judged: Mapping[str, Member], window: tuple[float, float],
+                       rollout_id: str | None = None
                        ) -> dict[tuple[str, tuple[str, ...]], Sample]:
         """The judged devices' samples per (side, cell), aggregated by the store
-        (``samples.read_samples``)."""
+        (``samples.read_samples``) — for a ``rollout_id``, kept up to date from one
+        call to the next (``tally.WindowTallies``): only what arrived since is read."""
+        if rollout_id is not None:
+            return self.tallies.samples(self.store.engine, rollout_id, None, judged, window)
         with self.store.engine.begin() as conn:
             return read_samples(conn, judged, window)
 

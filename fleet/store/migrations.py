@@ -388,7 +388,7 @@ Table(
 Table(
     "rollup_watermarks", _M006,
     Column("name", String(64), primary_key=True),
-    Column("position", BigInteger, nullable=False),
+    Column("mark", Text, nullable=True),  # None: never ran
     Column("updated_at", Float, nullable=False),
 )
 

@@ -7,23 +7,24 @@ the smallest and largest latency in each; attempt tokens by exact value), adding
 to the rows already there (``ON CONFLICT DO UPDATE SET n = n + excluded.n``). A
 late (historical, backfilled) event lands in the minute of its own ``ts``.
 
-Positions (what a watermark counts in) are where exactly-once rests:
+Marks (what a watermark records) are where exactly-once rests:
 
-- SQLite has one writer, so rowid order is commit order: the position of a row is
-  its ``id``, and ``max(id) + 1`` read inside the write transaction bounds
-  everything committed.
+- SQLite has one writer, so rowid order is commit order: a mark is an id, and
+  ``max(id) + 1`` read inside the write transaction bounds everything committed;
+  a run reads ids in ``[previous, current)``.
 - PostgreSQL's ingest processes (several replicas) commit out of id order, so an
   ``id > watermark`` would miss a row whose transaction began first and committed
-  last. The position there is ``events.txid``, the id of the transaction that wrote
-  the row (the column's default, m006), and the bound is the snapshot's ``xmin``:
-  every transaction below it has committed or aborted, so nothing can still appear
-  below it. A long open transaction anywhere in the cluster holds the watermark back
-  (the rollups lag; nothing is missed). Rows written before m006 have no txid and are
-  taken by the first run.
+  last. Every row there carries ``events.txid``, the id of the transaction that
+  wrote it (the column's default, m006), and a mark is a snapshot
+  (``pg_current_snapshot()``): a run reads the rows whose transaction is committed in
+  the current snapshot and was not in the previous one (``pg_visible_in_snapshot``).
+  Nothing waits for the oldest open transaction — the cluster's ``xmin`` can be held
+  back by any session in any database — it only bounds the index range scanned. Rows
+  written before m006 have no txid and are taken by the first run.
 
-A consumer's range is ``[previous, current)`` and its watermark moves in the same
-transaction as the sums it wrote, with the watermark row locked: two replicas rolling
-up at once serialise on it and neither counts a range twice.
+A consumer's watermark moves in the same transaction as the sums it wrote, with its
+row locked: two replicas rolling up at once serialise on it and neither counts a
+range twice.
 
 Nothing here runs on ingest's path: ``quantfleet serve`` calls ``roll_up`` on its
 ticker (fleet/service.py).
@@ -46,31 +47,57 @@ ROLLUPS = "request_rollups"
 
 @dataclass(frozen=True)
 class RollupRun:
-    """What one ``roll_up`` did: the positions ``[start, end)`` and the events in them."""
+    """What one ``roll_up`` did: from which mark to which, and the events between."""
 
-    start: int
-    end: int
+    start: str | None
+    end: str
     events: int
 
 
-def current_position(conn: Connection) -> int:
-    """The position below which every row of ``events`` is final (committed or never
-    will be): ``[watermark, current_position)`` is a range no later commit adds to."""
+def current_mark(conn: Connection) -> str:
+    """Where ``events`` stands now, as a consumer records it: on SQLite the next id
+    (``max(id) + 1``), on PostgreSQL the snapshot (``pg_current_snapshot()``)."""
     if conn.dialect.name == "postgresql":
-        return int(conn.execute(text(
-            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")).scalar_one())
-    return int(conn.execute(text(
+        return str(conn.execute(text("SELECT pg_current_snapshot()::text")).scalar_one())
+    return str(conn.execute(text(
         f"SELECT coalesce(max(id), 0) + 1 FROM {schema.events.name}")).scalar_one())
 
 
-def position_range(dialect: str, start: int, end: int | None = None) -> str:
-    """SQL selecting the rows of ``events`` with positions in ``[start, end)`` (``end``
-    None: no bound), with ``:pos_start`` / ``:pos_end`` parameters."""
+def mark_floor(dialect: str, mark: str | None) -> int:
+    """A position every row below which a consumer at ``mark`` has read: the id on
+    SQLite, the snapshot's xmin (a txid) on PostgreSQL."""
+    if mark is None:
+        return 0
+    return int(mark.split(":")[0]) if dialect == "postgresql" else int(mark)
+
+
+_VISIBLE = "pg_visible_in_snapshot(CAST(CAST(txid AS text) AS xid8), CAST(:{} AS pg_snapshot))"
+
+
+def rows_between(dialect: str, prev: str | None, cur: str) -> tuple[str, dict[str, Any]]:
+    """SQL (and its parameters) selecting the rows of ``events`` a consumer moving from
+    mark ``prev`` (None: from the start) to ``cur`` has not read yet and now reads.
+
+    On PostgreSQL: committed in snapshot ``cur`` and not in ``prev``. The statement's
+    own snapshot is newer than ``cur``, so it sees them all; a row is in exactly one
+    such range. The ``txid >= xmin(prev)`` term lets the index find them."""
     if dialect == "postgresql":
-        cond = "txid >= :pos_start" + ("" if end is None else " AND txid < :pos_end")
-        # Rows from before m006 carry no txid: the first range (from 0) holds them.
-        return f"(({cond}) OR txid IS NULL)" if start == 0 else f"({cond})"
-    return "(id >= :pos_start" + ("" if end is None else " AND id < :pos_end") + ")"
+        params: dict[str, Any] = {"m_cur": cur}
+        now = f"(txid IS NULL OR {_VISIBLE.format('m_cur')})"  # NULL: before m006
+        if prev is None:
+            return now, params
+        params.update(m_prev=prev, m_prev_xmin=mark_floor(dialect, prev))
+        return (f"(txid >= :m_prev_xmin AND {_VISIBLE.format('m_cur')} "
+                f"AND NOT {_VISIBLE.format('m_prev')})"), params
+    return "(id >= :m_prev AND id < :m_cur)", {"m_prev": int(prev or 0), "m_cur": int(cur)}
+
+
+def rows_below(dialect: str, cur: str) -> tuple[str, dict[str, Any]]:
+    """SQL selecting every row of ``events`` a consumer at ``cur`` has read."""
+    if dialect == "postgresql":
+        return (f"(txid IS NULL OR txid < :m_cur_xmin OR {_VISIBLE.format('m_cur')})",
+                {"m_cur": cur, "m_cur_xmin": mark_floor(dialect, cur)})
+    return "(id < :m_cur)", {"m_cur": int(cur)}
 
 
 def latency_bin_sql(column: str = "latency_s") -> str:
@@ -130,21 +157,23 @@ def _upsert_sql(dialect: str, where: str) -> list[str]:
     return [counts, latency, tokens]
 
 
-def _claim(conn: Connection, name: str) -> int:
-    """The consumer's watermark, its row locked until the transaction ends."""
+def _claim(conn: Connection, name: str) -> str | None:
+    """The consumer's mark (None: it never ran), its row locked until the transaction
+    ends."""
     w = schema.rollup_watermarks.name
-    conn.execute(text(f"INSERT INTO {w} (name, position, updated_at) VALUES (:n, 0, :t) "
+    conn.execute(text(f"INSERT INTO {w} (name, mark, updated_at) VALUES (:n, NULL, :t) "
                       "ON CONFLICT (name) DO NOTHING"), {"n": name, "t": time.time()})
     lock = " FOR UPDATE" if conn.dialect.name == "postgresql" else ""
-    return int(conn.execute(text(f"SELECT position FROM {w} WHERE name = :n{lock}"),
-                            {"n": name}).scalar_one())
+    got = conn.execute(text(f"SELECT mark FROM {w} WHERE name = :n{lock}"),
+                       {"n": name}).scalar_one()
+    return None if got is None else str(got)
 
 
-def watermark(conn: Connection, name: str = ROLLUPS) -> int:
-    """Where the consumer ``name`` stands (0: it never ran)."""
+def watermark(conn: Connection, name: str = ROLLUPS) -> str | None:
+    """Where the consumer ``name`` stands (None: it never ran)."""
     w = schema.rollup_watermarks.name
-    got = conn.execute(text(f"SELECT position FROM {w} WHERE name = :n"), {"n": name}).first()
-    return 0 if got is None else int(got[0])
+    got = conn.execute(text(f"SELECT mark FROM {w} WHERE name = :n"), {"n": name}).first()
+    return None if got is None or got[0] is None else str(got[0])
 
 
 def roll_up(engine: Engine) -> RollupRun:
@@ -154,22 +183,23 @@ def roll_up(engine: Engine) -> RollupRun:
         # On SQLite the watermark row's INSERT takes the write lock first: max(id)
         # read after it bounds every committed row, and no writer commits meanwhile.
         start = _claim(conn, ROLLUPS)
-        end = current_position(conn)
-        if end <= start:
-            return RollupRun(start, start, 0)
-        where = position_range(conn.dialect.name, start, end)
-        params: dict[str, Any] = {"pos_start": start, "pos_end": end, **bin_params()}
+        end = current_mark(conn)
+        if end == start:
+            return RollupRun(start, end, 0)
+        where, params = rows_between(conn.dialect.name, start, end)
+        params.update(bin_params())
         n = int(conn.execute(text(
             f"SELECT count(*) FROM {schema.events.name} WHERE kind = 'request' "
             f"AND variant IS NOT NULL AND {where}"), params).scalar_one())
         if n:
             for sql in _upsert_sql(conn.dialect.name, where):
                 conn.execute(text(sql), params)
-        conn.execute(text(f"UPDATE {schema.rollup_watermarks.name} SET position = :p, "
+        conn.execute(text(f"UPDATE {schema.rollup_watermarks.name} SET mark = :m, "
                           "updated_at = :t WHERE name = :n"),
-                     {"p": end, "t": time.time(), "n": ROLLUPS})
+                     {"m": end, "t": time.time(), "n": ROLLUPS})
         return RollupRun(start, end, n)
 
 
-__all__ = ["COUNTS", "ROLLUPS", "RollupRun", "bin_params", "current_position",
-           "latency_bin_sql", "position_range", "roll_up", "watermark"]
+__all__ = ["COUNTS", "COUNT_SQL", "ROLLUPS", "RollupRun", "bin_params", "current_mark",
+           "latency_bin_sql", "mark_floor", "roll_up", "rows_below", "rows_between",
+           "watermark"]

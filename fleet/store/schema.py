@@ -248,10 +248,11 @@ request_rollup_bins = Table(
 )
 Index("ix_request_rollup_bins_minute", request_rollup_bins.c.minute)
 
-#: How far each consumer of ``events`` has read, as a position (rollups.py).
+#: How far each consumer of ``events`` has read: an id on SQLite, a snapshot on
+#: PostgreSQL (rollups.py).
 rollup_watermarks = Table(
     "rollup_watermarks", metadata,
     Column("name", String(64), primary_key=True),
-    Column("position", BigInteger, nullable=False),
+    Column("mark", Text, nullable=True),  # None: never ran
     Column("updated_at", Float, nullable=False),
 )
