@@ -38,6 +38,7 @@ on the rollout's state alone.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import time
@@ -464,18 +465,34 @@ class RolloutEngine:
         read (``samples.read_samples``), which are summed into the groups here.
         """
         members = self.members(rollout_id)
-        devices = self.repo.devices(columns=("device_id", "labels", "variant", "online"))
         sel = Selector.parse(spec.cohort)
-        labels = {d["device_id"]: d["labels"] or {} for d in devices}
-        cohort = [d for d in devices if sel.matches(d["labels"] or {})]
-        ever_canary = {m["device_id"] for m in members if m["role"] == "canary"}
         cell = cell_reader(spec)
-        judged = {m["device_id"]: Member("canary", spec.to_variant,
-                                         cell(labels.get(m["device_id"])))
+        # Every device's labels are read each tick (how the judged set stands now), as
+        # the stored JSON text: a fleet has few distinct label sets, each parsed, matched
+        # and placed in its cell once, and devices of a cell and side share one Member.
+        seen: dict[str | None, tuple[dict[str, str], bool, Cell]] = {}
+        shared: dict[tuple[str, str, Cell], Member] = {}
+
+        def info(text: str | None) -> tuple[dict[str, str], bool, Cell]:
+            got = seen.get(text)
+            if got is None:
+                labels = (json.loads(text) if text else None) or {}
+                got = seen[text] = (labels, sel.matches(labels), cell(labels))
+            return got
+
+        def member(side: str, variant: str, c: Cell) -> Member:
+            return shared.setdefault((side, variant, c), Member(side, variant, c))
+
+        devices = {d: (info(t), v) for d, t, v in self.repo.device_labels()}
+        ever_canary = {m["device_id"] for m in members if m["role"] == "canary"}
+        unknown = cell(None)
+        judged = {m["device_id"]: member("canary", spec.to_variant,
+                                         devices[m["device_id"]][0][2]
+                                         if m["device_id"] in devices else unknown)
                   for m in members if m["role"] == "canary" and m["outcome"] == "healthy"}
-        judged.update({d["device_id"]: Member("control", spec.from_variant, cell(d["labels"]))
-                       for d in cohort if d["device_id"] not in ever_canary
-                       and d["variant"] == spec.from_variant})
+        for d, ((_, in_cohort, c), variant) in devices.items():
+            if in_cohort and variant == spec.from_variant and d not in ever_canary:
+                judged[d] = member("control", spec.from_variant, c)
         read = self.repo.judged_samples(judged, window, rollout_id)
         sizes = Counter((m.side, m.cell) for m in judged.values())
         cells = {c: GroupSamples(canary_devices=sizes[("canary", c)],
@@ -483,6 +500,9 @@ class RolloutEngine:
                  for c in {c for _, c in sizes}}
         for (side, c), sample in read.items():
             setattr(cells[c], side, sample)
+        cohort = ([{"device_id": d, "labels": labels, "variant": variant}
+                   for d, ((labels, in_cohort, _), variant) in devices.items() if in_cohort]
+                  if spec.required_classes or spec.min_canaries_per_class else [])
         return (merge_cells(cells, dimensions(spec)),
                 self._class_minimum(spec, cohort, members))
 

@@ -94,6 +94,14 @@ class RolloutRepository:
         devices: list[dict[str, Any]] = self.store.devices(columns=columns)
         return devices
 
+    def device_labels(self) -> list[tuple[str, str | None, str | None]]:
+        """``(device_id, labels as the stored JSON text, variant)`` of every device, by the
+        driver directly: a tick reads them all, and at 100,000 devices SQLAlchemy's
+        per-row JSON decoding was most of a decision's time."""
+        with self.store.engine.connect() as conn:
+            return [(str(d), t, v) for d, t, v in conn.exec_driver_sql(
+                "SELECT device_id, CAST(labels AS TEXT), variant FROM devices")]
+
     def desired_variants(self, device_ids: Iterable[str]) -> dict[str, str]:
         """The variant of each device's stored desired state (devices without one are
         absent): stored is what counts, acknowledged or not — the fleet's desired-state

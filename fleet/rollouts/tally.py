@@ -31,17 +31,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 
 from ..store import schema
-from ..store.rollups import (
-    COUNT_SQL,
-    COUNTS,
-    bin_params,
-    current_mark,
-    latency_bin_sql,
-    rows_between,
-)
+from ..store.rollups import current_mark, rows_between
 from .gates import Sample
 from .samples import Member, read_samples
-from .stats import Binned
 
 log = logging.getLogger(__name__)
 
@@ -59,50 +51,43 @@ class _Tally:
     ahead: list[tuple[float, GroupKey, Sample]] = field(default_factory=list)
 
 
+_SIGNALS = ("status", "latency_s", "attempt_tokens", "validation_failed", "tool_call_ok",
+            "refused", "fallback")
+
+
 def _changes(conn: Connection, members: Mapping[str, Member], prev: str | None, cur: str,
              since_ts: float, now: float) -> tuple[dict[GroupKey, Sample],
                                                    list[tuple[float, GroupKey, Sample]]]:
     """The members' requests a reader moving from mark ``prev`` to ``cur`` reads, with
     ``ts >= since_ts``, per group: those before ``now``, and those at or after it by
-    their ts."""
-    where, marks = rows_between(conn.dialect.name, prev, cur)
-    base = (f"FROM {schema.events.name} WHERE kind = 'request' AND variant IS NOT NULL "
-            f"AND ts >= :since AND {where}")
-    ahead = "CASE WHEN ts >= :now THEN ts END"
-    params: dict[str, Any] = {"since": since_ts, "now": now, **marks, **bin_params()}
-    lat_sql = (f"SELECT device_id, variant, {ahead} AS a, "
-               f"CAST({latency_bin_sql()} AS BIGINT) AS k, min(coalesce(latency_s, 0.0)), "
-               f"max(coalesce(latency_s, 0.0)), {', '.join(COUNT_SQL)} {base} "
-               "GROUP BY device_id, variant, a, k")
-    tok_sql = (f"SELECT device_id, variant, {ahead} AS a, "
-               f"CAST(coalesce(attempt_tokens, 0) AS BIGINT) AS k, count(*) {base} "
-               "GROUP BY device_id, variant, a, k")
-    lat: dict[tuple[float | None, GroupKey], list[Any]] = {}
-    tok: dict[tuple[float | None, GroupKey], list[tuple[float, int, float, float]]] = {}
-    for row in conn.execute(text(lat_sql), params):
+    their ts.
+
+    What arrived since the last tick is a tick's worth of requests, not a window's:
+    they come row by row and are counted as ``Sample.from_requests`` counts (the tests
+    hold it equal to the store's SQL aggregation)."""
+    where, params = rows_between(conn.dialect.name, prev, cur)
+    rows = conn.execute(text(
+        f"SELECT device_id, variant, ts, {', '.join(_SIGNALS)} FROM {schema.events.name} "
+        f"WHERE kind = 'request' AND variant IS NOT NULL AND ts >= :since AND {where}"),
+        {"since": since_ts, **params})
+    before: dict[GroupKey, list[Any]] = {}
+    later: dict[tuple[float, GroupKey], list[Any]] = {}
+    for row in rows:
         m = members.get(row[0])
-        if m is not None and m.variant == row[1]:
-            lat.setdefault((row[2], (m.side, m.cell)), []).append(row[3:])
-    for row in conn.execute(text(tok_sql), params):
-        m = members.get(row[0])
-        if m is not None and m.variant == row[1]:
-            k = float(row[3])
-            tok.setdefault((row[2], (m.side, m.cell)), []).append((k, int(row[4]), k, k))
-    now_part: dict[GroupKey, Sample] = {}
-    later: list[tuple[float, GroupKey, Sample]] = []
-    for (ts, group), rows in lat.items():
-        # rows: (bin, min, max, requests, then the other counts in COUNT_SQL's order)
-        counts = [sum(int(r[i]) for r in rows) for i in range(3, 11)]
-        sample = Sample(
-            **dict(zip(COUNTS, counts, strict=True)),
-            latency=Binned.from_rows([(float(r[0]), int(r[3]), float(r[1]), float(r[2]))
-                                      for r in rows]),
-            attempt_tokens=Binned.from_rows(tok.get((ts, group), [])))
-        if ts is None:
-            now_part[group] = sample
+        if m is None or m.variant != row[1]:
+            continue
+        group = (m.side, m.cell)
+        if row[2] < now:
+            before.setdefault(group, []).append(row[3:])
         else:
-            later.append((float(ts), group, sample))
-    return now_part, later
+            later.setdefault((float(row[2]), group), []).append(row[3:])
+
+    def sample(requests: list[Any]) -> Sample:
+        return Sample.from_requests(**{name: [r[i] for r in requests]
+                                       for i, name in enumerate(_SIGNALS)})
+
+    return ({g: sample(rs) for g, rs in before.items()},
+            [(ts, g, sample(rs)) for (ts, g), rs in later.items()])
 
 
 def _add(groups: dict[GroupKey, Sample], more: Mapping[GroupKey, Sample]) -> None:
