@@ -483,16 +483,19 @@ class RolloutEngine:
         def member(side: str, variant: str, c: Cell) -> Member:
             return shared.setdefault((side, variant, c), Member(side, variant, c))
 
-        devices = {d: (info(t), v) for d, t, v in self.repo.device_labels()}
+        rows = self.repo.device_labels()
+        texts = {t: info(t) for t in {t for _, t, _ in rows}}
+        devices = {d: (texts[t], v) for d, t, v in rows}
         ever_canary = {m["device_id"] for m in members if m["role"] == "canary"}
         unknown = cell(None)
         judged = {m["device_id"]: member("canary", spec.to_variant,
                                          devices[m["device_id"]][0][2]
                                          if m["device_id"] in devices else unknown)
                   for m in members if m["role"] == "canary" and m["outcome"] == "healthy"}
-        for d, ((_, in_cohort, c), variant) in devices.items():
-            if in_cohort and variant == spec.from_variant and d not in ever_canary:
-                judged[d] = member("control", spec.from_variant, c)
+        controls = {t: member("control", spec.from_variant, x[2])
+                    for t, x in texts.items() if x[1]}
+        judged.update({d: controls[t] for d, t, v in rows
+                       if v == spec.from_variant and t in controls and d not in ever_canary})
         read = self.repo.judged_samples(judged, window, rollout_id)
         sizes = Counter((m.side, m.cell) for m in judged.values())
         cells = {c: GroupSamples(canary_devices=sizes[("canary", c)],
