@@ -17,9 +17,10 @@ Marks (what a watermark records) are where exactly-once rests:
   last. Every row there carries ``events.txid``, the id of the transaction that
   wrote it (the column's default, m006), and a mark is a snapshot
   (``pg_current_snapshot()``): a run reads the rows whose transaction is committed in
-  the current snapshot and was not in the previous one (``pg_visible_in_snapshot``).
-  Nothing waits for the oldest open transaction — the cluster's ``xmin`` can be held
-  back by any session in any database — it only bounds the index range scanned. Rows
+  the current snapshot and was not in the previous one (``pg_visible_in_snapshot``;
+  not in the previous one: at or past its xmax, or in its running list). Nothing
+  waits for, or scans back to, the oldest open transaction — the cluster's ``xmin``
+  can be held back by any session in any database. Rows
   written before m006 have no txid and are taken by the first run.
 
 A consumer's watermark moves in the same transaction as the sums it wrote, with its
@@ -78,17 +79,23 @@ def rows_between(dialect: str, prev: str | None, cur: str) -> tuple[str, dict[st
     """SQL (and its parameters) selecting the rows of ``events`` a consumer moving from
     mark ``prev`` (None: from the start) to ``cur`` has not read yet and now reads.
 
-    On PostgreSQL: committed in snapshot ``cur`` and not in ``prev``. The statement's
-    own snapshot is newer than ``cur``, so it sees them all; a row is in exactly one
-    such range. The ``txid >= xmin(prev)`` term lets the index find them."""
+    On PostgreSQL: committed in snapshot ``cur`` and not in ``prev`` — a transaction
+    is committed in a snapshot unless it started at or after the snapshot's xmax or was
+    in its list of running ones. The statement's own snapshot is newer than ``cur``, so
+    it sees them all; a row is in exactly one such range."""
     if dialect == "postgresql":
         params: dict[str, Any] = {"m_cur": cur}
         now = f"(txid IS NULL OR {_VISIBLE.format('m_cur')})"  # NULL: before m006
         if prev is None:
             return now, params
-        params.update(m_prev=prev, m_prev_xmin=mark_floor(dialect, prev))
-        return (f"(txid >= :m_prev_xmin AND {_VISIBLE.format('m_cur')} "
-                f"AND NOT {_VISIBLE.format('m_prev')})"), params
+        # Not committed in ``prev``: started at or after its xmax, or running then (its
+        # xip list). Both are index lookups, however old the cluster's xmin is.
+        _, xmax, xip = prev.split(":")
+        running = [int(x) for x in xip.split(",") if x]
+        params["m_prev_xmax"] = int(xmax)
+        unseen = "txid >= :m_prev_xmax" + (
+            f" OR txid IN ({', '.join(map(str, running))})" if running else "")
+        return f"(({unseen}) AND {_VISIBLE.format('m_cur')})", params
     return "(id >= :m_prev AND id < :m_cur)", {"m_prev": int(prev or 0), "m_cur": int(cur)}
 
 
