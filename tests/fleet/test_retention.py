@@ -121,3 +121,36 @@ def test_the_retention_options_are_checked_naming_the_option_and_the_file(
     path.write_text("[retention]\nraw_events_s = 7200\nrollups_s = 7200\nevery_s = 60\n")
     cfg = load_fleet_config(path)
     assert cfg.retention.raw_events_s == 7200 and cfg.retention.delete
+
+
+def test_serve_rolls_up_and_applies_retention_on_its_own_thread(
+        store: Store, tmp_path: Path) -> None:
+    """FleetService's upkeep loop, alone (no broker): it rolls up what ingest committed
+    every rollup_every_s and deletes what retention lets go every every_s."""
+    import threading
+    import time
+
+    from quantfleet.fleet.service import FleetService
+
+    rng = random.Random(4)
+    seq: dict[str, int] = {}
+    old = time.time() - 5 * DAY
+    ingest(store, rng, seq, old, old)
+    path = tmp_path / "fleet.toml"
+    path.write_text("[retention]\nraw_events_s = 86400\nrollups_s = 864000\n"
+                    "rollup_every_s = 0.05\nevery_s = 0.1\n")
+    svc = FleetService.__new__(FleetService)  # only what the loop uses
+    svc.cfg, svc.store, svc._stop = load_fleet_config(path), store, threading.Event()
+    loop = threading.Thread(target=svc._upkeep_loop)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if count(store, "SELECT count(*) FROM events") <= 1:
+                break
+            time.sleep(0.05)
+    finally:
+        svc._stop.set()
+        loop.join(10)
+    assert count(store, "SELECT coalesce(sum(requests), 0) FROM request_rollups") == 4 * 5
+    assert count(store, "SELECT count(*) FROM events") == (1 if store.dialect == "sqlite" else 0)
