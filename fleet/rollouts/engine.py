@@ -485,13 +485,13 @@ class RolloutEngine:
 
         rows = self.repo.device_labels()
         texts = {t: info(t) for t in {t for _, t, _ in rows}}
-        devices = {d: (texts[t], v) for d, t, v in rows}
+        healthy = {m["device_id"] for m in members
+                   if m["role"] == "canary" and m["outcome"] == "healthy"}
         ever_canary = {m["device_id"] for m in members if m["role"] == "canary"}
+        canary_cells = {d: texts[t][2] for d, t, _ in rows if d in healthy}
         unknown = cell(None)
-        judged = {m["device_id"]: member("canary", spec.to_variant,
-                                         devices[m["device_id"]][0][2]
-                                         if m["device_id"] in devices else unknown)
-                  for m in members if m["role"] == "canary" and m["outcome"] == "healthy"}
+        judged = {d: member("canary", spec.to_variant, canary_cells.get(d, unknown))
+                  for d in healthy}
         controls = {t: member("control", spec.from_variant, x[2])
                     for t, x in texts.items() if x[1]}
         judged.update({d: controls[t] for d, t, v in rows
@@ -503,8 +503,8 @@ class RolloutEngine:
                  for c in {c for _, c in sizes}}
         for (side, c), sample in read.items():
             setattr(cells[c], side, sample)
-        cohort = ([{"device_id": d, "labels": labels, "variant": variant}
-                   for d, ((labels, in_cohort, _), variant) in devices.items() if in_cohort]
+        cohort = ([{"device_id": d, "labels": texts[t][0], "variant": v}
+                   for d, t, v in rows if texts[t][1]]
                   if spec.required_classes or spec.min_canaries_per_class else [])
         return (merge_cells(cells, dimensions(spec)),
                 self._class_minimum(spec, cohort, members))

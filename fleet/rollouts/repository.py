@@ -79,12 +79,24 @@ class RolloutRepository:
             return [dict(r._mapping) for r in rows]
 
     def members(self, rollout_id: str) -> list[dict[str, Any]]:
+        rd = schema.rollout_devices
         with self.store.engine.connect() as conn:
-            rows = conn.execute(select(schema.rollout_devices)
-                                .where(schema.rollout_devices.c.rollout_id == rollout_id)
-                                .order_by(schema.rollout_devices.c.step,
-                                          schema.rollout_devices.c.device_id))
-            return [dict(r._mapping) for r in rows]
+            # SQLAlchemy compiles the query; the driver's cursor fetches the rows (a
+            # step of 10,000 canaries is read every tick).
+            q = (select(rd).where(rd.c.rollout_id == rollout_id)
+                 .order_by(rd.c.step, rd.c.device_id))
+            compiled = q.compile(dialect=conn.dialect)
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                params = compiled.construct_params()
+                if conn.dialect.name == "sqlite":
+                    cur.execute(str(compiled), [params[k] for k in compiled.positiontup or []])
+                else:
+                    cur.execute(str(compiled), params)
+                names = [c.name for c in rd.columns]
+                return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            finally:
+                cur.close()
 
     def pins(self) -> list[dict[str, Any]]:
         with self.store.engine.connect() as conn:
