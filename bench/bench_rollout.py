@@ -1,28 +1,37 @@
 """Rollout decision time at fleet scale, on SQLite and PostgreSQL.
 
-    python bench/bench_rollout.py [--devices 1000,10000] [--stores sqlite,postgresql]
+    python bench/bench_rollout.py [--devices 1000,10000,100000] [--stores sqlite,postgresql]
                                   [--events-per-device 20] [--history-windows 3]
-                                  [--classes 3] [--pg-vacuum-window]
+                                  [--classes 3] [--fetch-max 50000] [--pg-vacuum-window]
 
 For each store and fleet size: devices in one cohort, 10 % of them canaries
 on the candidate, spread evenly over ``--classes`` hardware classes (their
 ``cpu.class`` label; 0: none), and the telemetry a real fleet would have
-stored — every device sends a batch of its requests every minute (ingested in
-arrival order) for the bake window (``--events-per-device`` requests each) and
-for ``--history-windows`` windows before it. Requests carry JSON and tool-call
-validations, refusals, fallbacks and varied token counts, so every default
-gate has data. Then, each the median of three runs after one warm-up:
+stored — every device's requests, a minute at a time, oldest first, for the bake
+window (``--events-per-device`` requests each, Poisson) and for
+``--history-windows`` windows before it. The rows are generated with numpy and
+written in bulk (COPY on PostgreSQL, executemany on SQLite: 8 million rows at
+100,000 devices), as ingest stores them, with JSON and tool-call validations,
+refusals, fallbacks and varied token counts so every default gate has data.
 
-- read: the store aggregates canary and control over the window (SQL), per
-  side and hardware class, summed into the pool and the classes;
-- gates: every gate of the default spec judged on that — pooled and per class
-  (statistics only);
-- step decision: one engine tick of the baking rollout (read state, judge,
-  record the verdict, advance);
-- every row, for reference: fetching the window's requests into Python, as
-  the engine did before the store aggregated them (the ratio is to "read").
+The last 15 s of the window arrive afterwards, 2.5 s (one tick's worth) before
+each measured read and tick. Each the median of three, after the window's first
+read:
 
-Target: a step decision under one second at 10,000 devices. PostgreSQL gets a
+- tally: what a tick reads of the step's samples — the engine's judged set, and
+  the requests that arrived since the last tick added to the window's tally
+  (``fleet/rollouts/tally.py``);
+- full read: the same samples re-read from the whole window
+  (``samples.read_samples``), as every tick did before the tally (now only a
+  window's first tick, or the first after a restart or a takeover); the verdicts of
+  the two are checked equal;
+- gates: every gate of the default spec judged (statistics only);
+- step decision: one engine tick of the baking rollout (read state, judge from the
+  tally, record the verdict, advance);
+- every row, for reference: fetching the window's requests into Python (skipped
+  above ``--fetch-max`` devices).
+
+Target: a step decision under one second at 100,000 devices. PostgreSQL gets a
 database of its own (created and dropped); see ``build`` for its maintenance.
 
 The script also runs against the code before per-class judging (2a52c52:

@@ -30,8 +30,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, text
 
-from ..store import schema
-from ..store.rollups import current_mark, rows_between
+from ..store.rollups import current_mark, events_by_position, rows_between
 from .gates import Sample
 from .samples import Member, read_samples
 
@@ -67,8 +66,9 @@ def _changes(conn: Connection, members: Mapping[str, Member], prev: str | None, 
     hold it equal to the store's SQL aggregation)."""
     where, params = rows_between(conn.dialect.name, prev, cur)
     rows = conn.execute(text(
-        f"SELECT device_id, variant, ts, {', '.join(_SIGNALS)} FROM {schema.events.name} "
-        f"WHERE kind = 'request' AND variant IS NOT NULL AND ts >= :since AND {where}"),
+        f"SELECT device_id, variant, ts, {', '.join(_SIGNALS)} FROM "
+        f"{events_by_position(conn.dialect.name)} WHERE kind = 'request' "
+        f"AND variant IS NOT NULL AND ts >= :since AND {where}"),
         {"since": since_ts, **params})
     before: dict[GroupKey, list[Any]] = {}
     later: dict[tuple[float, GroupKey], list[Any]] = {}

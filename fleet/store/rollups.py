@@ -107,6 +107,14 @@ def rows_below(dialect: str, cur: str) -> tuple[str, dict[str, Any]]:
     return "(id < :m_cur)", {"m_cur": int(cur)}
 
 
+def events_by_position(dialect: str) -> str:
+    """``events`` as a FROM item for a read by mark. On SQLite, NOT INDEXED: the planner
+    would otherwise take the request-signals index for ``kind = 'request'`` (or a ts
+    bound) and scan every request in it, where the id range is a rowid range; PostgreSQL
+    finds the txid range in ``ix_events_txid`` by its statistics."""
+    return schema.events.name + (" NOT INDEXED" if dialect == "sqlite" else "")
+
+
 def latency_bin_sql(column: str = "latency_s") -> str:
     """``stats.latency_bin`` in SQL (as ``samples.py`` computes it), with ``:bin_floor``
     and ``:bin_ln_growth`` parameters (``bin_params``)."""
@@ -139,8 +147,8 @@ def _upsert_sql(dialect: str, where: str) -> list[str]:
     least, greatest = ("LEAST", "GREATEST") if dialect == "postgresql" else ("min", "max")
     r, b = schema.request_rollups.name, schema.request_rollup_bins.name
     minute = "CAST(floor(ts / 60.0) AS BIGINT)"
-    requests = (f"FROM {schema.events.name} WHERE kind = 'request' AND variant IS NOT NULL "
-                f"AND {where}")
+    requests = (f"FROM {events_by_position(dialect)} WHERE kind = 'request' "
+                f"AND variant IS NOT NULL AND {where}")
     counts = (
         f"INSERT INTO {r} (device_id, variant, minute, {', '.join(COUNTS)}) "
         f"SELECT device_id, variant, {minute} AS m, {', '.join(COUNT_SQL)} {requests} "
@@ -196,8 +204,9 @@ def roll_up(engine: Engine) -> RollupRun:
         where, params = rows_between(conn.dialect.name, start, end)
         params.update(bin_params())
         n = int(conn.execute(text(
-            f"SELECT count(*) FROM {schema.events.name} WHERE kind = 'request' "
-            f"AND variant IS NOT NULL AND {where}"), params).scalar_one())
+            f"SELECT count(*) FROM {events_by_position(conn.dialect.name)} "
+            f"WHERE kind = 'request' AND variant IS NOT NULL AND {where}"),
+            params).scalar_one())
         if n:
             for sql in _upsert_sql(conn.dialect.name, where):
                 conn.execute(text(sql), params)
@@ -208,5 +217,6 @@ def roll_up(engine: Engine) -> RollupRun:
 
 
 __all__ = ["COUNTS", "COUNT_SQL", "ROLLUPS", "RollupRun", "bin_params", "current_mark",
+           "events_by_position",
            "latency_bin_sql", "mark_floor", "roll_up", "rows_below", "rows_between",
            "watermark"]
