@@ -105,8 +105,9 @@ events = Table(
     # (not through the JSON type per row) is most of ingest's speed.
     Column("body", Text, nullable=False),
     # m006: on PostgreSQL the id of the transaction that wrote the row (its default:
-    # ingest never sets it), the position the rollups advance by (rollups.py: ids
-    # commit out of order there); NULL on SQLite, whose single writer commits in id order.
+    # ingest never sets it), what a consumer's snapshot mark is checked against
+    # (rollups.py: ids commit out of order there); NULL on SQLite, whose single writer
+    # commits in id order.
     Column("txid", BigInteger, nullable=True, server_default=commit_txid()),
     UniqueConstraint("device_id", "boot_epoch", "seq", name="uq_events_triple"),
 )
