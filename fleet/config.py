@@ -143,6 +143,33 @@ class RolloutsConfig(Strict):
         return self
 
 
+class RetentionConfig(Strict):
+    """How long the store keeps what (docs/store.md, Rollups and Retention)."""
+
+    raw_events_s: float = Field(2 * 86400, ge=3600, description="How long raw events are "
+                                "kept after they were received, at least an hour. Never "
+                                "deleted sooner: the requests a rollout in progress still "
+                                "judges (its bake window) and those not rolled up yet.")
+    rollups_s: float = Field(90 * 86400, gt=0, description="How long the per-minute rollups "
+                             "of request events are kept (by their minute); at least "
+                             "raw_events_s.")
+    rollup_every_s: float = Field(10.0, gt=0, le=3600, description="How often quantfleet "
+                                  "serve adds the newly committed request events to the "
+                                  "rollups.")
+    every_s: float = Field(600.0, gt=0, le=86400, description="How often quantfleet serve "
+                           "deletes what the retention lets go.")
+    delete: bool = Field(True, description="false: keep everything (the rollups are still "
+                         "maintained).")
+
+    @model_validator(mode="after")
+    def _rollups_outlive_events(self) -> RetentionConfig:
+        if self.rollups_s < self.raw_events_s:
+            raise ValueError(f"rollups_s ({self.rollups_s:g}) must be at least raw_events_s "
+                             f"({self.raw_events_s:g}): the rollups are what is left of "
+                             "deleted events")
+        return self
+
+
 class ConsoleUser(Strict):
     """A console login by name and password (``quantfleet auth password NAME``)."""
 
@@ -190,6 +217,9 @@ class FleetConfig(Strict):
                              description="The artifact and read API server.")
     rollouts: RolloutsConfig = Field(default_factory=lambda: RolloutsConfig.model_validate({}),
                                      description="The rollout engine.")
+    retention: RetentionConfig = Field(
+        default_factory=lambda: RetentionConfig.model_validate({}),
+        description="How long raw events and rollups are kept.")
     console: ConsoleConfig = Field(default_factory=lambda: ConsoleConfig.model_validate({}),
                                    description="The web console at /console/ (docs/console.md).")
 

@@ -45,6 +45,8 @@ from .ingest import FleetIngest
 from .rollouts.engine import RolloutEngine
 from .rollouts.leases import RolloutLeases
 from .store import Store, single_writer
+from .store.retention import apply_retention
+from .store.rollups import roll_up
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,8 @@ class FleetService:
         self.operator_rollouts = RolloutEngine(self.store, assign_now, resolve)
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="rollouts", daemon=True)
+        self._upkeep = threading.Thread(target=self._upkeep_loop, name="store-upkeep",
+                                        daemon=True)
 
     def _tick_loop(self) -> None:
         # Interruptible: stop() wakes it at once rather than after a full interval.
@@ -145,6 +149,25 @@ class FleetService:
             except Exception:  # the store unreachable, say: the next tick tries again
                 log.exception("rollout tick failed; retried in %.1f s", self.cfg.rollouts.tick_s)
 
+    def _upkeep_loop(self) -> None:
+        """Rollups every ``rollup_every_s``, retention every ``every_s`` — off ingest's
+        path, on every replica (the rollups' watermark row serialises them, and a
+        retention delete is the same whoever runs it)."""
+        r = self.cfg.retention
+        next_retention = time.monotonic() + r.every_s
+        while not self._stop.wait(r.rollup_every_s):
+            try:
+                roll_up(self.store.engine)
+                if r.delete and time.monotonic() >= next_retention:
+                    next_retention = time.monotonic() + r.every_s
+                    done = apply_retention(self.store.engine, raw_events_s=r.raw_events_s,
+                                           rollups_s=r.rollups_s)
+                    log.info("retention: %d raw events and %d rollup rows deleted",
+                             done.events, done.rollups)
+            except Exception:  # the store unreachable, say: the next round tries again
+                log.exception("store upkeep (rollups, retention) failed; retried in %.1f s",
+                              r.rollup_every_s)
+
     def start(self) -> FleetService:
         self.ingest.start()
         self.publisher.connect(*self.cfg.mqtt.address(), **connect_options(self.cfg.mqtt))
@@ -152,12 +175,15 @@ class FleetService:
         self.desired.start()
         self.desired.republish()  # queued: sent as soon as the client is connected
         self._ticker.start()
+        self._upkeep.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
         if self._ticker.is_alive():
             self._ticker.join(30)
+        if self._upkeep.is_alive():
+            self._upkeep.join(30)
         try:
             self.leases.release_all()  # another replica takes them at its next tick
         except Exception:

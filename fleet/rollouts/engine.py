@@ -38,6 +38,7 @@ on the rollout's state alone.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import time
@@ -464,25 +465,47 @@ class RolloutEngine:
         read (``samples.read_samples``), which are summed into the groups here.
         """
         members = self.members(rollout_id)
-        devices = self.repo.devices(columns=("device_id", "labels", "variant", "online"))
         sel = Selector.parse(spec.cohort)
-        labels = {d["device_id"]: d["labels"] or {} for d in devices}
-        cohort = [d for d in devices if sel.matches(d["labels"] or {})]
-        ever_canary = {m["device_id"] for m in members if m["role"] == "canary"}
         cell = cell_reader(spec)
-        judged = {m["device_id"]: Member("canary", spec.to_variant,
-                                         cell(labels.get(m["device_id"])))
-                  for m in members if m["role"] == "canary" and m["outcome"] == "healthy"}
-        judged.update({d["device_id"]: Member("control", spec.from_variant, cell(d["labels"]))
-                       for d in cohort if d["device_id"] not in ever_canary
-                       and d["variant"] == spec.from_variant})
-        read = self.repo.judged_samples(judged, window)
+        # Every device's labels are read each tick (how the judged set stands now), as
+        # the stored JSON text: a fleet has few distinct label sets, each parsed, matched
+        # and placed in its cell once, and devices of a cell and side share one Member.
+        seen: dict[str | None, tuple[dict[str, str], bool, Cell]] = {}
+        shared: dict[tuple[str, str, Cell], Member] = {}
+
+        def info(text: str | None) -> tuple[dict[str, str], bool, Cell]:
+            got = seen.get(text)
+            if got is None:
+                labels = (json.loads(text) if text else None) or {}
+                got = seen[text] = (labels, sel.matches(labels), cell(labels))
+            return got
+
+        def member(side: str, variant: str, c: Cell) -> Member:
+            return shared.setdefault((side, variant, c), Member(side, variant, c))
+
+        rows = self.repo.device_labels()
+        texts = {t: info(t) for t in {t for _, t, _ in rows}}
+        healthy = {m["device_id"] for m in members
+                   if m["role"] == "canary" and m["outcome"] == "healthy"}
+        ever_canary = {m["device_id"] for m in members if m["role"] == "canary"}
+        canary_cells = {d: texts[t][2] for d, t, _ in rows if d in healthy}
+        unknown = cell(None)
+        judged = {d: member("canary", spec.to_variant, canary_cells.get(d, unknown))
+                  for d in healthy}
+        controls = {t: member("control", spec.from_variant, x[2])
+                    for t, x in texts.items() if x[1]}
+        judged.update({d: controls[t] for d, t, v in rows
+                       if v == spec.from_variant and t in controls and d not in ever_canary})
+        read = self.repo.judged_samples(judged, window, rollout_id)
         sizes = Counter((m.side, m.cell) for m in judged.values())
         cells = {c: GroupSamples(canary_devices=sizes[("canary", c)],
                                  control_devices=sizes[("control", c)])
                  for c in {c for _, c in sizes}}
         for (side, c), sample in read.items():
             setattr(cells[c], side, sample)
+        cohort = ([{"device_id": d, "labels": texts[t][0], "variant": v}
+                   for d, t, v in rows if texts[t][1]]
+                  if spec.required_classes or spec.min_canaries_per_class else [])
         return (merge_cells(cells, dimensions(spec)),
                 self._class_minimum(spec, cohort, members))
 

@@ -28,6 +28,7 @@ from ..store import Store, schema
 from .gates import Sample
 from .samples import Member, read_samples
 from .states import ACTIVE, RolloutError
+from .tally import WindowTallies
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class RolloutRepository:
         self.store = store
         self.clock = clock
         self.fence = fence
+        self.tallies = WindowTallies()
 
     def _fenced(self, conn: Connection, rollout_id: str) -> None:
         if self.fence is not None:
@@ -77,12 +79,24 @@ class RolloutRepository:
             return [dict(r._mapping) for r in rows]
 
     def members(self, rollout_id: str) -> list[dict[str, Any]]:
+        rd = schema.rollout_devices
         with self.store.engine.connect() as conn:
-            rows = conn.execute(select(schema.rollout_devices)
-                                .where(schema.rollout_devices.c.rollout_id == rollout_id)
-                                .order_by(schema.rollout_devices.c.step,
-                                          schema.rollout_devices.c.device_id))
-            return [dict(r._mapping) for r in rows]
+            # SQLAlchemy compiles the query; the driver's cursor fetches the rows (a
+            # step of 10,000 canaries is read every tick).
+            q = (select(rd).where(rd.c.rollout_id == rollout_id)
+                 .order_by(rd.c.step, rd.c.device_id))
+            compiled = q.compile(dialect=conn.dialect)
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                params = compiled.construct_params()
+                if conn.dialect.name == "sqlite":
+                    cur.execute(str(compiled), [params[k] for k in compiled.positiontup or []])
+                else:
+                    cur.execute(str(compiled), params)
+                names = [c.name for c in rd.columns]
+                return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+            finally:
+                cur.close()
 
     def pins(self) -> list[dict[str, Any]]:
         with self.store.engine.connect() as conn:
@@ -92,16 +106,33 @@ class RolloutRepository:
         devices: list[dict[str, Any]] = self.store.devices(columns=columns)
         return devices
 
+    def device_labels(self) -> list[tuple[str, str | None, str | None]]:
+        """``(device_id, labels as the stored JSON text, variant)`` of every device, from
+        the driver's cursor directly: a tick reads them all, and at 100,000 devices
+        SQLAlchemy's per-row result handling was most of a decision's time."""
+        with self.store.engine.connect() as conn:
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cur.execute("SELECT device_id, CAST(labels AS TEXT), variant FROM devices")
+                rows: list[tuple[str, str | None, str | None]] = cur.fetchall()
+            finally:
+                cur.close()
+            return rows
+
     def desired_variants(self, device_ids: Iterable[str]) -> dict[str, str]:
         """The variant of each device's stored desired state (devices without one are
         absent): stored is what counts, acknowledged or not — the fleet's desired-state
         publisher retries it, and re-publishes all of it when the fleet starts."""
         return {p.device_id: p.variant for p in self.store.desired(device_ids)}
 
-    def judged_samples(self, judged: Mapping[str, Member], window: tuple[float, float]
+    def judged_samples(self, judged: Mapping[str, Member], window: tuple[float, float],
+                       rollout_id: str | None = None
                        ) -> dict[tuple[str, tuple[str, ...]], Sample]:
         """The judged devices' samples per (side, cell), aggregated by the store
-        (``samples.read_samples``)."""
+        (``samples.read_samples``) — for a ``rollout_id``, kept up to date from one
+        call to the next (``tally.WindowTallies``): only what arrived since is read."""
+        if rollout_id is not None:
+            return self.tallies.samples(self.store.engine, rollout_id, None, judged, window)
         with self.store.engine.begin() as conn:
             return read_samples(conn, judged, window)
 

@@ -45,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateTable
 
 from quantfleet.fleet.store import schema
+from quantfleet.fleet.store.rollups import rows_below
 
 from .gates import Sample
 from .stats import LATENCY_BIN_FLOOR_S, LN_LATENCY_BIN_GROWTH, Binned
@@ -92,9 +93,12 @@ def _fill(conn: Connection, rows: list[tuple[str, str, int]]) -> None:
 
 
 def read_samples(conn: Connection, members: Mapping[str, Member],
-                 window: tuple[float, float]) -> dict[tuple[str, tuple[str, ...]], Sample]:
+                 window: tuple[float, float], *, below: str | None = None
+                 ) -> dict[tuple[str, tuple[str, ...]], Sample]:
     """Samples per (side, cell) of the members' requests with ``window[0] <= ts <
     window[1]`` that their assigned variant answered. Groups without requests are absent.
+    ``below``: only the events a consumer at that mark has read (``store.rollups``), for
+    a tally (``tally.py``) that goes on from there.
 
     One group per side and cell (hardware class x stratum): the engine sums cells into
     classes, strata and the pool (``verdict.merge_cells``), so one read serves them all."""
@@ -114,6 +118,10 @@ def read_samples(conn: Connection, members: Mapping[str, Member],
     # kind, variant and the window select from ix_events_request_signals, which
     # holds every column read here; the judged table is probed by device. Both
     # engines materialize a CTE read twice: the window is read once.
+    bounded = []
+    if below is not None:
+        sql, params = rows_below(conn.dialect.name, below)
+        bounded.append(text(sql).bindparams(**params))
     requests = (
         select(j.c.grp, _latency_bin_sql(e.c.latency_s).label("bin"),
                func.coalesce(e.c.latency_s, 0.0).label("latency"),
@@ -122,7 +130,7 @@ def read_samples(conn: Connection, members: Mapping[str, Member],
         .select_from(e.join(j, and_(j.c.device_id == e.c.device_id,
                                     j.c.variant == e.c.variant)))
         .where(e.c.kind == "request", e.c.variant.in_(variants), e.c.ts >= window[0],
-               e.c.ts < window[1])
+               e.c.ts < window[1], *bounded)
         .cte("judged_requests"))
     r = requests.c
     vf = func.coalesce(r.validation_failed, false())

@@ -135,7 +135,9 @@ def _sqlite_math(dbapi_conn: Any) -> None:
 
 
 #: The columns ingest writes, in the order of ``event_tuple``. Named here, not read off
-#: the table: a column the database fills itself (a default) is not ingest's to write.
+#: the table: a column the database fills itself is not ingest's to write (``id``, and
+#: ``txid``, m006, the writing transaction by its default; tests/fleet/test_store.py
+#: holds this to the table's other columns).
 EVENT_COLUMNS = (
     "device_id", "boot_epoch", "seq", "kind", "ts", "received_at", "historical",
     "variant", "status", "latency_s", "ttft_s", "prompt_tokens", "completion_tokens",

@@ -360,6 +360,55 @@ def m005_rollout_leases(conn: Connection) -> None:
     _M005.create_all(conn)
 
 
+# -- m006: per-minute rollups of request events ----------------------------------
+
+_M006 = MetaData()
+Table(
+    "request_rollups", _M006,
+    Column("device_id", String(64), primary_key=True),
+    Column("variant", String(128), primary_key=True),
+    Column("minute", BigInteger, primary_key=True),
+    *(Column(c, BigInteger, nullable=False) for c in (
+        "requests", "validation_failures", "tool_calls", "tool_calls_ok", "refusals",
+        "fallbacks", "errors", "successes")),
+    Index("ix_request_rollups_minute", "minute"),
+)
+Table(
+    "request_rollup_bins", _M006,
+    Column("device_id", String(64), primary_key=True),
+    Column("variant", String(128), primary_key=True),
+    Column("minute", BigInteger, primary_key=True),
+    Column("dist", Integer, primary_key=True),
+    Column("key", BigInteger, primary_key=True),
+    Column("n", BigInteger, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    Index("ix_request_rollup_bins_minute", "minute"),
+)
+Table(
+    "rollup_watermarks", _M006,
+    Column("name", String(64), primary_key=True),
+    Column("mark", Text, nullable=True),  # None: never ran
+    Column("updated_at", Float, nullable=False),
+)
+
+
+@migration
+def m006_request_rollups(conn: Connection) -> None:
+    """Per-minute rollups of request events and the position they advance by: on
+    PostgreSQL ``events.txid``, the writing transaction's id, by default (existing rows
+    keep NULL, which the first roll-up takes; adding the column with its volatile
+    default would rewrite the table). docs/store.md, Rollups."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(text("ALTER TABLE events ADD COLUMN txid BIGINT"))
+        conn.execute(text("ALTER TABLE events ALTER COLUMN txid SET DEFAULT "
+                          "(pg_current_xact_id())::text::bigint"))
+    else:
+        conn.execute(text("ALTER TABLE events ADD COLUMN txid BIGINT DEFAULT NULL"))
+    conn.execute(text("CREATE INDEX ix_events_txid ON events (txid) WHERE txid IS NOT NULL"))
+    _M006.create_all(conn)
+
+
 # -- helpers the migrations use (they change only by adding to them) --------
 
 def _add_column(conn: Connection, column: Column[Any]) -> None:

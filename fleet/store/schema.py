@@ -14,6 +14,8 @@ tests/fleet/test_migrations.py fails, naming the table and column, until it does
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -28,6 +30,27 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+
+
+class commit_txid(FunctionElement[int]):
+    """The writing transaction's id as a bigint on PostgreSQL, NULL elsewhere (a DDL
+    default: ``events.txid``)."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+@compiles(commit_txid, "postgresql")
+def _commit_txid_pg(element: commit_txid, compiler: Any, **kw: Any) -> str:
+    return "(pg_current_xact_id())::text::bigint"
+
+
+@compiles(commit_txid)
+def _commit_txid_other(element: commit_txid, compiler: Any, **kw: Any) -> str:
+    return "NULL"
+
 
 metadata = MetaData()
 
@@ -81,6 +104,11 @@ events = Table(
     # The body as the JSON text pydantic wrote: serialising once on the way in
     # (not through the JSON type per row) is most of ingest's speed.
     Column("body", Text, nullable=False),
+    # m006: on PostgreSQL the id of the transaction that wrote the row (its default:
+    # ingest never sets it), what a consumer's snapshot mark is checked against
+    # (rollups.py: ids commit out of order there); NULL on SQLite, whose single writer
+    # commits in id order.
+    Column("txid", BigInteger, nullable=True, server_default=commit_txid()),
     UniqueConstraint("device_id", "boot_epoch", "seq", name="uq_events_triple"),
 )
 # m003: the rollout gates aggregate a window's requests per variant from this
@@ -90,6 +118,8 @@ Index("ix_events_request_signals", events.c.kind, events.c.variant, events.c.ts,
       events.c.device_id, events.c.latency_s, events.c.attempt_tokens, events.c.status,
       events.c.validation_failed, events.c.tool_call_ok, events.c.refused, events.c.fallback)
 Index("ix_events_device_seq", events.c.device_id, events.c.seq)
+Index("ix_events_txid", events.c.txid, postgresql_where=events.c.txid.isnot(None),
+      sqlite_where=events.c.txid.isnot(None))
 
 rejections = Table(
     "ingest_rejections", metadata,
@@ -181,4 +211,49 @@ rollout_leases = Table(
     Column("acquired_at", Float, nullable=False),  # the database's clock, as the others
     Column("renewed_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
+)
+
+# -- m006: per-minute rollups of request events (fleet/store/rollups.py) ----------
+
+#: Per device, variant and minute (``floor(ts / 60)``): the counts every gate rate
+#: is made of.
+request_rollups = Table(
+    "request_rollups", metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("variant", String(128), primary_key=True),
+    Column("minute", BigInteger, primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("validation_failures", BigInteger, nullable=False),
+    Column("tool_calls", BigInteger, nullable=False),
+    Column("tool_calls_ok", BigInteger, nullable=False),
+    Column("refusals", BigInteger, nullable=False),
+    Column("fallbacks", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("successes", BigInteger, nullable=False),
+)
+Index("ix_request_rollups_minute", request_rollups.c.minute)
+
+#: The distributions of the same requests: ``dist`` 0 is latency by the gates' bin
+#: (``stats.latency_bin``) with the smallest and largest latency in it, 1 is attempt
+#: tokens by exact value (``low == high == key``).
+request_rollup_bins = Table(
+    "request_rollup_bins", metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("variant", String(128), primary_key=True),
+    Column("minute", BigInteger, primary_key=True),
+    Column("dist", Integer, primary_key=True),
+    Column("key", BigInteger, primary_key=True),
+    Column("n", BigInteger, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("high", Float, nullable=False),
+)
+Index("ix_request_rollup_bins_minute", request_rollup_bins.c.minute)
+
+#: How far each consumer of ``events`` has read: an id on SQLite, a snapshot on
+#: PostgreSQL (rollups.py).
+rollup_watermarks = Table(
+    "rollup_watermarks", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("mark", Text, nullable=True),  # None: never ran
+    Column("updated_at", Float, nullable=False),
 )

@@ -364,7 +364,7 @@ def test_an_m001_m002_store_with_rollouts_upgrades_to_latest(
     s = Store(store_url)
     assert s.applied == ["m001a_columns_changed_without_a_migration",
                          "m003_events_request_signals_index", "m004_dead_letters",
-                         "m005_rollout_leases"]
+                         "m005_rollout_leases", "m006_request_rollups"]
     assert_as_declared(s.engine, reference)
     assert_as_blank_to_latest(s.engine, blank_database)
     indexes = {i["name"] for i in inspect(s.engine).get_indexes("events")}
@@ -398,7 +398,7 @@ def test_an_m003_store_with_data_gains_the_dead_letters_and_keeps_the_rest(
     engine.dispose()
 
     s = Store(store_url)
-    assert s.applied == ["m004_dead_letters", "m005_rollout_leases"]
+    assert s.applied == ["m004_dead_letters", "m005_rollout_leases", "m006_request_rollups"]
     assert_as_declared(s.engine, reference)
     assert_as_blank_to_latest(s.engine, blank_database)
     after = dict(storage(s.engine))
@@ -432,14 +432,15 @@ def test_an_m004_store_with_a_running_rollout_gains_the_leases_and_keeps_the_res
     engine = create_engine(store_url)
     migrate(engine, only("m001_initial"))
     fill_m001(engine)
-    migrate(engine, [(n, fn) for n, fn in MIGRATIONS if n != "m005_rollout_leases"])
-    assert applied(engine) == ALL[:-1] and ALL[-1] == "m005_rollout_leases"
+    migrate(engine, [(n, fn) for n, fn in MIGRATIONS
+                     if n not in ("m005_rollout_leases", "m006_request_rollups")])
+    assert applied(engine) == ALL[:-2] and ALL[-2] == "m005_rollout_leases"
     fill_m002(engine)
     tables = storage(engine)
     engine.dispose()
 
     s = Store(store_url)
-    assert s.applied == ["m005_rollout_leases"]
+    assert s.applied == ["m005_rollout_leases", "m006_request_rollups"]
     assert_as_declared(s.engine, reference)
     assert_as_blank_to_latest(s.engine, blank_database)
     after = dict(storage(s.engine))
@@ -450,6 +451,42 @@ def test_an_m004_store_with_a_running_rollout_gains_the_leases_and_keeps_the_res
     from quantfleet.fleet.rollouts.leases import RolloutLeases
 
     assert RolloutLeases(s, 30, holder="replica-1").hold("r1") == 1
+    assert_it_works_on(s)
+    s.close()
+
+
+def test_an_m005_store_with_events_gains_the_rollups_and_its_events_roll_up_once(
+    store_url: str, reference: Engine, blank_database: Callable[[], str],
+) -> None:
+    """m006 on a store in the field: events gains ``txid`` without a rewrite (existing
+    rows keep NULL), the rollup tables come empty, and the first roll-up takes the
+    events written before it (and only once)."""
+    from quantfleet.fleet.store.rollups import roll_up
+
+    engine = create_engine(store_url)
+    migrate(engine, only("m001_initial"))
+    fill_m001(engine)
+    migrate(engine, [(n, fn) for n, fn in MIGRATIONS if n != "m006_request_rollups"])
+    assert ALL[-1] == "m006_request_rollups"
+    fill_m002(engine)
+    with engine.connect() as conn:
+        requests = conn.execute(text("SELECT count(*) FROM events WHERE kind = 'request' "
+                                     "AND variant IS NOT NULL")).scalar_one()
+    tables = storage(engine)
+    engine.dispose()
+
+    s = Store(store_url)
+    assert s.applied == ["m006_request_rollups"]
+    assert_as_declared(s.engine, reference)
+    assert_as_blank_to_latest(s.engine, blank_database)
+    after = dict(storage(s.engine))
+    assert {t: after[t] for t, _ in tables} == dict(tables)  # events not rewritten
+    assert_m001_data_survived(s)
+    assert roll_up(s.engine).events == requests
+    assert roll_up(s.engine).events == 0
+    with s.engine.connect() as conn:
+        assert conn.execute(text("SELECT coalesce(sum(requests), 0) FROM request_rollups")
+                            ).scalar_one() == requests
     assert_it_works_on(s)
     s.close()
 

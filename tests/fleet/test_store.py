@@ -32,6 +32,7 @@ from quantfleet.fleet.store import (
     Store,
     _sqlite_math,
     event_row,
+    schema,
 )
 
 
@@ -322,6 +323,7 @@ def test_an_event_row_carries_the_signals_its_body_says(
         "refused": any(v.kind == "refusal" and v.detail == "refused" for v in validations),
         "fallback": fallback is not None, "truncated": 3, "body": body.model_dump_json()}
     assert tuple(row) == EVENT_COLUMNS
+    assert set(EVENT_COLUMNS) == {c.name for c in schema.events.columns} - {"id", "txid"}
 
 
 def test_telemetry_marks_a_device_seen_at_most_every_few_seconds(store: Store) -> None:
