@@ -146,10 +146,13 @@ class RolloutsConfig(Strict):
 class RetentionConfig(Strict):
     """How long the store keeps what (docs/store.md, Rollups and Retention)."""
 
-    raw_events_s: float = Field(2 * 86400, ge=3600, description="How long raw events are "
+    raw_events_s: float = Field(8 * 86400, ge=3600, description="How long raw events are "
                                 "kept after they were received, at least an hour. Never "
                                 "deleted sooner: the requests a rollout in progress still "
-                                "judges (its bake window) and those not rolled up yet.")
+                                "judges (its bake window) and those not rolled up yet. The "
+                                "console's charts and `quantfleet signals` read raw events: "
+                                "a window longer than this shows only what is kept (the "
+                                "default covers the console's longest, 7 days).")
     rollups_s: float = Field(90 * 86400, gt=0, description="How long the per-minute rollups "
                              "of request events are kept (by their minute); at least "
                              "raw_events_s.")

@@ -409,6 +409,15 @@ def m006_request_rollups(conn: Connection) -> None:
     _M006.create_all(conn)
 
 
+@migration
+def m007_drop_events_device_seq_index(conn: Connection) -> None:
+    """``ix_events_device_seq`` (device, seq) goes: the unique (device, boot epoch, seq)
+    index serves every read by device as well — ``Store.seq_gaps``' order included — and
+    each event paid for a second index keyed by device, at a random place of the file
+    (docs/store.md, Ingest)."""
+    conn.execute(text("DROP INDEX IF EXISTS ix_events_device_seq"))
+
+
 # -- helpers the migrations use (they change only by adding to them) --------
 
 def _add_column(conn: Connection, column: Column[Any]) -> None:

@@ -117,7 +117,7 @@ events = Table(
 Index("ix_events_request_signals", events.c.kind, events.c.variant, events.c.ts,
       events.c.device_id, events.c.latency_s, events.c.attempt_tokens, events.c.status,
       events.c.validation_failed, events.c.tool_call_ok, events.c.refused, events.c.fallback)
-Index("ix_events_device_seq", events.c.device_id, events.c.seq)
+# m007 dropped ix_events_device_seq: the unique triple's index serves reads by device.
 Index("ix_events_txid", events.c.txid, postgresql_where=events.c.txid.isnot(None),
       sqlite_where=events.c.txid.isnot(None))
 

@@ -364,11 +364,13 @@ def test_an_m001_m002_store_with_rollouts_upgrades_to_latest(
     s = Store(store_url)
     assert s.applied == ["m001a_columns_changed_without_a_migration",
                          "m003_events_request_signals_index", "m004_dead_letters",
-                         "m005_rollout_leases", "m006_request_rollups"]
+                         "m005_rollout_leases", "m006_request_rollups",
+                         "m007_drop_events_device_seq_index"]
     assert_as_declared(s.engine, reference)
     assert_as_blank_to_latest(s.engine, blank_database)
     indexes = {i["name"] for i in inspect(s.engine).get_indexes("events")}
     assert "ix_events_request_signals" in indexes and "ix_events_kind_variant_ts" not in indexes
+    assert "ix_events_device_seq" not in indexes  # m007
     assert_m001_data_survived(s)
     with s.engine.connect() as conn:
         rollout = conn.execute(select(schema.rollouts)).one()
@@ -398,7 +400,8 @@ def test_an_m003_store_with_data_gains_the_dead_letters_and_keeps_the_rest(
     engine.dispose()
 
     s = Store(store_url)
-    assert s.applied == ["m004_dead_letters", "m005_rollout_leases", "m006_request_rollups"]
+    assert s.applied == ["m004_dead_letters", "m005_rollout_leases", "m006_request_rollups",
+                         "m007_drop_events_device_seq_index"]
     assert_as_declared(s.engine, reference)
     assert_as_blank_to_latest(s.engine, blank_database)
     after = dict(storage(s.engine))
@@ -433,14 +436,16 @@ def test_an_m004_store_with_a_running_rollout_gains_the_leases_and_keeps_the_res
     migrate(engine, only("m001_initial"))
     fill_m001(engine)
     migrate(engine, [(n, fn) for n, fn in MIGRATIONS
-                     if n not in ("m005_rollout_leases", "m006_request_rollups")])
-    assert applied(engine) == ALL[:-2] and ALL[-2] == "m005_rollout_leases"
+                     if n not in ("m005_rollout_leases", "m006_request_rollups",
+                                  "m007_drop_events_device_seq_index")])
+    assert applied(engine) == ALL[:-3] and ALL[-3] == "m005_rollout_leases"
     fill_m002(engine)
     tables = storage(engine)
     engine.dispose()
 
     s = Store(store_url)
-    assert s.applied == ["m005_rollout_leases", "m006_request_rollups"]
+    assert s.applied == ["m005_rollout_leases", "m006_request_rollups",
+                         "m007_drop_events_device_seq_index"]
     assert_as_declared(s.engine, reference)
     assert_as_blank_to_latest(s.engine, blank_database)
     after = dict(storage(s.engine))
@@ -466,8 +471,9 @@ def test_an_m005_store_with_events_gains_the_rollups_and_its_events_roll_up_once
     engine = create_engine(store_url)
     migrate(engine, only("m001_initial"))
     fill_m001(engine)
-    migrate(engine, [(n, fn) for n, fn in MIGRATIONS if n != "m006_request_rollups"])
-    assert ALL[-1] == "m006_request_rollups"
+    migrate(engine, [(n, fn) for n, fn in MIGRATIONS
+                     if n not in ("m006_request_rollups", "m007_drop_events_device_seq_index")])
+    assert ALL[-2] == "m006_request_rollups"
     fill_m002(engine)
     with engine.connect() as conn:
         requests = conn.execute(text("SELECT count(*) FROM events WHERE kind = 'request' "
@@ -476,7 +482,7 @@ def test_an_m005_store_with_events_gains_the_rollups_and_its_events_roll_up_once
     engine.dispose()
 
     s = Store(store_url)
-    assert s.applied == ["m006_request_rollups"]
+    assert s.applied == ["m006_request_rollups", "m007_drop_events_device_seq_index"]
     assert_as_declared(s.engine, reference)
     assert_as_blank_to_latest(s.engine, blank_database)
     after = dict(storage(s.engine))
