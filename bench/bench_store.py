@@ -9,7 +9,7 @@ batches again (all duplicates), so the idempotent path is measured too.
 
 Beside each figure, the limit: the same rows, prebuilt as tuples, written by the
 bare driver into a fresh store of the same schema in the same transactions
-(sqlite3's executemany; psycopg's COPY into the staging table and the INSERT …
+(sqlite3's executemany; psycopg's binary COPY into the staging table and the INSERT …
 ON CONFLICT that ``Store.ingest_rows`` runs) — what is left of the ingest's
 time once parsing and Python are gone. The ratio is ``Store`` / bare.
 """
@@ -29,6 +29,7 @@ from sqlalchemy import create_engine, text
 
 from quantfleet.agent.wire import RequestEvent, TelemetryBatch, TelemetryEvent, ValidationOutcome
 from quantfleet.fleet.store import (
+    _PG_COPY_TYPES,
     _PG_STAGE_COPY,
     _PG_STAGE_CREATE,
     _PG_STAGE_INSERT,
@@ -90,6 +91,7 @@ def run_bare(url: str, batches: list[TelemetryBatch], group: int) -> float:
             with raw.cursor() as cur:
                 cur.execute(_PG_STAGE_CREATE)
                 with cur.copy(_PG_STAGE_COPY) as copy:
+                    copy.set_types(_PG_COPY_TYPES)
                     for row in rows:
                         copy.write_row(row)
                 cur.execute(_PG_STAGE_INSERT)

@@ -32,6 +32,7 @@ from quantfleet.fleet.store import (
     Store,
     _sqlite_math,
     event_row,
+    event_tuple,
     schema,
 )
 
@@ -351,3 +352,21 @@ def test_telemetry_marks_a_device_seen_at_most_every_few_seconds(store: Store) -
         request_event(4)]), received_at=1000.0 + LAST_SEEN_EVERY_S + 1)
     other.close()
     assert last_seen() == 1000.0 + LAST_SEEN_EVERY_S + 1
+
+
+def test_an_int4_overflow_is_refused_not_truncated(store: Store) -> None:
+    """PostgreSQL's binary COPY would store an integer over 32 bits in an int4 column
+    truncated, without a word: the store refuses the rows first (the ingest screens
+    such values out before; this is the store's own guard). SQLite keeps any integer."""
+    row = event_tuple("dev-big", request_event(1).model_copy(update={"body": RequestEvent(
+        request_id="r", ts=1.0, variant="m-Q4_K_M")}), 1.0, False)
+    at = EVENT_COLUMNS.index("status")
+    big = (*row[:at], 2**40, *row[at + 1:])
+    if store.dialect == "postgresql":
+        with pytest.raises(ValueError, match=r"events\.status: 1099511627776 is outside"):
+            store.ingest_rows([row, big], ["dev-big"], 1.0)
+        assert store.event_count() == 0
+    else:
+        store.ingest_rows([big], ["dev-big"], 1.0)
+        with store.engine.connect() as conn:
+            assert conn.execute(text("SELECT status FROM events")).scalar_one() == 2**40
