@@ -24,9 +24,9 @@ import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+from bench_simulate import _store_url, private_broker
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench_simulate import _store_url, private_broker
 from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.fleet.ingest import FleetIngest, tune_gc
 from quantfleet.fleet.simulate import SimRequest, render_batch
