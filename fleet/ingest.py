@@ -27,6 +27,7 @@ import gc
 import json
 import logging
 import queue
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -87,6 +88,9 @@ class _ReadAhead:
         return getattr(self._sock, name)
 
 
+_PUBACK = struct.Struct("!BBH")  # PUBACK, remaining length 2, the packet id: success
+
+
 class _IngestClient(mqtt.Client):
     """paho's client with a lean receive path for the ingest's own traffic.
 
@@ -105,6 +109,14 @@ class _IngestClient(mqtt.Client):
 
     def _create_socket(self) -> Any:
         return _ReadAhead(super()._create_socket())
+
+    def ack_all(self, mids: Sequence[int]) -> None:
+        """Acknowledge QoS 1 messages, in the order given (the order they came: MQTT
+        wants PUBACKs in the order of their PUBLISHes), as one write: ``ack`` queues
+        a packet and wakes paho's loop with a system call for each."""
+        if mids:
+            blob = b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids])
+            self._packet_queue(0x40, blob, 0, 1)
 
     def _handle_publish(self) -> MQTTErrorCode:
         message = _lean_publish(self._in_packet["command"], self._in_packet["packet"],
@@ -184,7 +196,9 @@ class FleetIngest:
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="fleet-ingest",
                                         daemon=True)
-        self.client = make_client(mqtt_cfg, client_id, _IngestClient)
+        client = make_client(mqtt_cfg, client_id, _IngestClient)
+        assert isinstance(client, _IngestClient)
+        self.client = client
         self.client.manual_ack_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -284,8 +298,9 @@ class FleetIngest:
                 log.exception("fleet ingest: committing %d messages failed", len(group))
                 time.sleep(1.0)
                 continue
+            self.client.ack_all([m.mid for m in group if m.qos == 1])
             for msg in group:
-                if msg.qos > 0:
+                if msg.qos == 2:  # not asked for (the subscriptions are QoS 1)
                     self.client.ack(msg.mid, msg.qos)
         log.info("fleet ingest: writer stopped")
 
