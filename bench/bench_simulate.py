@@ -1,14 +1,16 @@
 """The fleet simulator's sustained message rate, and what the fleet's ingest keeps up with.
 
     python bench/bench_simulate.py [--devices 1000,5000] [--rate 2] [--duration 20]
-                                   [--flush-s 1] [--store sqlite|postgresql]
+                                   [--warmup 10] [--flush-s 1] [--store sqlite|postgresql]
                                    [--processes 1,2,4] [--broker mqtt://127.0.0.1:1883]
 
 For each fleet size: ``FleetSimulator`` runs that many devices, each serving
 ``--rate`` requests per second and publishing what it served every
 ``--flush-s`` seconds (the agent's outbox commit interval, 1 s by default),
 through a real Mosquitto (a private one on a free port unless ``--broker`` is
-given) for ``--duration`` seconds after their births. The fleet's ingest
+given) for ``--duration`` seconds, from ``--warmup`` seconds after their
+births (a fleet's steady state, not its start: 20,000 births and update states
+come first at 10,000 devices). The fleet's ingest
 (``FleetIngest``, tuned as ``quantfleet serve`` tunes it) runs in processes of
 its own — ``--processes`` of them on the shared subscription, each a
 ``quantfleet serve``'s ingest — into a SQLite store or a PostgreSQL database
@@ -16,7 +18,8 @@ of its own (created and dropped). Printed side by side: the
 request events per second the simulator made, the messages per second it
 published and the broker acknowledged (PUBACK), and the messages and events
 per second the ingest committed over the same seconds (ratio: events);
-then how far the ingest was behind when the simulator stopped (events), how
+then how far the ingest was behind when the measured seconds began and when the
+simulator stopped (events: a backlog that keeps up stays level), how
 long it took to commit the rest, and how many events it never committed
 (lost; the bench waits while the ingest makes progress, up to ten minutes).
 """
@@ -136,7 +139,8 @@ def _store_url(engine: str, workdir: Path) -> Iterator[str]:
 
 
 def measure(broker: str, n: int, rate: float, duration: float, flush_s: float,
-            engine: str = "sqlite", processes: int = 1) -> dict[str, float]:
+            engine: str = "sqlite", processes: int = 1,
+            warmup: float = 10.0) -> dict[str, float]:
     root = f"qfbench{uuid.uuid4().hex[:8]}"
     ctx = mp.get_context("spawn")
     stop, out = ctx.Event(), ctx.Queue()
@@ -160,6 +164,7 @@ def measure(broker: str, n: int, rate: float, duration: float, flush_s: float,
                 return sum(d.seq for d in sim.devices.values())
 
             sim.start()  # births and states: 2 messages per device
+            time.sleep(warmup)  # the births applied, the traffic under way: then measure
             t0, p0, a0, e0 = time.time(), sim.published, sim.delivered, events()
             c0 = time.process_time()
             time.sleep(duration)
@@ -213,7 +218,8 @@ def measure(broker: str, n: int, rate: float, duration: float, flush_s: float,
         # CPU per event: what the machine's cores bound, whatever else runs on them
         "ingest_cpu_us": (c1 - c0) / max(i1 - i0, 1) * 1e6, "ingest_cores": (c1 - c0) / span,
         "sim_cpu_us": sim_cpu / max(e1 - e0, 1) * 1e6, "sim_cores": sim_cpu / span,
-        "behind": e1 - i1, "catch_up_s": (caught_up - t1) if caught_up else float("nan"),
+        "behind_start": e0 - i0, "behind": e1 - i1,
+        "catch_up_s": (caught_up - t1) if caught_up else float("nan"),
         "missing": total - final,  # never committed: lost (or still queued)
     }
 
@@ -223,6 +229,8 @@ def main() -> None:
     ap.add_argument("--devices", default="1000,5000")
     ap.add_argument("--rate", type=float, default=2.0, help="Requests per second per device.")
     ap.add_argument("--duration", type=float, default=20.0, help="Seconds measured per size.")
+    ap.add_argument("--warmup", type=float, default=10.0,
+                    help="Seconds of traffic after the births before the measured ones.")
     ap.add_argument("--flush-s", type=float, default=1.0,
                     help="Each device publishes a batch this often (the agent's default: 1).")
     ap.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite")
@@ -239,12 +247,13 @@ def main() -> None:
         for k in procs:
             for n in (int(x) for x in args.devices.split(",")):
                 rows.append(measure(broker, n, args.rate, args.duration, args.flush_s,
-                                    args.store, k))
+                                    args.store, k, args.warmup))
                 print(f"  {rows[-1]}", flush=True)
     print()
     print(f"{'store':>10} {'procs':>5} {'devices':>8} {'offered ev/s':>13} | "
           f"{'simulator ev/s':>14} {'msg/s':>7} "
-          f"{'acked':>7} | {'ingest msg/s':>12} {'ev/s':>8} {'ratio':>6} | {'behind':>7} "
+          f"{'acked':>7} | {'ingest msg/s':>12} {'ev/s':>8} {'ratio':>6} | "
+          f"{'behind at start':>15} {'at end':>7} "
           f"{'catch-up':>9} {'missing':>7} | {'ingest CPU us/ev':>16} {'cores':>5} | "
           f"{'sim CPU us/ev':>13} {'cores':>5}")
     for r in rows:
@@ -252,7 +261,8 @@ def main() -> None:
               f"{r['devices']:>8,.0f} {r['offered']:>13,.0f} | {r['sim_events']:>14,.0f} "
               f"{r['sim_msgs']:>7,.0f} {r['sim_acked']:>7,.0f} | "
               f"{r['ingest_msgs']:>12,.0f} {r['ingest_events']:>8,.0f} "
-              f"{r['ingest_events'] / r['sim_events']:>6.2f} | {r['behind']:>7,.0f} "
+              f"{r['ingest_events'] / r['sim_events']:>6.2f} | {r['behind_start']:>15,.0f} "
+              f"{r['behind']:>7,.0f} "
               f"{r['catch_up_s']:>8.1f}s {r['missing']:>7,.0f} | "
               f"{r['ingest_cpu_us']:>16.1f} {r['ingest_cores']:>5.2f} | "
               f"{r['sim_cpu_us']:>13.1f} {r['sim_cores']:>5.2f}")
