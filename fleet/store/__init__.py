@@ -99,7 +99,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 #: How long a connection waits for another one's lock before it gives up.
 _SQLITE_BUSY_MS = 5000
-_SQLITE_CACHE_KIB = 64 * 1024  # per connection, at most
+_SQLITE_CACHE_KIB = 256 * 1024  # per connection, at most
 _SQLITE_MMAP_BYTES = 1 << 30  # address space, not memory: the OS pages it in and out
 
 
