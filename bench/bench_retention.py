@@ -24,43 +24,15 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from bench_rollout import open_store
+from sqlalchemy import text
 
 from quantfleet.agent.wire import RequestEvent, TelemetryBatch, TelemetryEvent, ValidationOutcome
 from quantfleet.fleet.store import Store
 from quantfleet.fleet.store.rollups import roll_up
 
 ROLLUP_TABLES = ("request_rollups", "request_rollup_bins")
-
-
-@contextmanager
-def open_store(kind: str, pg_admin: str) -> Iterator[Store]:
-    if kind == "sqlite":
-        with tempfile.TemporaryDirectory() as tmp:
-            store = Store(f"sqlite:///{Path(tmp) / 'fleet.db'}")
-            try:
-                yield store
-            finally:
-                store.close()
-        return
-    name = f"qf_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    store = Store(pg_admin.rsplit("/", 1)[0] + f"/{name}")
-    try:
-        yield store
-    finally:
-        store.close()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def size(store: Store, tables: tuple[str, ...]) -> int:

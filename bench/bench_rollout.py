@@ -47,14 +47,14 @@ import math
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import create_engine, select, text
+from common import pg_database
+from sqlalchemy import select, text
 
 from quantfleet.agent.wire import DeviceStatePayload, StatusPayload
 from quantfleet.fleet.rollouts.engine import RolloutEngine
@@ -210,18 +210,12 @@ def open_store(kind: str, pg_admin: str) -> Iterator[Store]:
             finally:
                 store.close()
         return
-    name = f"qf_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(pg_admin, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    store = Store(pg_admin.rsplit("/", 1)[0] + f"/{name}")
-    try:
-        yield store
-    finally:
-        store.close()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with pg_database(pg_admin) as url:
+        store = Store(url)
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 def fetch_every_request(store: Store, window: tuple[float, float]) -> int:

@@ -41,7 +41,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from common import pg_database
 
 from quantfleet.agent.mqtt import MqttConfig
 from quantfleet.fleet.ingest import FleetIngest, tune_gc
@@ -49,7 +49,6 @@ from quantfleet.fleet.simulate import FleetSimulator
 from quantfleet.fleet.store import Store
 
 BASELINE = "smollm2-135m-Q8_0"
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 @contextmanager
@@ -124,18 +123,9 @@ def _store_url(engine: str, workdir: Path) -> Iterator[str]:
     if engine == "sqlite":
         yield f"sqlite:///{workdir / 'fleet.db'}"
         return
-    name = f"qf_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with pg_database() as url:
         Store(url).close()  # migrated once, before the ingest processes start
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def measure(broker: str, n: int, rate: float, duration: float, flush_s: float,

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from common import pg_database
 
 from quantfleet.agent.wire import RequestEvent, TelemetryBatch, TelemetryEvent, ValidationOutcome
 from quantfleet.fleet.store import (
@@ -37,8 +37,6 @@ from quantfleet.fleet.store import (
     Store,
     event_tuple,
 )
-
-PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def make_batches(n_events: int, batch_size: int, devices: int = 100) -> list[TelemetryBatch]:
@@ -100,20 +98,6 @@ def run_bare(url: str, batches: list[TelemetryBatch], group: int) -> float:
     raw.close()
     store.close()
     return rate
-
-
-@contextmanager
-def pg_database() -> Iterator[str]:
-    name = f"qf_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def main() -> None:

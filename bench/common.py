@@ -1,7 +1,7 @@
-"""What several benchmarks share: a free port, waiting for a server to answer, and
-stopping a process they started.
+"""What several benchmarks share: a free port, waiting for a server to answer,
+stopping a process they started, and a PostgreSQL database of their own.
 
-httpx is imported by ``wait_http`` only: bench_agent_memory.py measures other
+httpx and SQLAlchemy are imported where they are used only: bench_agent_memory.py measures other
 processes and keeps its own imports to the standard library and psutil."""
 
 from __future__ import annotations
@@ -10,7 +10,13 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+#: The server's maintenance database, from which the benchmarks' own are made.
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def free_port() -> int:
@@ -45,3 +51,23 @@ def stop(proc: subprocess.Popen[Any]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def pg_database(admin_url: str = PG_ADMIN) -> Iterator[str]:
+    """The URL of a fresh database on ``admin_url``'s server, dropped afterwards with
+    whatever sessions it still has."""
+    from sqlalchemy import create_engine, text
+
+    name = f"qf_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
