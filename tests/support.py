@@ -22,6 +22,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
+def broker_up(host: str = "127.0.0.1", port: int = 1883) -> bool:
+    """Whether a broker answers there (the machine's own Mosquitto by default)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -36,21 +36,12 @@ from quantfleet.fleet.ingest import FleetIngest
 from quantfleet.fleet.messages import Rejected, parse_message
 from quantfleet.fleet.store import Store
 from quantfleet.models.catalog import Catalog
+from tests.support import broker_up
 
 BROKER = "mqtt://127.0.0.1:1883"
 
 
-def _broker_up() -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", 1883), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _broker_up(), reason="Mosquitto is not answering on 1883")
+pytestmark = pytest.mark.skipif(not broker_up(), reason="Mosquitto is not answering on 1883")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ the socket, and paho's own path for everything the lean one leaves to it."""
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 import uuid
@@ -23,6 +22,7 @@ from quantfleet.agent.wire import RequestEvent, TelemetryBatch, TelemetryEvent, 
 from quantfleet.fleet import ingest as ingest_mod
 from quantfleet.fleet.ingest import FleetIngest, _lean_publish, _ReadAhead
 from quantfleet.fleet.store import Store
+from tests.support import broker_up
 
 V5 = mqtt.MQTTv5
 
@@ -120,15 +120,7 @@ def test_the_paho_hooks_are_where_the_lean_path_expects_them() -> None:
         "timestamp"}
 
 
-def _broker_up() -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", 1883), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _broker_up(), reason="Mosquitto is not answering on 1883")
+@pytest.mark.skipif(not broker_up(), reason="Mosquitto is not answering on 1883")
 def test_both_paths_ingest_through_a_real_broker(tmp_path: object,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch with no properties takes the lean path, one with a message expiry paho's;

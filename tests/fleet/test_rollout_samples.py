@@ -35,7 +35,9 @@ def store(store_url: str) -> Iterator[Store]:
     s.close()
 
 
-def _request(rng: random.Random, dev: str, seq: int, variant: str, ts: float) -> TelemetryEvent:
+def random_request(rng: random.Random, dev: str, seq: int, variant: str,
+                   ts: float) -> TelemetryEvent:
+    """A request event with every signal the gates count, drawn from ``rng``."""
     validations = []
     if rng.random() < 0.8:
         validations.append(ValidationOutcome(kind="json_schema", passed=rng.random() > 0.1))
@@ -74,7 +76,7 @@ def test_sql_aggregates_equal_the_per_request_computation(store: Store) -> None:
             ts = rng.choice([rng.uniform(*WINDOW), rng.uniform(400, 999), WINDOW[0],
                              WINDOW[1], rng.uniform(1600, 2000)])
             variant = own if rng.random() < 0.9 else (BASE if own == CAND else CAND)
-            ev = _request(rng, dev, s, variant, ts)
+            ev = random_request(rng, dev, s, variant, ts)
             events.append(ev)
             if dev in members and variant == own and WINDOW[0] <= ts < WINDOW[1]:
                 expected.setdefault((side, cell), []).append(event_row(dev, ev, 0, False))

@@ -22,15 +22,14 @@ from hypothesis import strategies as st
 from sqlalchemy import select, text
 
 from quantfleet.agent.wire import (
-    RequestEvent,
     StatusPayload,
     TelemetryBatch,
     TelemetryEvent,
-    ValidationOutcome,
 )
 from quantfleet.fleet.rollouts.stats import latency_bin
 from quantfleet.fleet.store import Store, event_row, schema
 from quantfleet.fleet.store.rollups import COUNTS, ROLLUPS, roll_up, watermark
+from tests.fleet.test_rollout_samples import random_request
 
 BASE, CAND = "m-Q8_0", "m-Q4_K_M"
 
@@ -44,21 +43,7 @@ def store(store_url: str) -> Iterator[Store]:
 
 def request(rng: random.Random, dev: str, seq: int, ts: float,
             variant: str | None = None) -> TelemetryEvent:
-    validations = []
-    if rng.random() < 0.8:
-        validations.append(ValidationOutcome(kind="json_schema", passed=rng.random() > 0.1))
-    if rng.random() < 0.3:
-        validations.append(ValidationOutcome(kind="tool_call", passed=rng.random() > 0.2))
-    if rng.random() < 0.1:
-        validations.append(ValidationOutcome(kind="refusal", passed=True, detail="refused"))
-    body = RequestEvent(
-        request_id=f"{dev}-{seq}", ts=ts, variant=variant or rng.choice([BASE, CAND]),
-        status=rng.choice([200, 200, 200, 422, 500]),
-        latency_s=rng.choice([0.0, 5e-5, rng.lognormvariate(-1, 0.8), 0.25]),
-        prompt_tokens=rng.randint(5, 60), completion_tokens=rng.randint(0, 30),
-        attempt_tokens=rng.choice([0, rng.randint(10, 200)]),
-        fallback_from=rng.choice([None, None, None, "m-F16"]), validations=validations)
-    return TelemetryEvent(boot_epoch=1, seq=seq, kind="request", ts=ts, body=body)
+    return random_request(rng, dev, seq, variant or rng.choice([BASE, CAND]), ts)
 
 
 def expected(rows: list[dict[str, Any]]) -> tuple[dict[Any, tuple[int, ...]], dict[Any, Any]]:
