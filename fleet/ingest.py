@@ -310,9 +310,8 @@ class FleetIngest:
         # paho's thread ran Python, this thread waited for the GIL at every step of
         # SQLite's executemany (the driver lets it go around each), up to the switch
         # interval each time.
-        now = time.time()
-        apply_prepared(self.store, [prepare(m.topic, bytes(m.payload), self.root, now)
-                                    for m in group], self.root, self.stats)
+        apply_messages(self.store, [(m.topic, bytes(m.payload)) for m in group], self.root,
+                       self.stats)
 
 
 def tune_gc() -> None:
@@ -352,7 +351,7 @@ class Prepared:
     rows: list[tuple[Any, ...]] | None = None  # a batch's events (store.event_tuple)
 
 
-def prepare(topic: str, payload: bytes, root: str, received_at: float | None = None) -> Prepared:
+def prepare(topic: str, payload: bytes, root: str, received_at: float) -> Prepared:
     """Parse and screen one message (never raises for bad input: it is rejected)."""
     parsed = parse_message(topic, payload, root)
     if isinstance(parsed, Cleared):
@@ -362,8 +361,7 @@ def prepare(topic: str, payload: bytes, root: str, received_at: float | None = N
     storable, dropped = screen(topic, parsed, payload)
     rows = None
     if isinstance(storable, TelemetryBatch):
-        now = received_at if received_at is not None else time.time()
-        rows = [event_tuple(storable.device_id, ev, now, storable.historical)
+        rows = [event_tuple(storable.device_id, ev, received_at, storable.historical)
                 for ev in storable.events]
     return Prepared(topic, payload, storable, dropped, rows)
 
@@ -378,15 +376,9 @@ class _Applied:
 
 def apply_messages(store: Store, messages: Sequence[tuple[str, bytes]], root: str,
                    stats: IngestStats | None = None) -> IngestStats:
-    """``apply_prepared`` of the messages as ``prepare`` decodes them."""
-    return apply_prepared(store, [prepare(t, p, root) for t, p in messages], root, stats)
-
-
-def apply_prepared(store: Store, messages: Sequence[Prepared], root: str,
-                   stats: IngestStats | None = None) -> IngestStats:
-    """Apply a group as the ingest's writer does: its statuses, states and telemetry,
-    each kind in one transaction; rejections counted by reason and recorded together
-    in one more.
+    """Apply a group of (topic, payload) as the ingest's writer does, each decoded by
+    ``prepare``: its statuses, states and telemetry, each kind in one transaction;
+    rejections counted by reason and recorded together in one more.
 
     Within a kind, messages are applied in arrival order (the store folds several
     for one device as one by one would); the kinds touch different columns, so
@@ -401,7 +393,8 @@ def apply_prepared(store: Store, messages: Sequence[Prepared], root: str,
     rejections: list[tuple[str, str]] = []
     kept: list[Prepared] = []
     first_detail = ""
-    for m in messages:
+    now = time.time()
+    for m in (prepare(topic, payload, root, now) for topic, payload in messages):
         stats.received += 1
         for r in m.rejections:
             stats.rejected[r.reason] = stats.rejected.get(r.reason, 0) + 1
@@ -442,9 +435,8 @@ def _apply(store: Store, kept: Sequence[Prepared]) -> _Applied:
     if states:
         store.apply_states(states)
     if batches:
-        rows = [row for k in batches for row in k.rows or ()]
-        devices = {row[0] for row in rows}
-        result = store.ingest_rows(rows, devices, time.time())
+        result = store.ingest_rows([row for k in batches for row in k.rows or ()],
+                                   time.time())
         out.inserted, out.duplicates = result.inserted, result.duplicates
     return out
 

@@ -292,16 +292,15 @@ class Store:
         now = received_at if received_at is not None else time.time()
         rows = [event_tuple(b.device_id, ev, now, b.historical)
                 for b in batches for ev in b.events]
-        return self.ingest_rows(rows, {b.device_id for b in batches}, now)
+        return self.ingest_rows(rows, now)
 
-    def ingest_rows(self, rows: Sequence[tuple[Any, ...]], device_ids: Iterable[str],
-                    now: float) -> IngestResult:
+    def ingest_rows(self, rows: Sequence[tuple[Any, ...]], now: float) -> IngestResult:
         """Insert event rows (``event_tuple``) in one transaction, and mark their devices
         seen (``LAST_SEEN_EVERY_S``); the count of rows the uniqueness let through is
         the statement's own (a count before and after is wrong with concurrent writers)."""
         if not rows:
             return IngestResult()
-        stale = sorted(d for d in set(device_ids)
+        stale = sorted(d for d in {row[0] for row in rows}  # device_id: EVENT_COLUMNS[0]
                        if now - self._seen.get(d, -math.inf) >= LAST_SEEN_EVERY_S)
         with self.engine.begin() as conn:
             if self.dialect == "postgresql":

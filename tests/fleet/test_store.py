@@ -364,9 +364,9 @@ def test_an_int4_overflow_is_refused_not_truncated(store: Store) -> None:
     big = (*row[:at], 2**40, *row[at + 1:])
     if store.dialect == "postgresql":
         with pytest.raises(ValueError, match=r"events\.status: 1099511627776 is outside"):
-            store.ingest_rows([row, big], ["dev-big"], 1.0)
+            store.ingest_rows([row, big], 1.0)
         assert store.event_count() == 0
     else:
-        store.ingest_rows([big], ["dev-big"], 1.0)
+        store.ingest_rows([big], 1.0)
         with store.engine.connect() as conn:
             assert conn.execute(text("SELECT status FROM events")).scalar_one() == 2**40
