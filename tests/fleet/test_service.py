@@ -34,11 +34,11 @@ from quantfleet.agent.wire import (
     device_topic,
 )
 from quantfleet.fleet.cli import cli
-from tests.support import free_port, private_ca
+from tests.support import broker_up, free_port, private_ca
 
-from .test_ingest import _broker_up, publish, wait_for
+from .test_ingest import publish, wait_for
 
-pytestmark = pytest.mark.skipif(not _broker_up(), reason="Mosquitto is not answering on 1883")
+pytestmark = pytest.mark.skipif(not broker_up(), reason="Mosquitto is not answering on 1883")
 
 
 class Fleet:
